@@ -1,0 +1,181 @@
+"""The settings table: every key's name, environment variable, type, default and meaning."""
+
+import configparser
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting has a value it cannot take; the message names the variable."""
+
+
+def as_bool(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def as_positive_int(text):
+    value = int(text.strip())
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def as_cpu_threads(text):
+    value = int(text.strip())
+    if value < 0:
+        raise ValueError("expected 0 (one per core) or a positive number")
+    return value or os.cpu_count() or 1
+
+
+def as_port(text):
+    value = int(text.strip())
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port number 0-65535")
+    return value
+
+
+def as_path(text):
+    if not text.strip():
+        raise ValueError("expected a path")
+    return os.path.abspath(os.path.expanduser(text.strip()))
+
+
+def as_optional_path(text):
+    return as_path(text) if text.strip() else None
+
+
+def as_host_list(text):
+    return tuple(h.strip().lower() for h in text.split(",") if h.strip())
+
+
+def as_url(text):
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return text.strip().rstrip("/")
+
+
+def as_str(text):
+    if not text.strip():
+        raise ValueError("expected a value")
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    env: str
+    convert: Callable[[str], object]
+    default: str
+    meaning: str
+
+
+SETTINGS = (
+    Setting("auto_repair", "LLM_AUTO_REPAIR", as_bool, "true",
+            "repair corrupted models automatically on request"),
+    Setting("repair_timeout_secs", "LLM_REPAIR_TIMEOUT_SECS", as_positive_int, "300",
+            "how long a request waits for a repair, and how long one repair attempt may run"),
+    Setting("models_dir", "LLM_MODELS_DIR", as_path, "~/.runtime/models",
+            "the model store (Ollama layout; ~/.ollama/models works as is)"),
+    Setting("host", "LLM_HOST", as_str, "127.0.0.1",
+            "address the API listens on"),
+    Setting("port", "LLM_PORT", as_port, "8081",
+            "port the API listens on (0 picks a free one)"),
+    Setting("registry_url", "LLM_REGISTRY_URL", as_url, "https://registry.ollama.ai",
+            "where models whose name has no host are fetched from"),
+    Setting("insecure_registries", "LLM_INSECURE_REGISTRIES", as_host_list, "",
+            "comma-separated registry hosts that may be reached over plain http"),
+    Setting("log_file", "LLM_LOG_FILE", as_optional_path, "",
+            "also append the log to this file"),
+    Setting("threads", "LLM_THREADS", as_positive_int, "16",
+            "HTTP worker threads (waitress)"),
+    Setting("max_body_bytes", "LLM_MAX_BODY_BYTES", as_positive_int, "8388608",
+            "largest request body accepted; larger ones get 413"),
+    Setting("max_loaded_models", "LLM_MAX_LOADED_MODELS", as_positive_int, "1",
+            "models kept loaded in memory; the least recently used leaves first"),
+    Setting("n_ctx", "LLM_CTX_SIZE", as_positive_int, "4096",
+            "context size in tokens for each loaded model"),
+    Setting("n_threads", "LLM_CPU_THREADS", as_cpu_threads, "0",
+            "CPU threads llama.cpp uses for generation (0: one per core)"),
+)
+
+BY_KEY = {s.key: s for s in SETTINGS}
+CONF_SECTION = "llmnode"
+
+
+class Settings:
+    """Resolved settings; attribute access by key."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def __repr__(self):
+        return "Settings(%r)" % (self.__dict__,)
+
+
+def read_conf_file(path):
+    """Return the raw key -> text pairs of a conf file, refusing unknown keys."""
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(path, encoding="utf-8") as f:
+        parser.read_file(f)
+    if not parser.has_section(CONF_SECTION):
+        return {}
+    raw = dict(parser.items(CONF_SECTION))
+    unknown = sorted(set(raw) - set(BY_KEY))
+    if unknown:
+        raise SettingsError("%s: unknown setting(s): %s" % (path, ", ".join(unknown)))
+    return raw
+
+
+def load(environ=None, conf_path=None, flags=None):
+    """Resolve every setting: CLI flags over environment over conf file over defaults."""
+    environ = os.environ if environ is None else environ
+    conf_path = conf_path or environ.get("LLM_CONFIG")
+    from_file = read_conf_file(conf_path) if conf_path else {}
+    flags = flags or {}
+    values = {}
+    for s in SETTINGS:
+        if flags.get(s.key) is not None:
+            text, source = flags[s.key], "--" + s.key.replace("_", "-")
+        elif s.env in environ:
+            text, source = environ[s.env], s.env
+        elif s.key in from_file:
+            text, source = from_file[s.key], "%s in %s" % (s.key, conf_path)
+        else:
+            text, source = s.default, s.env
+        try:
+            values[s.key] = s.convert(text)
+        except ValueError as e:
+            raise SettingsError("invalid %s=%r: %s" % (source, text, e)) from e
+    settings = Settings(values)
+    check_registry_scheme(settings)
+    return settings
+
+
+def is_loopback(host):
+    host = (host or "").strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_registry_scheme(settings):
+    parts = urlsplit(settings.registry_url)
+    if parts.scheme == "http" and not (
+        is_loopback(parts.hostname) or parts.hostname in settings.insecure_registries
+    ):
+        raise SettingsError(
+            "invalid LLM_REGISTRY_URL=%r: plain http is allowed only for loopback "
+            "or hosts listed in LLM_INSECURE_REGISTRIES" % settings.registry_url
+        )

@@ -1,0 +1,1 @@
+"""Model store, registry client, download, verification and repair for llmnode."""

@@ -1,0 +1,52 @@
+"""Download progress: a tqdm bar on a terminal, or tqdm routed into `logging` every 10%."""
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+log = logging.getLogger("llmnode.repair")
+
+
+class _Discard:
+    def write(self, _text):
+        pass
+
+    def flush(self):
+        pass
+
+
+class LoggingProgress(tqdm):
+    """A tqdm counter that logs `Downloading model: NAME (P%)` at each `step` percent."""
+
+    def __init__(self, label, total, step=10, logger=log):
+        self._label = label
+        self._step = step
+        self._logger = logger
+        self._logged = 0
+        super().__init__(total=total, file=_Discard(), mininterval=0, miniters=1,
+                         unit="B", unit_scale=True, leave=False)
+
+    def display(self, msg=None, pos=None):
+        if not self.total:
+            return True
+        pct = int(self.n * 100 // self.total) // self._step * self._step
+        if pct > self._logged:
+            self._logged = pct
+            self._logger.info("Downloading model: %s (%d%%)", self._label, pct)
+        return True
+
+    def reset(self, total=None):
+        self._logged = 0
+        super().reset(total)
+
+
+def terminal_bar(label, total):
+    return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, leave=True)
+
+
+def progress_for(label, total, terminal=None):
+    """A bar when stderr is a terminal, log lines otherwise."""
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    return terminal_bar(label, total) if terminal else LoggingProgress(label, total)

@@ -1,0 +1,149 @@
+"""Registry client: the OCI distribution API for manifests and blobs, over requests."""
+
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+
+from conf import is_loopback
+from repair.errors import DownloadError, NetworkError, RegistryHTTPError
+from repair.names import DEFAULT_HOST
+from repair.retry import parse_retry_after
+
+MANIFEST_ACCEPT = ", ".join((
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+))
+MAX_REDIRECTS = 10
+MAX_MANIFEST_BYTES = 4 << 20
+
+
+class RegistryClient:
+    """Talks to the registry a model name points at; LLM_REGISTRY_URL stands in for the default host."""
+
+    def __init__(self, registry_url, insecure_hosts=(), session=None, timeout=(10.0, 30.0)):
+        self.registry_url = registry_url.rstrip("/")
+        self.insecure_hosts = tuple(insecure_hosts)
+        self.session = session or requests.Session()
+        self.session.headers.setdefault("User-Agent", "llmnode")
+        self.timeout = timeout
+        # (host, scope) -> bearer token; written by request threads, a lost race only refetches.
+        self._tokens = {}
+
+    def base_url(self, ref):
+        if ref.host == DEFAULT_HOST:
+            return self.registry_url
+        hostname = ref.host.partition(":")[0]
+        scheme = "http" if is_loopback(hostname) or hostname in self.insecure_hosts else "https"
+        return "%s://%s" % (scheme, ref.host)
+
+    def manifest_url(self, ref):
+        return "%s/v2/%s/manifests/%s" % (self.base_url(ref), ref.repository, ref.tag)
+
+    def blob_url(self, ref, digest):
+        return "%s/v2/%s/blobs/%s" % (self.base_url(ref), ref.repository, digest)
+
+    def get_manifest(self, ref):
+        """The raw manifest bytes of a model."""
+        url = self.manifest_url(ref)
+        resp = self.request(url, ref, {"Accept": MANIFEST_ACCEPT}, stream=True)
+        raw = bytearray()
+        with resp:
+            try:
+                for chunk in resp.iter_content(65536):
+                    raw += chunk
+                    if len(raw) > MAX_MANIFEST_BYTES:
+                        raise DownloadError("manifest larger than %d bytes" % MAX_MANIFEST_BYTES,
+                                            cause="registry error")
+            except requests.RequestException as e:
+                raise NetworkError("reading %s: %s" % (url, e)) from e
+        return bytes(raw)
+
+    def open_blob(self, ref, digest, start=0):
+        """A streaming response for a blob, from byte `start` on (the caller checks the status)."""
+        headers = {"Range": "bytes=%d-" % start} if start else {}
+        return self.request(self.blob_url(ref, digest), ref, headers, stream=True)
+
+    def request(self, url, ref, headers, stream):
+        """GET with token auth and redirects; credentials never leave the registry's own host."""
+        origin = urlsplit(url).netloc
+        scope = "repository:%s:pull" % ref.repository
+        challenged = False
+        for _hop in range(MAX_REDIRECTS + 1):
+            send = dict(headers)
+            host = urlsplit(url).netloc
+            token = self._tokens.get((host, scope))
+            if token and host == origin:
+                send["Authorization"] = "Bearer " + token
+            try:
+                resp = self.session.get(url, headers=send, stream=stream,
+                                        timeout=self.timeout, allow_redirects=False)
+            except requests.RequestException as e:
+                raise NetworkError("GET %s: %s" % (url, e)) from e
+            if resp.is_redirect:
+                resp.close()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            if resp.status_code == 401 and host == origin and not challenged:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.close()
+                challenged = True
+                self._tokens[(host, scope)] = self._fetch_token(challenge, scope)
+                continue
+            if resp.status_code >= 400:
+                resp.close()
+                err = RegistryHTTPError(resp.status_code, url)
+                err.server_retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raise err
+            return resp
+        raise DownloadError("more than %d redirects from %s" % (MAX_REDIRECTS, origin),
+                            cause="redirect loop")
+
+    def _fetch_token(self, challenge, scope):
+        params = parse_bearer_challenge(challenge)
+        realm = params.pop("realm", None)
+        if not realm:
+            raise RegistryHTTPError(401, "registry sent no Bearer challenge")
+        params.setdefault("scope", scope)
+        url = realm + ("&" if "?" in realm else "?") + urlencode(params)
+        try:
+            resp = self.session.get(url, timeout=self.timeout)
+        except requests.RequestException as e:
+            raise NetworkError("token from %s: %s" % (realm, e)) from e
+        if resp.status_code != 200:
+            raise RegistryHTTPError(resp.status_code, realm)
+        try:
+            body = resp.json()
+        except ValueError as e:
+            raise DownloadError("token endpoint sent no JSON", cause="registry error") from e
+        token = body.get("token") or body.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise DownloadError("token endpoint sent no token", cause="registry error")
+        return token
+
+
+def parse_bearer_challenge(header):
+    """`Bearer realm="…",service="…",scope="…"` -> dict; {} for anything else."""
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return {}
+    params = {}
+    for item in _split_params(rest):
+        key, sep, value = item.partition("=")
+        if sep:
+            params[key.strip().lower()] = value.strip().strip('"')
+    return params
+
+
+def _split_params(text):
+    """Split on commas that are not inside quotes (scopes hold commas)."""
+    items, current, quoted = [], [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [i for i in items if i.strip()]

@@ -1,0 +1,134 @@
+"""The Ollama-layout store: manifests by name, blobs by digest, written atomically."""
+
+import json
+import os
+import re
+
+from repair import names
+from repair.errors import LLMNodeError, ModelNotFound
+
+MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+class ManifestInvalid(LLMNodeError):
+    """A manifest in the store or from a registry that is not a usable model manifest."""
+
+    code = "manifest_invalid"
+
+
+def digest_hex(digest):
+    """Return the hex of a `sha256:<64 hex>` digest; refuse anything else."""
+    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
+    if not m:
+        raise ManifestInvalid("Invalid blob digest %r" % (digest,))
+    return m.group(1)
+
+
+def parse_manifest(raw):
+    """Check raw manifest bytes and return the manifest dict."""
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestInvalid("Manifest is not valid JSON: %s" % e) from e
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise ManifestInvalid("Manifest has no layers")
+    for layer in blob_layers(manifest):
+        if not isinstance(layer, dict) or not isinstance(layer.get("size"), int) or layer["size"] < 0:
+            raise ManifestInvalid("Manifest layer without a valid size: %r" % (layer,))
+        digest_hex(layer.get("digest"))
+    model_layer(manifest)
+    return manifest
+
+
+def model_layer(manifest):
+    """The layer holding the GGUF weights."""
+    for layer in manifest["layers"]:
+        if layer.get("mediaType") == MODEL_MEDIA_TYPE:
+            return layer
+    raise ManifestInvalid("Manifest has no %s layer" % MODEL_MEDIA_TYPE)
+
+
+def blob_layers(manifest):
+    """Every blob a manifest refers to: config first, then the layers."""
+    config = manifest.get("config")
+    return ([config] if config else []) + list(manifest["layers"])
+
+
+class Store:
+    """An Ollama-layout models directory."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.manifests_dir = os.path.join(self.root, "manifests")
+        self.blobs_dir = os.path.join(self.root, "blobs")
+
+    def manifest_path(self, ref):
+        return os.path.join(self.manifests_dir, *ref.path_parts)
+
+    def blob_path(self, digest):
+        return os.path.join(self.blobs_dir, "sha256-" + digest_hex(digest))
+
+    def partial_path(self, digest):
+        return self.blob_path(digest) + "-partial"
+
+    def read_manifest(self, ref):
+        """Return the parsed manifest of a model; ModelNotFound if there is none."""
+        try:
+            with open(self.manifest_path(ref), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise ModelNotFound(str(ref)) from None
+        return parse_manifest(raw)
+
+    def has_manifest(self, ref):
+        return os.path.isfile(self.manifest_path(ref))
+
+    def write_manifest(self, ref, raw):
+        """Install manifest bytes atomically under the model's name."""
+        parse_manifest(raw)
+        path = self.manifest_path(ref)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomically(path, raw)
+
+    def models(self):
+        """Every (ref, manifest path) in the store whose path is a valid name."""
+        found = []
+        if not os.path.isdir(self.manifests_dir):
+            return found
+        for dirpath, _dirs, files in os.walk(self.manifests_dir):
+            rel = os.path.relpath(dirpath, self.manifests_dir).split(os.sep)
+            if len(rel) != 3:
+                continue
+            for tag in files:
+                try:
+                    ref = names.parse("%s/%s/%s:%s" % (rel[0], rel[1], rel[2], tag))
+                except LLMNodeError:
+                    continue
+                if ref.path_parts == (rel[0], rel[1], rel[2], tag):
+                    found.append(ref)
+        return sorted(found, key=str)
+
+    def ensure_dirs(self):
+        os.makedirs(self.blobs_dir, exist_ok=True)
+        os.makedirs(self.manifests_dir, exist_ok=True)
+
+
+def write_atomically(path, data):
+    """Write bytes to a temporary sibling, fsync, and rename over `path`."""
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

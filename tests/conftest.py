@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny GGUF, a loopback registry, and a real node process."""
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.fakeregistry import FakeRegistry
+from tests.tinymodel import write_tiny_gguf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "gpt-oss:7b"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """Bytes of the tiny llama GGUF, written once per run."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def registry(tiny_gguf):
+    """A loopback registry serving the tiny model as library/gpt-oss:7b."""
+    reg = FakeRegistry().start()
+    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    return str(tmp_path / "models")
+
+
+def run_cli(*args, env=None, timeout=120):
+    """Run `python llmnode.py ARGS` to completion."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "llmnode.py")] + list(args),
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def node_env(models_dir, registry_url, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env.update({"LLM_MODELS_DIR": models_dir, "LLM_REGISTRY_URL": registry_url,
+                "LLM_PORT": "0", "LLM_CPU_THREADS": "1", "LLM_CTX_SIZE": "512"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class NodeProcess:
+    """`python llmnode.py serve` in a subprocess; its log lines are collected as they come."""
+
+    def __init__(self, env):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmnode.py"), "serve"],
+                                     env=env, cwd=ROOT, stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True)
+        self.lines = []
+        self._queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url = None
+        while self.url is None:
+            line = self._queue.get(timeout=60)
+            if line is None:
+                raise RuntimeError("node exited before serving:\n" + "".join(self.lines))
+            m = re.search(r"serving on (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def log(self):
+        return "".join(self.lines)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_node():
+    """Start node processes; each is stopped when the test ends."""
+    nodes = []
+
+    def start(env):
+        node = NodeProcess(env)
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def pulled(registry, models_dir):
+    """A store holding gpt-oss:7b, pulled by the CLI from the loopback registry."""
+    result = run_cli("pull", MODEL, env=node_env(models_dir, registry.url))
+    assert result.returncode == 0, result.stderr
+    return models_dir

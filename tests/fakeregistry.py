@@ -1,0 +1,154 @@
+"""An in-process OCI registry on loopback: manifests and blobs, Range, redirects, Bearer tokens."""
+
+import hashlib
+import json
+import re
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
+MODEL_TYPE = "application/vnd.ollama.image.model"
+TOKEN = "test-token"
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_manifest(layers):
+    """A manifest over (media type, bytes) layers, Ollama style; returns (raw manifest, blobs)."""
+    config = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
+    blobs = {digest_of(config): config}
+    entries = []
+    for media_type, data in layers:
+        blobs[digest_of(data)] = data
+        entries.append({"mediaType": media_type, "digest": digest_of(data), "size": len(data)})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
+        "layers": entries,
+    }
+    return json.dumps(manifest).encode(), blobs
+
+
+class FakeRegistry:
+    """Serve models; count what is served; optionally redirect, demand a token, or tamper."""
+
+    def __init__(self):
+        self.manifests = {}
+        self.blobs = {}
+        # Guards the counters below; handler threads update them.
+        self.lock = threading.Lock()
+        self.bytes_served = Counter()
+        self.requests = []
+        self.redirect_blobs_to = None
+        self.require_token = False
+        self.tamper = None
+        self.ignore_range = False
+        self.content_range_offset = 0
+        self.server = None
+
+    def add_model(self, repository, tag, gguf_bytes, extra_layers=()):
+        raw, blobs = make_manifest([(MODEL_TYPE, gguf_bytes)] + list(extra_layers))
+        self.manifests[(repository, tag)] = raw
+        self.blobs.update(blobs)
+        return json.loads(raw)
+
+    def start(self):
+        registry = self
+
+        class Handler(_Handler):
+            owner = registry
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def host(self):
+        return "127.0.0.1:%d" % self.server.server_address[1]
+
+    @property
+    def url(self):
+        return "http://" + self.host
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def record(self, handler):
+        with self.lock:
+            self.requests.append((handler.path, dict(handler.headers)))
+
+    def served(self, digest, n):
+        with self.lock:
+            self.bytes_served[digest] += n
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        reg = self.owner
+        reg.record(self)
+        if self.path.startswith("/token"):
+            return self.send_json(200, {"token": TOKEN})
+        m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", self.path)
+        if not m:
+            return self.send_json(404, {"errors": [{"code": "NAME_UNKNOWN"}]})
+        repository, kind, ref = m.groups()
+        if reg.require_token and self.headers.get("Authorization") != "Bearer " + TOKEN:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="%s/token",service="fake",'
+                             'scope="repository:%s:pull"' % (reg.url, repository))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind == "manifests":
+            raw = reg.manifests.get((repository, ref))
+            if raw is None:
+                return self.send_json(404, {"errors": [{"code": "MANIFEST_UNKNOWN"}]})
+            return self.send_bytes(200, raw, MANIFEST_TYPE)
+        if reg.redirect_blobs_to:
+            self.send_response(307)
+            self.send_header("Location", reg.redirect_blobs_to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = reg.blobs.get(ref)
+        if data is None:
+            return self.send_json(404, {"errors": [{"code": "BLOB_UNKNOWN"}]})
+        if reg.tamper:
+            data = reg.tamper(data)
+        start = 0
+        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if rng and not reg.ignore_range:
+            start = int(rng.group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", "bytes %d-%d/%d"
+                             % (start + reg.content_range_offset, len(data) - 1, len(data)))
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        reg.served(ref, len(body))
+
+    def send_json(self, status, obj):
+        self.send_bytes(status, json.dumps(obj).encode(), "application/json")
+
+    def send_bytes(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
