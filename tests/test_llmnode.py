@@ -12,7 +12,7 @@ from repair import names
 from repair.pull import pull
 from repair.registry import RegistryClient
 from repair.store import Store, model_layer
-from tests.fakeregistry import make_manifest, MODEL_TYPE
+from tests.fakeregistry import MODEL_TYPE, make_manifest
 from tests.tinymodel import write_tiny_gguf
 
 CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
@@ -67,7 +67,8 @@ def test_chat_completion_has_the_openai_shape(serve):
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["finish_reason"] in ("length", "stop")
     assert 0 < body["usage"]["completion_tokens"] <= 4
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 def test_the_same_seed_gives_the_same_answer(serve):
