@@ -18,6 +18,7 @@ import bottle
 
 import conf
 from repair import names
+from repair.coordinator import RepairCoordinator
 from repair.errors import (
     InvalidRequest,
     LLMNodeError,
@@ -26,9 +27,11 @@ from repair.errors import (
     PayloadTooLarge,
     RouteNotFound,
 )
-from repair.pull import pull
+from repair.guard import IntegrityGuard
+from repair.pull import fetch_broken, pull
 from repair.registry import RegistryClient
-from repair.store import Store, model_layer
+from repair.store import Store, blob_layers, model_layer
+from repair.verify import BlobCorrupted
 
 log = logging.getLogger("llmnode")
 
@@ -76,7 +79,7 @@ def load_llama(path, settings):
     from llama_cpp import Llama
 
     return Llama(model_path=path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                 verbose=False)
+                 use_mmap=settings.use_mmap, verbose=False)
 
 
 class LoadedModel:
@@ -144,21 +147,33 @@ class ModelPool:
 ###############################################################################
 
 class Node:
-    """Resolves model names to blobs in the store and runs chat completions on them."""
+    """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
     def __init__(self, settings, session=None, loader=None):
         self.settings = settings
         self.store = Store(settings.models_dir)
         self.client = RegistryClient(settings.registry_url, settings.insecure_registries,
                                      session=session)
+        self.guard = IntegrityGuard(self.store)
+        self.repairs = RepairCoordinator(self.store, self.client, self.guard,
+                                         auto_repair=settings.auto_repair,
+                                         timeout_secs=settings.repair_timeout_secs)
         self.pool = ModelPool(loader or (lambda path: load_llama(path, settings)),
                               settings.max_loaded_models)
 
-    def model_path(self, name):
-        """The path of a model's weights blob; ModelNotFound if the store lacks the model."""
+    def load(self, name):
+        """The loaded model for a name, its lock held: guard, repair if needed, load."""
         ref = names.parse(name)
-        layer = model_layer(self.store.read_manifest(ref))
-        return ref, self.store.blob_path(layer["digest"])
+        resolved = self.repairs.ensure(ref, on_change=self.pool.drop)
+        try:
+            return self.pool.acquire(resolved.path)
+        except ModelLoadFailed as e:
+            # llama.cpp refused the file: a full check decides between corruption and a bad model.
+            log.warning("model %s failed to load; checking its blob in full", ref)
+            if not self.repairs.ensure(ref, on_change=self.pool.drop, full=True).repaired:
+                raise ModelLoadFailed("%s; the blob matches its digest, so the model itself "
+                                      "cannot be loaded by this llama.cpp" % e) from e
+            return self.pool.acquire(resolved.path)
 
     def models(self):
         data = []
@@ -170,8 +185,7 @@ class Node:
 
     def chat(self, req):
         """Run a validated chat request; a dict, or an iterator of chunks when streaming."""
-        ref, path = self.model_path(req["model"])
-        entry = self.pool.acquire(path)
+        entry = self.load(req["model"])
         params = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed")
                   if req.get(k) is not None}
         try:
@@ -347,7 +361,7 @@ def make_app(node):
 
     @app.get("/health")
     def health():
-        return {"status": "ok"}
+        return {"status": "ok", "repairs": node.repairs.active()}
 
     @app.get("/v1/models")
     @api
@@ -405,6 +419,14 @@ def build_parser():
     p = sub.add_parser("pull", parents=[common], help="download a model from its registry")
     p.add_argument("name")
     sub.add_parser("list", parents=[common], help="models in the store")
+    p = sub.add_parser("verify", parents=[common],
+                       help="full sha256 check of every blob (or one model's); exit 1 if any is bad")
+    p.add_argument("name", nargs="?")
+    p = sub.add_parser("repair", parents=[common],
+                       help="verify a model and download whatever is corrupted or missing")
+    p.add_argument("name")
+    sub.add_parser("demo", parents=[common],
+                   help="the auto-repair story offline, on a tiny model and a throwaway registry")
     return parser
 
 
@@ -431,8 +453,42 @@ def cmd_pull(settings, name):
     node = Node(settings)
     ref = names.parse(name)
     log.info("pulling %s", ref)
-    pull(node.client, node.store, ref)
+    pull(node.client, node.store, node.guard, ref)
     print("pulled %s" % ref)
+    return 0
+
+
+def cmd_verify(settings, name):
+    """Full check of every blob; print each problem; exit 1 if any."""
+    node = Node(settings)
+    refs = [names.parse(name)] if name else node.store.models()
+    bad = 0
+    for ref in refs:
+        try:
+            manifest = node.store.read_manifest(ref)
+        except LLMNodeError as e:
+            print("%s  manifest  BAD: %s" % (ref, e))
+            bad += 1
+            continue
+        weights = model_layer(manifest)
+        for layer in blob_layers(manifest):
+            try:
+                node.guard.verify(layer, gguf=layer is weights)
+                print("%s  %s  ok" % (ref, layer["digest"]))
+            except BlobCorrupted as e:
+                print("%s  %s  CORRUPTED: %s" % (ref, layer["digest"], e.reason))
+                bad += 1
+    print("%d model(s) checked, %d problem(s)" % (len(refs), bad))
+    return 1 if bad else 0
+
+
+def cmd_repair(settings, name):
+    """Fetch the manifest again if it is missing or unusable, then every bad blob."""
+    node = Node(settings)
+    ref = names.parse(name)
+    manifest = node.repairs.manifest(ref)
+    fetched = fetch_broken(node.client, node.store, node.guard, ref, manifest)
+    print("%s: %s" % (ref, "%d blob(s) repaired" % len(fetched) if fetched else "intact"))
     return 0
 
 
@@ -478,6 +534,13 @@ def main(argv=None):
             return cmd_serve(settings)
         if command == "pull":
             return cmd_pull(settings, name)
+        if command == "verify":
+            return cmd_verify(settings, name)
+        if command == "repair":
+            return cmd_repair(settings, name)
+        if command == "demo":
+            from repair.demo import run_demo
+            return run_demo(settings)
         return cmd_list(settings)
     except LLMNodeError as e:
         log.error("%s failed: %s", command, e)

@@ -103,6 +103,9 @@ SETTINGS = (
             "models kept loaded in memory; the least recently used leaves first"),
     Setting("n_ctx", "LLM_CTX_SIZE", as_positive_int, "4096",
             "context size in tokens for each loaded model"),
+    Setting("use_mmap", "LLM_USE_MMAP", as_bool, "false",
+            "map model files instead of reading them in (faster loads, but a file "
+            "truncated under a running generation can crash the node)"),
     Setting("n_threads", "LLM_CPU_THREADS", as_cpu_threads, "0",
             "CPU threads llama.cpp uses for generation (0: one per core)"),
 )

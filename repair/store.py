@@ -73,14 +73,17 @@ class Store:
     def partial_path(self, digest):
         return self.blob_path(digest) + "-partial"
 
-    def read_manifest(self, ref):
-        """Return the parsed manifest of a model; ModelNotFound if there is none."""
+    def read_manifest_raw(self, ref):
+        """The manifest bytes of a model; ModelNotFound if there are none."""
         try:
             with open(self.manifest_path(ref), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
             raise ModelNotFound(str(ref)) from None
-        return parse_manifest(raw)
+
+    def read_manifest(self, ref):
+        """The parsed manifest of a model; ModelNotFound if there is none."""
+        return parse_manifest(self.read_manifest_raw(ref))
 
     def has_manifest(self, ref):
         return os.path.isfile(self.manifest_path(ref))

@@ -57,7 +57,7 @@ def test_the_openai_client_works_streaming_and_not(pulled, registry, start_node)
 def test_health_answers_ok(pulled, registry, start_node):
     node = start_node(node_env(pulled, registry.url))
     r = requests.get(node.url + "/health", timeout=5)
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "repairs": []}
 
 
 def test_pull_logs_progress_and_list_shows_the_model(pulled, registry, models_dir, tmp_path):

@@ -9,6 +9,7 @@ import waitress
 import conf
 import llmnode
 from repair import names
+from repair.guard import IntegrityGuard
 from repair.pull import pull
 from repair.registry import RegistryClient
 from repair.store import Store, model_layer
@@ -46,7 +47,7 @@ def serve(registry, models_dir):
         settings = settings_for(models_dir, registry.url, **env)
         node = llmnode.Node(settings)
         if not node.store.has_manifest(names.parse("gpt-oss:7b")):
-            pull(node.client, node.store, names.parse("gpt-oss:7b"), terminal=False)
+            pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
         served = Served(node)
         servers.append(served)
         return served
@@ -100,8 +101,7 @@ def test_models_lists_the_store(serve):
 def test_health_does_not_wait_behind_a_generation(serve):
     s = serve()
     assert s.post("/v1/chat/completions", CHAT).status_code == 200
-    path = s.node.model_path("gpt-oss:7b")[1]
-    entry = s.node.pool.acquire(path)
+    entry = s.node.load("gpt-oss:7b")
     try:
         r = requests.get(s.url + "/health", timeout=5)
         models = requests.get(s.url + "/v1/models", timeout=5)
@@ -234,14 +234,15 @@ def test_store_paths_come_only_from_validated_names(models_dir):
 
 def test_pull_keeps_intact_blobs_and_fetches_broken_ones(registry, models_dir):
     store, client = Store(models_dir), RegistryClient(registry.url)
+    guard = IntegrityGuard(store)
     ref = names.parse("gpt-oss:7b")
-    pull(client, store, ref, terminal=False)
+    pull(client, store, guard, ref, terminal=False)
     first = sum(registry.bytes_served.values())
-    pull(client, store, ref, terminal=False)
+    pull(client, store, guard, ref, terminal=False)
     assert sum(registry.bytes_served.values()) == first
     weights = model_layer(store.read_manifest(ref))
     with open(store.blob_path(weights["digest"]), "r+b") as f:
         f.seek(1000)
         f.write(b"\xff" * 64)
-    pull(client, store, ref, terminal=False)
+    pull(client, store, guard, ref, terminal=False)
     assert sum(registry.bytes_served.values()) == first + weights["size"]

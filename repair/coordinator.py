@@ -1,0 +1,172 @@
+"""The repair coordinator: guard a model before use, and repair it once however many requests wait."""
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from repair.download import DownloadState, disk_free, fetch_blob
+from repair.errors import (
+    DownloadError,
+    InsufficientStorage,
+    LLMNodeError,
+    ModelCorrupted,
+    ModelNotFound,
+    RepairTimeout,
+)
+from repair.progress import LoggingProgress
+from repair.singleflight import SingleFlight
+from repair.store import ManifestInvalid, model_layer, parse_manifest
+from repair.verify import BlobCorrupted
+
+log = logging.getLogger("llmnode.repair")
+
+
+@dataclass
+class Resolved:
+    """A model ready to load: its weights blob, and whether this call had to repair it."""
+
+    ref: object
+    path: str
+    repaired: bool
+
+
+@dataclass
+class ActiveRepair:
+    model: str
+    state: DownloadState
+
+
+class RepairCoordinator:
+    """Resolves a model to a verified blob, repairing the blob or manifest from the registry."""
+
+    def __init__(self, store, client, guard, auto_repair=True, timeout_secs=300,
+                 clock=time.monotonic, free_space=disk_free, retry=None):
+        self.store = store
+        self.client = client
+        self.guard = guard
+        self.auto_repair = auto_repair
+        self.timeout_secs = timeout_secs
+        self.clock = clock
+        self.free_space = free_space
+        self.retry = retry
+        self.blob_flights = SingleFlight("repair")
+        self.manifest_flights = SingleFlight("manifest")
+        # digest -> ActiveRepair; written by flight threads, read by /health.
+        self._active = {}
+
+    def active(self):
+        """Repairs in progress, for /health."""
+        return [{"model": a.model, "digest": d, "bytes_done": a.state.done,
+                 "bytes_total": a.state.total} for d, a in list(self._active.items())]
+
+    def ensure(self, ref, on_change=None, full=False):
+        """The model's verified weights; repairs first if needed. `on_change(path)` runs
+        before any full check of a blob that changed since it was verified."""
+        manifest = self.manifest(ref)
+        layer = model_layer(manifest)
+        path = self.store.blob_path(layer["digest"])
+        if not full and self.guard.unchanged(layer):
+            return Resolved(ref, path, False)
+        if on_change:
+            on_change(path)
+        flight, _ = self.blob_flights.submit(layer["digest"], lambda: self._check_blob(ref, layer))
+        return Resolved(ref, path, self._wait(flight))
+
+    def manifest(self, ref):
+        """The model's manifest; a missing (but once known) or unparseable one is fetched again."""
+        try:
+            raw = self.store.read_manifest_raw(ref)
+            manifest = parse_manifest(raw)
+            known = self.guard.records.manifest_digest(ref)
+            actual = hashlib.sha256(raw).hexdigest()
+            if known is None:
+                self.guard.records.record_manifest(ref, actual)
+            elif known != actual:
+                raise ManifestInvalid("manifest of %s changed since it was pulled" % ref)
+            return manifest
+        except ModelNotFound:
+            if self.guard.records.manifest_digest(ref) is None:
+                raise
+            problem = "manifest missing"
+        except ManifestInvalid as e:
+            problem = "manifest unusable (%s)" % e
+        log.warning("%s: %s", ref, problem)
+        flight, _ = self.manifest_flights.submit(str(ref), lambda: self._repair_manifest(ref))
+        return self._wait(flight)
+
+    def _wait(self, flight):
+        try:
+            return flight.result(self.timeout_secs, clock=self.clock)
+        except TimeoutError:
+            raise RepairTimeout() from None
+
+    def _check_blob(self, ref, layer):
+        """Runs once per digest: full check, then a repair if the blob is corrupted."""
+        try:
+            self.guard.verify(layer, gguf=True)
+            return False
+        except BlobCorrupted as e:
+            log.warning("model %s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
+            if not self.auto_repair:
+                raise ModelCorrupted(
+                    "Model '%s' is corrupted (%s) and auto-repair is disabled "
+                    "(LLM_AUTO_REPAIR=false); run `python llmnode.py repair %s`"
+                    % (ref, e.reason, ref)) from e
+        self._repair(ref, lambda deadline: self._download(ref, layer, deadline), layer)
+        return True
+
+    def _repair_manifest(self, ref):
+        if not self.auto_repair:
+            raise ModelCorrupted("Model '%s' has a missing or unusable manifest and auto-repair "
+                                 "is disabled (LLM_AUTO_REPAIR=false); run `python llmnode.py "
+                                 "repair %s`" % (ref, ref))
+
+        def fetch(_deadline):
+            raw = self.client.get_manifest(ref)
+            manifest = parse_manifest(raw)
+            self.store.write_manifest(ref, raw)
+            self.guard.records.record_manifest(ref, hashlib.sha256(raw).hexdigest())
+            return manifest
+
+        return self._repair(ref, fetch, None)
+
+    def _repair(self, ref, work, layer):
+        """Run one repair with the SPEC's log lines; every failure becomes a SPEC error."""
+        log.info("Starting auto-repair for model: %s", ref)
+        started = self.clock()
+        deadline = started + self.timeout_secs
+        try:
+            result = work(deadline)
+        except (DownloadError, InsufficientStorage, RepairTimeout) as e:
+            log.error("Auto-repair failed: %s: %s", ref, e)
+            raise
+        except LLMNodeError as e:
+            log.error("Auto-repair failed: %s: %s", ref, e)
+            raise DownloadError(str(e), cause="registry error") from e
+        except OSError as e:
+            log.error("Auto-repair failed: %s: %s", ref, e)
+            raise DownloadError(str(e), cause="store error") from e
+        finally:
+            if layer is not None:
+                self._active.pop(layer["digest"], None)
+        log.info("Auto-repair completed: %s (elapsed: %ds)", ref, round(self.clock() - started))
+        return result
+
+    def _download(self, ref, layer, deadline):
+        state = DownloadState(layer["digest"], layer["size"])
+        self._active[layer["digest"]] = ActiveRepair(str(ref), state)
+        with LoggingProgress(str(ref), layer["size"]) as bar:
+            fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,
+                       retry=self.retry, free_space=self.free_space, deadline=deadline,
+                       clock=self.clock, sleep=_sleep_until(deadline, self.clock))
+        self.guard.record_installed(layer)
+
+
+def _sleep_until(deadline, clock):
+    """A backoff sleep that gives up rather than outlive the repair's deadline."""
+    def sleep(seconds):
+        if clock() + seconds > deadline:
+            raise RepairTimeout()
+        time.sleep(seconds)
+    return sleep
