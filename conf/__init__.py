@@ -95,7 +95,7 @@ SETTINGS = (
             "comma-separated registry hosts that may be reached over plain http"),
     Setting("log_file", "LLM_LOG_FILE", as_optional_path, "",
             "also append the log to this file"),
-    Setting("threads", "LLM_THREADS", as_positive_int, "16",
+    Setting("threads", "LLM_THREADS", as_positive_int, "32",
             "HTTP worker threads (waitress)"),
     Setting("max_body_bytes", "LLM_MAX_BODY_BYTES", as_positive_int, "8388608",
             "largest request body accepted; larger ones get 413"),

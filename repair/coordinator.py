@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -54,11 +55,17 @@ class RepairCoordinator:
         self.manifest_flights = SingleFlight("manifest")
         # digest -> ActiveRepair; written by flight threads, read by /health.
         self._active = {}
+        # Guards _waiting (digest -> requests waiting on its check or repair).
+        self._lock = threading.Lock()
+        self._waiting = {}
 
     def active(self):
         """Repairs in progress, for /health."""
+        with self._lock:
+            waiting = dict(self._waiting)
         return [{"model": a.model, "digest": d, "bytes_done": a.state.done,
-                 "bytes_total": a.state.total} for d, a in list(self._active.items())]
+                 "bytes_total": a.state.total, "waiting_requests": waiting.get(d, 0)}
+                for d, a in list(self._active.items())]
 
     def ensure(self, ref, on_change=None, full=False):
         """The model's verified weights; repairs first if needed. `on_change(path)` runs
@@ -70,8 +77,17 @@ class RepairCoordinator:
             return Resolved(ref, path, False)
         if on_change:
             on_change(path)
-        flight, _ = self.blob_flights.submit(layer["digest"], lambda: self._check_blob(ref, layer))
-        return Resolved(ref, path, self._wait(flight))
+        digest = layer["digest"]
+        with self._lock:
+            self._waiting[digest] = self._waiting.get(digest, 0) + 1
+        try:
+            flight, _ = self.blob_flights.submit(digest, lambda: self._check_blob(ref, layer))
+            return Resolved(ref, path, self._wait(flight))
+        finally:
+            with self._lock:
+                self._waiting[digest] -= 1
+                if not self._waiting[digest]:
+                    del self._waiting[digest]
 
     def manifest(self, ref):
         """The model's manifest; a missing (but once known) or unparseable one is fetched again."""

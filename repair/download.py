@@ -24,6 +24,9 @@ from repair.retry import call_with_retries
 from repair.store import digest_hex, fsync_dir
 from repair.verify import CHUNK
 
+# Network reads are smaller than hashing reads so progress and /health move smoothly.
+NET_CHUNK = 64 << 10
+
 log = logging.getLogger("llmnode.download")
 
 # Room left on the disk after a download, so a repair never fills it to the last byte.
@@ -158,7 +161,7 @@ class _Job:
         try:
             with open(self.partial, "ab") as f:
                 f.truncate(self.have)
-                for chunk in resp.iter_content(CHUNK):
+                for chunk in resp.iter_content(NET_CHUNK):
                     if self.have + len(chunk) > self.size:
                         raise DownloadError("more than the %d bytes the manifest gives" % self.size,
                                             cause="size mismatch")

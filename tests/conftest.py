@@ -8,7 +8,13 @@ import sys
 import threading
 
 import pytest
+import requests
+import waitress
 
+import conf
+import llmnode
+from repair import names
+from repair.pull import pull
 from tests.fakeregistry import FakeRegistry
 from tests.tinymodel import write_tiny_gguf
 
@@ -110,3 +116,41 @@ def pulled(registry, models_dir):
     result = run_cli("pull", MODEL, env=node_env(models_dir, registry.url))
     assert result.returncode == 0, result.stderr
     return models_dir
+
+
+def settings_for(models_dir, registry_url, **env):
+    base = {"LLM_MODELS_DIR": models_dir, "LLM_REGISTRY_URL": registry_url,
+            "LLM_CPU_THREADS": "1", "LLM_CTX_SIZE": "512"}
+    base.update(env)
+    return conf.load(environ=base)
+
+
+class Served:
+    def __init__(self, node):
+        self.node = node
+        self.server = waitress.create_server(llmnode.make_app(node), host="127.0.0.1", port=0,
+                                             threads=4)
+        self.url = "http://127.0.0.1:%s" % self.server.effective_port
+        threading.Thread(target=self.server.run, daemon=True).start()
+
+    def post(self, path, body=None, data=None, headers=None):
+        return requests.post(self.url + path, json=body, data=data, headers=headers, timeout=60)
+
+
+@pytest.fixture
+def serve(registry, models_dir):
+    """Serve a Node over the store with gpt-oss:7b pulled in, on a real waitress."""
+    servers = []
+
+    def start(**env):
+        settings = settings_for(models_dir, registry.url, **env)
+        node = llmnode.Node(settings)
+        if not node.store.has_manifest(names.parse("gpt-oss:7b")):
+            pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
+        served = Served(node)
+        servers.append(served)
+        return served
+
+    yield start
+    for s in servers:
+        s.server.close()

@@ -49,6 +49,8 @@ class FakeRegistry:
         self.tamper = None
         self.ignore_range = False
         self.content_range_offset = 0
+        # When set, blob bodies stop half-way until the test sets this event.
+        self.gate = None
         self.server = None
 
     def add_model(self, repository, tag, gguf_bytes, extra_layers=()):
@@ -140,7 +142,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if reg.gate is not None:
+            half = len(body) // 2
+            self.wfile.write(body[:half])
+            self.wfile.flush()
+            reg.served(ref, half)
+            if not reg.gate.wait(timeout=120):
+                return
+            body = body[half:]
+        try:
+            self.wfile.write(body)
+        except OSError:
+            return
         reg.served(ref, len(body))
 
     def send_json(self, status, obj):

@@ -1,10 +1,8 @@
 import json
 import os
-import threading
 
 import pytest
 import requests
-import waitress
 
 import conf
 import llmnode
@@ -17,44 +15,6 @@ from tests.fakeregistry import MODEL_TYPE, make_manifest
 from tests.tinymodel import write_tiny_gguf
 
 CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
-
-
-def settings_for(models_dir, registry_url, **env):
-    base = {"LLM_MODELS_DIR": models_dir, "LLM_REGISTRY_URL": registry_url,
-            "LLM_CPU_THREADS": "1", "LLM_CTX_SIZE": "512"}
-    base.update(env)
-    return conf.load(environ=base)
-
-
-class Served:
-    def __init__(self, node):
-        self.node = node
-        self.server = waitress.create_server(llmnode.make_app(node), host="127.0.0.1", port=0,
-                                             threads=4)
-        self.url = "http://127.0.0.1:%s" % self.server.effective_port
-        threading.Thread(target=self.server.run, daemon=True).start()
-
-    def post(self, path, body=None, data=None, headers=None):
-        return requests.post(self.url + path, json=body, data=data, headers=headers, timeout=60)
-
-
-@pytest.fixture
-def serve(registry, models_dir):
-    """Serve a Node over the store with gpt-oss:7b pulled in, on a real waitress."""
-    servers = []
-
-    def start(**env):
-        settings = settings_for(models_dir, registry.url, **env)
-        node = llmnode.Node(settings)
-        if not node.store.has_manifest(names.parse("gpt-oss:7b")):
-            pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
-        served = Served(node)
-        servers.append(served)
-        return served
-
-    yield start
-    for s in servers:
-        s.server.close()
 
 
 def test_chat_completion_has_the_openai_shape(serve):

@@ -1,0 +1,66 @@
+import os
+
+import pytest
+
+from repair.guard import IntegrityGuard
+from repair.store import Store
+from repair.verify import BlobCorrupted
+from tests.fakeregistry import digest_of
+
+
+@pytest.fixture
+def blob(tmp_path):
+    store = Store(str(tmp_path))
+    store.ensure_dirs()
+    data = b"GGUF" + os.urandom(5000)
+    layer = {"digest": digest_of(data), "size": len(data)}
+    with open(store.blob_path(layer["digest"]), "wb") as f:
+        f.write(data)
+    return store, layer
+
+
+def test_a_verified_blob_is_trusted_by_stat_even_after_a_restart(blob):
+    store, layer = blob
+    assert not IntegrityGuard(store).unchanged(layer)
+    IntegrityGuard(store).verify(layer, gguf=True)
+    assert IntegrityGuard(store).unchanged(layer)
+
+
+def test_a_changed_blob_is_no_longer_trusted(blob):
+    store, layer = blob
+    guard = IntegrityGuard(store)
+    guard.verify(layer)
+    with open(store.blob_path(layer["digest"]), "r+b") as f:
+        f.seek(2000)
+        f.write(b"\0" * 64)
+    assert not guard.unchanged(layer)
+    with pytest.raises(BlobCorrupted, match="sha256 mismatch"):
+        guard.verify(layer)
+    assert not IntegrityGuard(store).unchanged(layer)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: os.unlink(p), "missing"),
+    (lambda p: os.truncate(p, 100), "size 100"),
+    (lambda p: open(p, "r+b").write(b"XXXX"), "bad header"),
+])
+def test_the_full_check_names_what_is_wrong(blob, damage, reason):
+    store, layer = blob
+    damage(store.blob_path(layer["digest"]))
+    with pytest.raises(BlobCorrupted, match=reason):
+        IntegrityGuard(store).verify(layer, gguf=True)
+
+
+def test_a_flip_that_keeps_size_and_times_is_caught_only_by_the_digest(blob):
+    store, layer = blob
+    guard = IntegrityGuard(store)
+    guard.verify(layer)
+    path = store.blob_path(layer["digest"])
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(3000)
+        f.write(b"\xff" * 64)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert guard.unchanged(layer)
+    with pytest.raises(BlobCorrupted, match="sha256 mismatch"):
+        guard.verify(layer)
