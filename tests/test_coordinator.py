@@ -1,0 +1,202 @@
+"""Auto-repair in process: a real waitress node, llama.cpp on the tiny model, a loopback registry."""
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+import llmnode
+from repair import names
+from repair.pull import pull
+from repair.retry import Retry
+from repair.store import model_layer
+from tests.conftest import Served, settings_for
+
+CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}], "max_tokens": 4}
+
+
+def weights(node):
+    layer = model_layer(node.store.read_manifest(names.parse("gpt-oss:7b")))
+    return layer, node.store.blob_path(layer["digest"])
+
+
+def intact(path, layer):
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest() == layer["digest"]
+
+
+def counting_loads(node):
+    loads = []
+    real = node.pool.loader
+
+    def loader(path):
+        loads.append(path)
+        return real(path)
+
+    node.pool.loader = loader
+    return loads
+
+
+def flip_middle(path, n=64):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        original = f.read(n)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in original))
+
+
+def test_silent_corruption_of_a_loaded_model_is_repaired_before_the_answer(serve, registry):
+    s = serve()
+    loads = counting_loads(s.node)
+    layer, path = weights(s.node)
+    assert s.post("/v1/chat/completions", CHAT).status_code == 200
+    served = registry.bytes_served[layer["digest"]]
+    flip_middle(path)
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert registry.bytes_served[layer["digest"]] == served + layer["size"]
+    assert intact(path, layer)
+    assert loads == [path, path]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: open(p, "wb").write(b"corrupted\n"),
+    lambda p: os.truncate(p, os.path.getsize(p) // 2),
+    lambda p: os.truncate(p, 0),
+    lambda p: os.unlink(p),
+], ids=["overwritten", "truncated", "zero-length", "deleted"])
+def test_damaged_blobs_are_repaired_and_answered(serve, registry, damage):
+    s = serve()
+    layer, path = weights(s.node)
+    damage(path)
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200, r.text
+    assert intact(path, layer)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: open(p, "wb").write(b"{not a manifest"),
+    lambda p: open(p, "wb").write(json.dumps({"layers": []}).encode()),
+    lambda p: os.unlink(p),
+], ids=["garbage", "no-layers", "deleted"])
+def test_a_corrupted_or_missing_manifest_is_fetched_again(serve, registry, damage):
+    s = serve()
+    path = s.node.store.manifest_path(names.parse("gpt-oss:7b"))
+    damage(path)
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200, r.text
+    assert open(path, "rb").read() == registry.manifests[("library/gpt-oss", "7b")]
+
+
+def test_a_model_never_pulled_is_not_fetched(serve, registry):
+    s = serve()
+    before = len(registry.requests)
+    r = s.post("/v1/chat/completions", dict(CHAT, model="other:1"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert len(registry.requests) == before
+
+
+def test_a_load_failure_with_unchanged_times_leads_to_a_full_check_and_repair(serve, registry):
+    s = serve()
+    layer, path = weights(s.node)
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(b"XXXX")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200, r.text
+    assert intact(path, layer)
+
+
+def assert_spec_error(r, status, message, type_, code):
+    assert r.status_code == status, r.text
+    assert r.json() == {"error": {"message": message, "type": type_, "code": code}}
+
+
+def test_an_unreachable_registry_is_503_repair_failed(serve, registry):
+    serve()
+    s = serve(LLM_REGISTRY_URL="http://127.0.0.1:9")
+    s.node.repairs.retry = Retry(total=2)
+    _, path = weights(s.node)
+    flip_middle(path)
+    r = s.post("/v1/chat/completions", CHAT)
+    assert_spec_error(r, 503, "Model repair failed: network error", "repair_failed", "model_repair_error")
+    assert int(r.headers["Retry-After"]) > 0
+    assert not intact(path, weights(s.node)[0])
+
+
+def test_a_slow_registry_past_the_timeout_is_504_and_the_next_attempt_resumes(serve, registry):
+    serve()
+    s = serve(LLM_REPAIR_TIMEOUT_SECS="2")
+    layer, path = weights(s.node)
+    flip_middle(path)
+    registry.gate = threading.Event()
+    try:
+        started = time.monotonic()
+        r = s.post("/v1/chat/completions", CHAT)
+        elapsed = time.monotonic() - started
+        assert_spec_error(r, 504, "Model repair timed out", "repair_timeout", "gateway_timeout")
+        assert elapsed < 10
+        assert requests.get(s.url + "/health", timeout=5).json()["repairs"][0]["bytes_done"] > 0
+    finally:
+        registry.gate.set()
+    deadline = time.monotonic() + 30
+    while requests.get(s.url + "/health", timeout=5).json()["repairs"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    kept = os.path.getsize(s.node.store.partial_path(layer["digest"]))
+    assert 0 < kept < layer["size"]
+    registry.gate = None
+    assert s.post("/v1/chat/completions", CHAT).status_code == 200
+    blob_requests = [h for p, h in registry.requests if p.endswith(layer["digest"])]
+    assert blob_requests[-1].get("Range") == "bytes=%d-" % kept
+    assert intact(path, layer)
+
+
+def test_auto_repair_off_answers_model_corrupted_and_downloads_nothing(serve, registry):
+    serve()
+    s = serve(LLM_AUTO_REPAIR="false")
+    layer, path = weights(s.node)
+    served = registry.bytes_served[layer["digest"]]
+    flip_middle(path)
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["type"] == "model_corrupted" and err["code"] == "model_corrupted"
+    assert "gpt-oss:7b" in err["message"] and "auto-repair is disabled" in err["message"]
+    assert "Retry-After" in r.headers
+    assert registry.bytes_served[layer["digest"]] == served
+    assert not intact(path, layer)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield str(mnt)
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, tmpfs):
+    node = llmnode.Node(settings_for(tmpfs, registry.url))
+    pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
+    layer, path = weights(node)
+    flip_middle(path)
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    with open(os.path.join(tmpfs, "filler"), "wb") as f:
+        f.write(b"\0" * (free - layer["size"] // 2))
+    s = Served(node)
+    try:
+        r = s.post("/v1/chat/completions", CHAT)
+        assert_spec_error(r, 507, "Insufficient storage for model repair", "storage_full",
+                          "insufficient_storage")
+    finally:
+        s.server.close()
+    assert not os.path.exists(node.store.partial_path(layer["digest"]))
