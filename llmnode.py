@@ -82,6 +82,31 @@ def load_llama(path, settings):
                  use_mmap=settings.use_mmap, verbose=False)
 
 
+# byte-fallback tokens can run a generation up to 3 tokens past max_tokens (an unfinished
+# UTF-8 character), and llama.cpp fails rather than stops at the end of its context.
+CONTEXT_MARGIN = 4
+
+
+def completion_budget(llm, messages):
+    """Tokens the answer may use: the context less the prompt, as the model's template renders it."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template:
+        def text(token):
+            return llm.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+        fmt = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
+                                  bos_token=text(llm.token_bos()))
+        prompt = fmt(messages=messages)
+        used = len(llm.tokenize(prompt.prompt.encode("utf-8"), add_bos=not prompt.added_special,
+                                special=True))
+    else:
+        body = "\n".join(m["content"] for m in messages).encode("utf-8")
+        used = len(llm.tokenize(body, special=True)) + 16 * len(messages)
+    return llm.n_ctx() - used - CONTEXT_MARGIN
+
+
 class LoadedModel:
     def __init__(self, path):
         self.path = path
@@ -186,9 +211,16 @@ class Node:
     def chat(self, req):
         """Run a validated chat request; a dict, or an iterator of chunks when streaming."""
         entry = self.load(req["model"])
-        params = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed")
-                  if req.get(k) is not None}
+        params = {k: req[k] for k in ("temperature", "top_p", "stop", "seed") if req.get(k) is not None}
         try:
+            budget = completion_budget(entry.llm, req["messages"])
+            if budget < 1:
+                raise ContextTooLong("The prompt does not leave room for an answer in the "
+                                     "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)
+            params["max_tokens"] = min(req["max_tokens"] or budget, budget)
+            # Reusing the previous request's KV prefix makes this llama.cpp fail to find a
+            # memory slot on the next decode ("llama_decode returned 1"): start clean.
+            entry.llm.reset()
             result = entry.llm.create_chat_completion(messages=req["messages"],
                                                       stream=req["stream"], **params)
             if req["stream"]:

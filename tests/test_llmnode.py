@@ -32,6 +32,14 @@ def test_chat_completion_has_the_openai_shape(serve):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_consecutive_requests_without_max_tokens_are_answered(serve):
+    s = serve()
+    req = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}]}
+    for seed in range(4):
+        r = s.post("/v1/chat/completions", dict(req, seed=seed))
+        assert r.status_code == 200, r.text
+
+
 def test_the_same_seed_gives_the_same_answer(serve):
     s = serve()
     req = dict(CHAT, seed=42, temperature=1.0, max_tokens=8)
