@@ -1,5 +1,6 @@
 """The user's two scenarios, as written, against a real node process and a loopback registry."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -46,13 +47,14 @@ def test_scenario_1_a_corrupted_model_is_repaired_and_answered(pulled, registry,
     elapsed = time.monotonic() - started
     [reply] = bodies(out.stdout)
     assert reply["object"] == "chat.completion" and reply["model"] == MODEL
-    assert "sha256:" + __import__("hashlib").sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
+    assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
     log = log_file.read_text()
     repair_lines = [line for line in log.splitlines() if "auto-repair" in line.lower()]  # grep -i
     assert repair_lines[0] == "[INFO] Starting auto-repair for model: gpt-oss:7b"
     assert repair_lines[-1].startswith("[INFO] Auto-repair completed: gpt-oss:7b (elapsed: ")
     assert repair_lines[-1].endswith("s)")
-    progress = [line for line in log.splitlines() if line.startswith("[INFO] Downloading model: gpt-oss:7b (")]
+    prefix = "[INFO] Downloading model: gpt-oss:7b ("
+    progress = [line for line in log.splitlines() if line.startswith(prefix)]
     percents = [int(line.rsplit("(", 1)[1].rstrip("%)")) for line in progress]
     assert 1 <= len(percents) <= 10 and percents == sorted(set(percents)) and percents[-1] == 100
     print("scenario 1: answered %.2fs after the corruption" % elapsed)
