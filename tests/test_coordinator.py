@@ -119,7 +119,7 @@ def assert_spec_error(r, status, message, type_, code):
     assert r.json() == {"error": {"message": message, "type": type_, "code": code}}
 
 
-def test_an_unreachable_registry_is_503_repair_failed(serve, registry):
+def test_an_unreachable_registry_is_503_repair_failed(serve, registry, caplog):
     serve()
     s = serve(LLM_REGISTRY_URL="http://127.0.0.1:9")
     s.node.repairs.retry = Retry(total=2)
@@ -129,6 +129,7 @@ def test_an_unreachable_registry_is_503_repair_failed(serve, registry):
     assert_spec_error(r, 503, "Model repair failed: network error", "repair_failed", "model_repair_error")
     assert int(r.headers["Retry-After"]) > 0
     assert not intact(path, weights(s.node)[0])
+    assert "Auto-repair failed: gpt-oss:7b: network error (GET http://127.0.0.1:9/" in caplog.text
 
 
 def test_a_slow_registry_past_the_timeout_is_504_and_the_next_attempt_resumes(serve, registry):

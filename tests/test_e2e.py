@@ -1,6 +1,7 @@
 """The node as a user runs it: `python llmnode.py serve` in a subprocess, curl and the OpenAI client."""
 
 import json
+import os
 import subprocess
 
 import openai
@@ -87,3 +88,23 @@ def test_log_lines_also_go_to_the_log_file(pulled, registry, start_node, tmp_pat
     node = start_node(node_env(pulled, registry.url, LLM_LOG_FILE=log_file))
     assert requests.get(node.url + "/health", timeout=5).status_code == 200
     assert "[INFO] llmnode serving on " + node.url in log_file.read_text()
+
+
+def test_verify_finds_a_corrupted_blob_and_repair_fixes_it(pulled, registry):
+    env = node_env(pulled, registry.url)
+    assert run_cli("verify", env=env).returncode == 0
+    manifest = json.load(open(os.path.join(pulled, "manifests", "registry.ollama.ai", "library",
+                                           "gpt-oss", "7b")))
+    digest = manifest["layers"][0]["digest"]
+    blob = os.path.join(pulled, "blobs", digest.replace(":", "-"))
+    st = os.stat(blob)
+    with open(blob, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(b"\0" * 64)
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bad = run_cli("verify", MODEL, env=env)
+    assert bad.returncode == 1
+    assert "%s  %s  CORRUPTED: sha256 mismatch" % (MODEL, digest) in bad.stdout
+    fixed = run_cli("repair", MODEL, env=env)
+    assert fixed.returncode == 0 and "1 blob(s) repaired" in fixed.stdout
+    assert run_cli("verify", MODEL, env=env).returncode == 0

@@ -171,9 +171,11 @@ def test_a_blob_llama_cpp_cannot_load_is_500_model_load_failed(serve, registry, 
         with open(store.blob_path(digest), "wb") as f:
             f.write(data)
     store.write_manifest(names.parse("broken:1"), raw)
+    requests_before = len(registry.requests)
     err = assert_error(s.post("/v1/chat/completions", dict(CHAT, model="broken:1")),
                        500, "server_error", "model_load_failed")
-    assert "Failed to load" in err["message"]
+    assert "Failed to load" in err["message"] and "matches its digest" in err["message"]
+    assert len(registry.requests) == requests_before
 
 
 def test_least_recently_used_model_leaves_first(tmp_path):
