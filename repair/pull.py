@@ -34,7 +34,8 @@ def fetch_broken(client, store, guard, ref, manifest, *, terminal=None, **fetch_
         except BlobCorrupted as e:
             if e.reason != "missing":
                 log.warning("%s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
-        label = str(ref) if layer is weights else "%s %s" % (ref, layer.get("mediaType", "blob"))
+        kind = layer.get("mediaType", "blob").rsplit(".", 1)[-1]
+        label = str(ref) if layer is weights else "%s (%s)" % (ref, kind)
         with progress_for(label, layer["size"], terminal) as bar:
             fetch_blob(client, store, ref, layer, progress=bar, **fetch_options)
         guard.record_installed(layer)
