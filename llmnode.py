@@ -5,6 +5,7 @@ registry client, downloads and repair live in the `repair` package.
 """
 
 import argparse
+import hmac
 import itertools
 import json
 import logging
@@ -26,10 +27,13 @@ from repair.errors import (
     ModelLoadFailed,
     PayloadTooLarge,
     RouteNotFound,
+    Unauthorized,
 )
 from repair.guard import IntegrityGuard
+from repair.metrics import Metrics
 from repair.pull import fetch_broken, pull
 from repair.registry import RegistryClient
+from repair.scrub import Scrubber
 from repair.store import Store, blob_layers, model_layer
 from repair.verify import BlobCorrupted
 
@@ -178,11 +182,15 @@ class Node:
         self.settings = settings
         self.store = Store(settings.models_dir)
         self.client = RegistryClient(settings.registry_url, settings.insecure_registries,
-                                     session=session)
-        self.guard = IntegrityGuard(self.store)
+                                     session=session, credentials=settings.registry_credentials,
+                                     timeout=(10.0, float(settings.registry_timeout_secs)))
+        self.metrics = Metrics()
+        self.guard = IntegrityGuard(self.store, metrics=self.metrics)
         self.repairs = RepairCoordinator(self.store, self.client, self.guard,
                                          auto_repair=settings.auto_repair,
-                                         timeout_secs=settings.repair_timeout_secs)
+                                         timeout_secs=settings.repair_timeout_secs,
+                                         max_waiters=settings.max_repair_waiters,
+                                         metrics=self.metrics)
         self.pool = ModelPool(loader or (lambda path: load_llama(path, settings)),
                               settings.max_loaded_models)
 
@@ -211,7 +219,9 @@ class Node:
     def chat(self, req):
         """Run a validated chat request; a dict, or an iterator of chunks when streaming."""
         entry = self.load(req["model"])
-        params = {k: req[k] for k in ("temperature", "top_p", "stop", "seed") if req.get(k) is not None}
+        params = {k: req[k] for k in ("temperature", "top_p", "stop") if req.get(k) is not None}
+        if req.get("seed") is not None:
+            params["seed"] = req["seed"] % (2 ** 32)
         try:
             budget = completion_budget(entry.llm, req["messages"])
             if budget < 1:
@@ -344,6 +354,34 @@ def error_response(err):
 
 
 def make_app(node):
+    """The WSGI app: the Bottle routes behind the API key check and the request counter."""
+    return guarded(routes(node), node.settings.api_key, node.metrics)
+
+
+def guarded(app, api_key, metrics):
+    """Refuse requests without the API key (but /health), and count answers by status."""
+    expected = ("Bearer " + api_key).encode() if api_key else None
+
+    def wsgi(environ, start_response):
+        def counting_start_response(status, headers, exc_info=None):
+            metrics.inc("llmnode_requests_total", status=status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
+
+        if expected and environ.get("PATH_INFO") != "/health":
+            given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, expected):
+                err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY>")
+                body = json.dumps(err.body()).encode()
+                counting_start_response("401 Unauthorized", [
+                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                    ("WWW-Authenticate", 'Bearer realm="llmnode"')])
+                return [body]
+        return app(environ, counting_start_response)
+
+    return wsgi
+
+
+def routes(node):
     """The Bottle app: every answer, errors included, is JSON."""
     app = bottle.Bottle(catchall=True, autojson=True)
     limit = node.settings.max_body_bytes
@@ -394,6 +432,11 @@ def make_app(node):
     @app.get("/health")
     def health():
         return {"status": "ok", "repairs": node.repairs.active()}
+
+    @app.get("/metrics")
+    def metrics():
+        bottle.response.content_type = "text/plain; version=0.0.4"
+        return node.metrics.render()
 
     @app.get("/v1/models")
     @api
@@ -470,6 +513,9 @@ def cmd_serve(settings):
     server = waitress.create_server(make_app(node), host=settings.host, port=settings.port,
                                     threads=settings.threads, ident="llmnode",
                                     clear_untrusted_proxy_headers=True)
+    if settings.scrub_interval_secs:
+        Scrubber(node.store, node.guard, node.repairs, settings.scrub_interval_secs,
+                 on_change=node.pool.drop).start()
     log.info("llmnode serving on http://%s:%s (store %s)", server.effective_host,
              server.effective_port, settings.models_dir)
     try:

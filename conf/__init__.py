@@ -35,6 +35,17 @@ def as_cpu_threads(text):
     return value or os.cpu_count() or 1
 
 
+def as_non_negative_int(text):
+    value = int(text.strip())
+    if value < 0:
+        raise ValueError("expected 0 or a positive whole number")
+    return value
+
+
+def as_optional_secret(text):
+    return text.strip() or None
+
+
 def as_port(text):
     value = int(text.strip())
     if not 0 <= value <= 65535:
@@ -95,8 +106,18 @@ SETTINGS = (
             "comma-separated registry hosts that may be reached over plain http"),
     Setting("log_file", "LLM_LOG_FILE", as_optional_path, "",
             "also append the log to this file"),
-    Setting("threads", "LLM_THREADS", as_positive_int, "32",
+    Setting("threads", "LLM_THREADS", as_positive_int, "64",
             "HTTP worker threads (waitress)"),
+    Setting("max_repair_waiters", "LLM_MAX_REPAIR_WAITERS", as_positive_int, "48",
+            "requests that may wait on repairs at once; more get 503 with Retry-After"),
+    Setting("registry_timeout_secs", "LLM_REGISTRY_TIMEOUT_SECS", as_positive_int, "30",
+            "a registry connection silent this long is dropped and retried"),
+    Setting("registry_credentials", "LLM_REGISTRY_CREDENTIALS", as_optional_secret, "",
+            "user:password for the registry (token endpoint and registry host only)"),
+    Setting("api_key", "LLM_API_KEY", as_optional_secret, "",
+            "when set, every route but /health needs Authorization: Bearer <key>"),
+    Setting("scrub_interval_secs", "LLM_SCRUB_INTERVAL_SECS", as_non_negative_int, "0",
+            "re-verify every blob in the background this often (0: off)"),
     Setting("max_body_bytes", "LLM_MAX_BODY_BYTES", as_positive_int, "8388608",
             "largest request body accepted; larger ones get 413"),
     Setting("max_loaded_models", "LLM_MAX_LOADED_MODELS", as_positive_int, "1",
@@ -114,6 +135,9 @@ BY_KEY = {s.key: s for s in SETTINGS}
 CONF_SECTION = "llmnode"
 
 
+SECRETS = ("registry_credentials", "api_key")
+
+
 class Settings:
     """Resolved settings; attribute access by key."""
 
@@ -121,7 +145,8 @@ class Settings:
         self.__dict__.update(values)
 
     def __repr__(self):
-        return "Settings(%r)" % (self.__dict__,)
+        shown = {k: ("***" if k in SECRETS and v else v) for k, v in self.__dict__.items()}
+        return "Settings(%r)" % (shown,)
 
 
 def read_conf_file(path):
@@ -157,7 +182,8 @@ def load(environ=None, conf_path=None, flags=None):
         try:
             values[s.key] = s.convert(text)
         except ValueError as e:
-            raise SettingsError("invalid %s=%r: %s" % (source, text, e)) from e
+            shown = "***" if s.key in SECRETS else repr(text)
+            raise SettingsError("invalid %s=%s: %s" % (source, shown, e)) from None
     settings = Settings(values)
     check_registry_scheme(settings)
     return settings

@@ -10,11 +10,12 @@ from repair.download import DownloadState, disk_free, fetch_blob
 from repair.errors import (
     DownloadError,
     InsufficientStorage,
-    LLMNodeError,
     ModelCorrupted,
     ModelNotFound,
+    RepairBusy,
     RepairTimeout,
 )
+from repair.metrics import Metrics
 from repair.progress import LoggingProgress
 from repair.singleflight import SingleFlight
 from repair.store import ManifestInvalid, model_layer, parse_manifest
@@ -42,7 +43,8 @@ class RepairCoordinator:
     """Resolves a model to a verified blob, repairing the blob or manifest from the registry."""
 
     def __init__(self, store, client, guard, auto_repair=True, timeout_secs=300,
-                 clock=time.monotonic, free_space=disk_free, retry=None):
+                 clock=time.monotonic, free_space=disk_free, retry=None, max_waiters=48,
+                 metrics=None):
         self.store = store
         self.client = client
         self.guard = guard
@@ -51,6 +53,8 @@ class RepairCoordinator:
         self.clock = clock
         self.free_space = free_space
         self.retry = retry
+        self.max_waiters = max_waiters
+        self.metrics = metrics or Metrics()
         self.blob_flights = SingleFlight("repair")
         self.manifest_flights = SingleFlight("manifest")
         # digest -> ActiveRepair; written by flight threads, read by /health.
@@ -77,12 +81,20 @@ class RepairCoordinator:
             return Resolved(ref, path, False)
         if on_change:
             on_change(path)
+        return Resolved(ref, path, self.check_layer(ref, layer, gguf=True))
+
+    def check_layer(self, ref, layer, gguf=False):
+        """Full check of one blob, repaired if corrupted; True if it was repaired. One run per
+        digest however many callers ask; each waits at most LLM_REPAIR_TIMEOUT_SECS."""
         digest = layer["digest"]
         with self._lock:
+            if sum(self._waiting.values()) >= self.max_waiters:
+                raise RepairBusy("Model '%s' is being checked or repaired and %d requests already "
+                                 "wait (LLM_MAX_REPAIR_WAITERS); retry shortly" % (ref, self.max_waiters))
             self._waiting[digest] = self._waiting.get(digest, 0) + 1
         try:
-            flight, _ = self.blob_flights.submit(digest, lambda: self._check_blob(ref, layer))
-            return Resolved(ref, path, self._wait(flight))
+            flight, _ = self.blob_flights.submit(digest, lambda: self._check_blob(ref, layer, gguf))
+            return self._wait(flight)
         finally:
             with self._lock:
                 self._waiting[digest] -= 1
@@ -117,10 +129,10 @@ class RepairCoordinator:
         except TimeoutError:
             raise RepairTimeout() from None
 
-    def _check_blob(self, ref, layer):
+    def _check_blob(self, ref, layer, gguf):
         """Runs once per digest: full check, then a repair if the blob is corrupted."""
         try:
-            self.guard.verify(layer, gguf=True)
+            self.guard.verify(layer, gguf=gguf)
             return False
         except BlobCorrupted as e:
             log.warning("model %s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
@@ -150,32 +162,37 @@ class RepairCoordinator:
     def _repair(self, ref, work, layer):
         """Run one repair with the SPEC's log lines; every failure becomes a SPEC error."""
         log.info("Starting auto-repair for model: %s", ref)
+        self.metrics.inc("llmnode_repairs_started_total")
+        self.metrics.inc("llmnode_repairs_in_progress")
         started = self.clock()
         deadline = started + self.timeout_secs
         try:
             result = work(deadline)
-        except (DownloadError, InsufficientStorage, RepairTimeout) as e:
+        except Exception as e:
+            self.metrics.inc("llmnode_repairs_failed_total")
             log.error("Auto-repair failed: %s: %s", ref, e)
-            raise
-        except LLMNodeError as e:
-            log.error("Auto-repair failed: %s: %s", ref, e)
-            raise DownloadError(str(e), cause="registry error") from e
-        except OSError as e:
-            log.error("Auto-repair failed: %s: %s", ref, e)
-            raise DownloadError(str(e), cause="store error") from e
+            if isinstance(e, (DownloadError, InsufficientStorage, RepairTimeout)):
+                raise
+            cause = "store error" if isinstance(e, OSError) else "registry error"
+            raise DownloadError(str(e), cause=cause) from e
         finally:
+            self.metrics.inc("llmnode_repairs_in_progress", -1)
             if layer is not None:
                 self._active.pop(layer["digest"], None)
+        self.metrics.inc("llmnode_repairs_completed_total")
         log.info("Auto-repair completed: %s (elapsed: %ds)", ref, round(self.clock() - started))
         return result
 
     def _download(self, ref, layer, deadline):
         state = DownloadState(layer["digest"], layer["size"])
         self._active[layer["digest"]] = ActiveRepair(str(ref), state)
-        with LoggingProgress(str(ref), layer["size"]) as bar:
-            fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,
-                       retry=self.retry, free_space=self.free_space, deadline=deadline,
-                       clock=self.clock, sleep=_sleep_until(deadline, self.clock))
+        try:
+            with LoggingProgress(str(ref), layer["size"]) as bar:
+                fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,
+                           retry=self.retry, free_space=self.free_space, deadline=deadline,
+                           clock=self.clock, sleep=_sleep_until(deadline, self.clock))
+        finally:
+            self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer)
 
 

@@ -143,3 +143,12 @@ class RepairTimeout(LLMNodeError):
 
     def default_message(self):
         return "Model repair timed out"
+
+
+class RepairBusy(LLMNodeError):
+    """Too many requests already wait on repairs; this one is turned away rather than queued."""
+
+    status = 503
+    type = "repair_busy"
+    code = "model_under_repair"
+    retry_after = 10

@@ -1,5 +1,6 @@
 """Registry client: the OCI distribution API for manifests and blobs, over requests."""
 
+import base64
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
@@ -20,13 +21,16 @@ MAX_MANIFEST_BYTES = 4 << 20
 class RegistryClient:
     """Talks to the registry a model name points at; LLM_REGISTRY_URL stands in for the default host."""
 
-    def __init__(self, registry_url, insecure_hosts=(), session=None, timeout=(10.0, 30.0)):
+    def __init__(self, registry_url, insecure_hosts=(), session=None, timeout=(10.0, 30.0),
+                 credentials=None):
         self.registry_url = registry_url.rstrip("/")
         self.insecure_hosts = tuple(insecure_hosts)
+        # "user:password", sent only to token endpoints and to a registry's own host.
+        self._basic = tuple(credentials.split(":", 1)) if credentials and ":" in credentials else None
         self.session = session or requests.Session()
         self.session.headers.setdefault("User-Agent", "llmnode")
         self.timeout = timeout
-        # (host, scope) -> bearer token; written by request threads, a lost race only refetches.
+        # (host, scope) -> Authorization value; written by request threads, a lost race only refetches.
         self._tokens = {}
 
     def base_url(self, ref):
@@ -73,7 +77,7 @@ class RegistryClient:
             host = urlsplit(url).netloc
             token = self._tokens.get((host, scope))
             if token and host == origin:
-                send["Authorization"] = "Bearer " + token
+                send["Authorization"] = token
             try:
                 resp = self.session.get(url, headers=send, stream=stream,
                                         timeout=self.timeout, allow_redirects=False)
@@ -87,7 +91,7 @@ class RegistryClient:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.close()
                 challenged = True
-                self._tokens[(host, scope)] = self._fetch_token(challenge, scope)
+                self._tokens[(host, scope)] = self._authorization(challenge, scope, url)
                 continue
             if resp.status_code >= 400:
                 resp.close()
@@ -98,15 +102,18 @@ class RegistryClient:
         raise DownloadError("more than %d redirects from %s" % (MAX_REDIRECTS, origin),
                             cause="redirect loop")
 
-    def _fetch_token(self, challenge, scope):
+    def _authorization(self, challenge, scope, url):
+        """The Authorization header value that answers a 401's challenge."""
+        if challenge.strip().lower().startswith("basic") and self._basic:
+            return "Basic " + base64.b64encode(":".join(self._basic).encode()).decode()
         params = parse_bearer_challenge(challenge)
         realm = params.pop("realm", None)
         if not realm:
-            raise RegistryHTTPError(401, "registry sent no Bearer challenge")
+            raise RegistryHTTPError(401, url)
         params.setdefault("scope", scope)
         url = realm + ("&" if "?" in realm else "?") + urlencode(params)
         try:
-            resp = self.session.get(url, timeout=self.timeout)
+            resp = self.session.get(url, timeout=self.timeout, auth=self._basic)
         except requests.RequestException as e:
             raise NetworkError("token from %s: %s" % (realm, e)) from e
         if resp.status_code != 200:
@@ -118,7 +125,7 @@ class RegistryClient:
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
             raise DownloadError("token endpoint sent no token", cause="registry error")
-        return token
+        return "Bearer " + token
 
 
 def parse_bearer_challenge(header):
