@@ -75,13 +75,10 @@ def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=No
         state.attempts += 1
         try:
             return job.run()
-        except DigestMismatch:
-            if not job.resumed:
-                raise
-            # The prefix from an earlier run may be what was wrong: one clean try from zero.
-            log.warning("digest mismatch after resuming %s; downloading it again from the start", digest)
-            job.restart()
-            return job.run()
+        except (DigestMismatch, BadRange):
+            # Whatever is in the partial file is suspect now: the next try starts from zero.
+            job.discard()
+            raise
 
     def on_retry(exc, policy, delay):
         log.warning("download of %s failed (%s); retry %d/%d in %.1fs",
@@ -104,7 +101,6 @@ class _Job:
         self.partial = store.partial_path(digest)
         self.hasher = hashlib.sha256()
         self.have = 0
-        self.resumed = False
 
     def resume(self):
         """Hash the prefix an earlier attempt left, so only the rest is fetched."""
@@ -124,16 +120,21 @@ class _Job:
                         break
                     self.hasher.update(chunk)
                     left -= len(chunk)
-            self.resumed = True
             log.info("resuming %s from byte %d of %d", self.digest, have, self.size)
         self.have = have
         self.state.done = have
         self.progress.update(have)
 
+    def discard(self):
+        try:
+            os.unlink(self.partial)
+        except FileNotFoundError:
+            pass
+        self.restart()
+
     def restart(self):
         self.hasher = hashlib.sha256()
         self.have = 0
-        self.resumed = False
         self.state.done = 0
         self.progress.reset()
 
@@ -187,7 +188,6 @@ class _Job:
             raise NetworkError("body ended at byte %d of %d" % (self.have, self.size))
         actual = self.hasher.hexdigest()
         if actual != self.hexdigest:
-            os.unlink(self.partial)
             raise DigestMismatch(self.digest, actual)
 
     def install(self):

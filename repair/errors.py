@@ -108,7 +108,8 @@ class RegistryHTTPError(DownloadError):
     def __init__(self, status_code, url):
         self.status_code = status_code
         self.url = url
-        cause = "model not found in registry" if status_code == 404 else "registry error"
+        cause = {404: "model not found in registry", 401: "registry denied access",
+                 403: "registry denied access"}.get(status_code, "registry error")
         super().__init__("HTTP %d from %s" % (status_code, url), cause=cause)
 
 

@@ -45,10 +45,11 @@ def parse_retry_after(value, now=None):
 
 
 def is_retryable(exc):
-    """Whether a download error is transient: a network fault, a 5xx or a 429."""
-    from repair.errors import NetworkError, RegistryHTTPError
+    """Whether a download error may pass: a network fault, bytes that came wrong (the next try
+    starts clean), a 5xx or a 429."""
+    from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError
 
-    if isinstance(exc, NetworkError):
+    if isinstance(exc, (NetworkError, DigestMismatch, BadRange)):
         return True
     if isinstance(exc, RegistryHTTPError):
         return exc.status_code >= 500 or exc.status_code == 429

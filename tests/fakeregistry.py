@@ -3,6 +3,8 @@
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +53,11 @@ class FakeRegistry:
         self.content_range_offset = 0
         # When set, blob bodies stop half-way until the test sets this event.
         self.gate = None
+        # Faults for the next blob requests, one each, in order; `always` applies to every one.
+        self.faults = []
+        self.always = None
+        # Set at teardown so stalled handlers end.
+        self.stalled = threading.Event()
         self.server = None
 
     def add_model(self, repository, tag, gguf_bytes, extra_layers=()):
@@ -79,6 +86,7 @@ class FakeRegistry:
         return "http://" + self.host
 
     def stop(self):
+        self.stalled.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -118,6 +126,20 @@ class _Handler(BaseHTTPRequestHandler):
             if raw is None:
                 return self.send_json(404, {"errors": [{"code": "MANIFEST_UNKNOWN"}]})
             return self.send_bytes(200, raw, MANIFEST_TYPE)
+        fault = reg.always or (reg.faults.pop(0) if reg.faults else None)
+        if fault and fault[0] == "status":
+            self.send_response(fault[1])
+            for k, v in (fault[2] if len(fault) > 2 else {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if fault and fault[0] == "redirect_loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if reg.redirect_blobs_to:
             self.send_response(307)
             self.send_header("Location", reg.redirect_blobs_to + self.path)
@@ -129,16 +151,22 @@ class _Handler(BaseHTTPRequestHandler):
             return self.send_json(404, {"errors": [{"code": "BLOB_UNKNOWN"}]})
         if reg.tamper:
             data = reg.tamper(data)
+        if fault and fault[0] == "alter":
+            at = fault[1]
+            data = data[:at] + bytes(b ^ 0x55 for b in data[at:at + 64]) + data[at + 64:]
         start = 0
         rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        if rng and not reg.ignore_range:
+        ignore_range = reg.ignore_range or (fault and fault[0] == "ignore_range")
+        if rng and not ignore_range:
             start = int(rng.group(1))
+            shift = 10 if fault and fault[0] == "bad_range" else reg.content_range_offset
             self.send_response(206)
-            self.send_header("Content-Range", "bytes %d-%d/%d"
-                             % (start + reg.content_range_offset, len(data) - 1, len(data)))
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (start + shift, len(data) - 1, len(data)))
         else:
             self.send_response(200)
         body = data[start:]
+        if fault and fault[0] in ("reset", "short", "stall"):
+            return self.break_off(fault, body, ref)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -155,6 +183,22 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return
         reg.served(ref, len(body))
+
+    def break_off(self, fault, body, ref):
+        """Send part of the body, then reset the connection, end it early, or go silent."""
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = min(fault[1], len(body))
+        self.wfile.write(body[:cut])
+        self.wfile.flush()
+        self.owner.served(ref, cut)
+        if fault[0] == "stall":
+            self.owner.stalled.wait(fault[2])
+        elif fault[0] == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
 
     def send_json(self, status, obj):
         self.send_bytes(status, json.dumps(obj).encode(), "application/json")

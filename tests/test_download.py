@@ -61,15 +61,19 @@ def test_a_200_to_a_range_request_restarts_from_zero(setup, registry):
     assert open(store.blob_path(layer["digest"]), "rb").read() == data
 
 
-def test_a_wrong_content_range_start_is_an_error(setup, registry):
+def test_a_wrong_content_range_start_is_an_error_and_the_partial_is_dropped(setup, registry):
     store, client, layer, data = setup
     store.ensure_dirs()
     with open(store.partial_path(layer["digest"]), "wb") as f:
         f.write(data[:1000])
     registry.content_range_offset = 10
     with pytest.raises(BadRange):
-        fetch_blob(client, store, REF, layer, sleep=no_sleep)
+        fetch_blob(client, store, REF, layer, sleep=no_sleep, retry=Retry(total=1))
     assert not os.path.exists(store.blob_path(layer["digest"]))
+    assert not os.path.exists(store.partial_path(layer["digest"]))
+    fetch_blob(client, store, REF, layer, sleep=no_sleep)
+    assert "Range" not in registry.requests[-1][1]
+    assert open(store.blob_path(layer["digest"]), "rb").read() == data
 
 
 def test_wrong_bytes_are_never_installed_under_the_digest(setup, registry):

@@ -1,6 +1,6 @@
 import pytest
 
-from repair.errors import DigestMismatch, NetworkError, RegistryHTTPError
+from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError
 from repair.retry import Retry, call_with_retries, is_retryable, parse_retry_after
 
 
@@ -38,7 +38,8 @@ def test_retry_after_header_forms():
     (RegistryHTTPError(429, "u"), True),
     (RegistryHTTPError(404, "u"), False),
     (RegistryHTTPError(401, "u"), False),
-    (DigestMismatch("sha256:" + "0" * 64, "1" * 64), False),
+    (DigestMismatch("sha256:" + "0" * 64, "1" * 64), True),
+    (BadRange("bytes 10-"), True),
 ])
 def test_what_is_transient(exc, retryable):
     assert is_retryable(exc) is retryable
