@@ -510,6 +510,8 @@ def cmd_serve(settings):
 
     node = Node(settings)
     node.store.ensure_dirs()
+    for path in node.store.remove_temporaries():
+        log.info("removed %s, left by an interrupted write", path)
     server = waitress.create_server(make_app(node), host=settings.host, port=settings.port,
                                     threads=settings.threads, ident="llmnode",
                                     clear_untrusted_proxy_headers=True)

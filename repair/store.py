@@ -113,6 +113,16 @@ class Store:
                     found.append(ref)
         return sorted(found, key=str)
 
+    def remove_temporaries(self):
+        """Delete what an interrupted atomic write left (`*.tmp-PID`); partial blobs stay."""
+        removed = []
+        for d, _, files in os.walk(self.root):
+            for f in files:
+                if re.search(r"\.tmp-\d+$", f) and not f.endswith(".tmp-%d" % os.getpid()):
+                    os.unlink(os.path.join(d, f))
+                    removed.append(os.path.join(d, f))
+        return removed
+
     def ensure_dirs(self):
         os.makedirs(self.blobs_dir, exist_ok=True)
         os.makedirs(self.manifests_dir, exist_ok=True)

@@ -67,3 +67,14 @@ def test_listing_skips_paths_that_are_not_valid_names(tmp_path):
     bad.parent.mkdir(parents=True)
     bad.write_bytes(raw)
     assert [str(r) for r in store.models()] == ["good:1"]
+
+
+def test_leftovers_of_interrupted_writes_are_removed_but_partials_stay(tmp_path):
+    store = Store(str(tmp_path))
+    store.ensure_dirs()
+    leftover = os.path.join(store.manifests_dir, "7b.tmp-999999")
+    partial = os.path.join(store.blobs_dir, "sha256-" + "a" * 64 + "-partial")
+    for p in (leftover, partial):
+        open(p, "wb").close()
+    assert store.remove_temporaries() == [leftover]
+    assert os.path.exists(partial) and not os.path.exists(leftover)
