@@ -31,8 +31,9 @@ class IntegrityGuard:
         started = self.clock()
         try:
             st = check_blob(path, layer["digest"], layer["size"], gguf=gguf)
-        except BlobCorrupted:
-            self.metrics.inc("llmnode_corrupted_blobs_found_total")
+        except BlobCorrupted as e:
+            if e.reason != "missing":
+                self.metrics.inc("llmnode_corrupted_blobs_found_total")
             self.records.forget_blob(layer["digest"])
             raise
         finally:

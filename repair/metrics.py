@@ -9,7 +9,7 @@ HELP = {
     "llmnode_repairs_failed_total": ("counter", "Auto-repairs that ended in an error."),
     "llmnode_download_bytes_total": ("counter", "Bytes received from registries."),
     "llmnode_verify_seconds_total": ("counter", "Seconds spent in full sha256 checks."),
-    "llmnode_corrupted_blobs_found_total": ("counter", "Full checks that found a blob corrupted."),
+    "llmnode_corrupted_blobs_found_total": ("counter", "Full checks that found a blob present but damaged."),
     "llmnode_repairs_in_progress": ("gauge", "Repairs running now."),
 }
 

@@ -1,0 +1,47 @@
+import os
+import time
+
+import llmnode
+from repair import names
+from repair.pull import pull
+from repair.scrub import Scrubber
+from repair.store import model_layer
+from tests.conftest import node_env, settings_for
+from tests.test_autorepair import blob_of
+
+
+def rot(path):
+    """Flip bytes mid-file and put the times back, as bit rot would leave them."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(b"\xff" * 64)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_scrub_pass_finds_bit_rot_and_reports_it_when_repair_is_off(registry, models_dir):
+    node = llmnode.Node(settings_for(models_dir, registry.url, LLM_AUTO_REPAIR="false"))
+    ref = names.parse("gpt-oss:7b")
+    pull(node.client, node.store, node.guard, ref, terminal=False)
+    layer = model_layer(node.store.read_manifest(ref))
+    assert node.guard.unchanged(layer)
+    scrub = Scrubber(node.store, node.guard, node.repairs, interval=3600)
+    assert scrub.run_once() == []
+    rot(node.store.blob_path(layer["digest"]))
+    assert node.guard.unchanged(layer)
+    findings = scrub.run_once()
+    assert [(m, d) for m, d, _ in findings] == [("gpt-oss:7b", layer["digest"])]
+    assert "sha256 mismatch" in findings[0][2]
+
+
+def test_the_background_scrub_repairs_bit_rot_without_a_request(pulled, registry, start_node):
+    layer, blob = blob_of(pulled)
+    node = start_node(node_env(pulled, registry.url, LLM_SCRUB_INTERVAL_SECS=1))
+    rot(blob)
+    deadline = time.monotonic() + 60
+    while "Auto-repair completed: gpt-oss:7b" not in node.log():
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.05)
+    assert "scrub: model gpt-oss:7b: blob %s is corrupted" % layer["digest"] in node.log()
+    import hashlib
+    assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
