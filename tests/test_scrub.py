@@ -1,3 +1,4 @@
+import hashlib
 import os
 import time
 
@@ -43,5 +44,4 @@ def test_the_background_scrub_repairs_bit_rot_without_a_request(pulled, registry
         assert time.monotonic() < deadline, node.log()
         time.sleep(0.05)
     assert "scrub: model gpt-oss:7b: blob %s is corrupted" % layer["digest"] in node.log()
-    import hashlib
     assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
