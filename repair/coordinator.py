@@ -193,7 +193,7 @@ class RepairCoordinator:
                            clock=self.clock, sleep=_sleep_until(deadline, self.clock))
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
-        self.guard.record_installed(layer)
+        self.guard.record_installed(layer, state.chunk_digests)
 
 
 def _sleep_until(deadline, clock):

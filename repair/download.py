@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import requests
 
+from repair.chunks import ChunkHasher
 from repair.errors import (
     BadRange,
     DigestMismatch,
@@ -43,6 +44,7 @@ class DownloadState:
     done: int = 0
     received: int = 0
     attempts: int = 0
+    chunk_digests: list = None
 
 
 def disk_free(path):
@@ -84,7 +86,12 @@ def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=No
         log.warning("download of %s failed (%s); retry %d/%d in %.1fs",
                     digest, exc, policy.attempt, policy.total - 1, delay)
 
-    call_with_retries(attempt, retry, sleep, on_retry)
+    try:
+        call_with_retries(attempt, retry, sleep, on_retry)
+    except BaseException:
+        job.chunks.abandon()
+        raise
+    state.chunk_digests = job.chunks.digests()
     job.install()
     return state
 
@@ -100,6 +107,7 @@ class _Job:
         self.final = store.blob_path(digest)
         self.partial = store.partial_path(digest)
         self.hasher = hashlib.sha256()
+        self.chunks = ChunkHasher()
         self.have = 0
 
     def resume(self):
@@ -119,6 +127,7 @@ class _Job:
                     if not chunk:
                         break
                     self.hasher.update(chunk)
+                    self.chunks.update(chunk)
                     left -= len(chunk)
             log.info("resuming %s from byte %d of %d", self.digest, have, self.size)
         self.have = have
@@ -134,6 +143,8 @@ class _Job:
 
     def restart(self):
         self.hasher = hashlib.sha256()
+        self.chunks.abandon()
+        self.chunks = ChunkHasher()
         self.have = 0
         self.state.done = 0
         self.progress.reset()
@@ -168,6 +179,7 @@ class _Job:
                                             cause="size mismatch")
                     f.write(chunk)
                     self.hasher.update(chunk)
+                    self.chunks.update(chunk)
                     self.have += len(chunk)
                     self.state.done = self.have
                     self.state.received += len(chunk)

@@ -3,9 +3,10 @@
 import os
 import time
 
+from repair.chunks import ChunkTables, bad_chunks, hash_file
 from repair.metrics import Metrics
 from repair.records import VerifiedRecords
-from repair.verify import BlobCorrupted, check_blob
+from repair.verify import BlobCorrupted, check_digest, check_present
 
 
 class IntegrityGuard:
@@ -14,6 +15,7 @@ class IntegrityGuard:
     def __init__(self, store, records=None, metrics=None, clock=time.monotonic):
         self.store = store
         self.records = records or VerifiedRecords(store.root)
+        self.tables = ChunkTables(store.root)
         self.metrics = metrics or Metrics()
         self.clock = clock
 
@@ -26,11 +28,23 @@ class IntegrityGuard:
         return st.st_size == layer["size"] and self.records.blob_unchanged(layer["digest"], st)
 
     def verify(self, layer, gguf=False):
-        """Full check: size, GGUF header, sha256. Raise BlobCorrupted or record the blob."""
-        path = self.store.blob_path(layer["digest"])
+        """Full check: size, GGUF header, then the chunk table on all cores if the blob has one,
+        else the whole-file sha256 (which writes the table). Raise BlobCorrupted or record."""
+        digest, size = layer["digest"], layer["size"]
+        path = self.store.blob_path(digest)
         started = self.clock()
         try:
-            st = check_blob(path, layer["digest"], layer["size"], gguf=gguf)
+            st = check_present(path, size, gguf=gguf)
+            table = self.tables.load(digest, size, self.records.table_sha(digest))
+            if table:
+                bad = bad_chunks(path, table, size)
+                if bad:
+                    raise BlobCorrupted(path, "sha256 mismatch in %d of %d chunks (chunk table)"
+                                        % (len(bad), len(table)), bad_chunks=bad)
+            else:
+                whole, chunk_digests = hash_file(path)
+                check_digest(path, digest, whole)
+                self.records.record_table(digest, self.tables.save(digest, chunk_digests))
         except BlobCorrupted as e:
             if e.reason != "missing":
                 self.metrics.inc("llmnode_corrupted_blobs_found_total")
@@ -38,8 +52,14 @@ class IntegrityGuard:
             raise
         finally:
             self.metrics.inc("llmnode_verify_seconds_total", self.clock() - started)
-        self.records.record_blob(layer["digest"], st)
+        self.records.record_blob(digest, st)
 
-    def record_installed(self, layer):
-        """A blob just installed by a download whose hash was taken as it was written."""
+    def table(self, layer):
+        """The blob's chunk table, if it has a trustworthy one."""
+        return self.tables.load(layer["digest"], layer["size"], self.records.table_sha(layer["digest"]))
+
+    def record_installed(self, layer, chunk_digests=None):
+        """A blob just installed from bytes whose hash was taken as they were written."""
+        if chunk_digests:
+            self.records.record_table(layer["digest"], self.tables.save(layer["digest"], chunk_digests))
         self.records.record_blob(layer["digest"], os.stat(self.store.blob_path(layer["digest"])))

@@ -37,7 +37,7 @@ def fetch_broken(client, store, guard, ref, manifest, *, terminal=None, **fetch_
         kind = layer.get("mediaType", "blob").rsplit(".", 1)[-1]
         label = str(ref) if layer is weights else "%s (%s)" % (ref, kind)
         with progress_for(label, layer["size"], terminal) as bar:
-            fetch_blob(client, store, ref, layer, progress=bar, **fetch_options)
-        guard.record_installed(layer)
+            state = fetch_blob(client, store, ref, layer, progress=bar, **fetch_options)
+        guard.record_installed(layer, state.chunk_digests)
         fetched.append(layer)
     return fetched

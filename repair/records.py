@@ -11,7 +11,8 @@ RECORDS_DIR = ".llmnode"
 
 
 class VerifiedRecords:
-    """Blob digest -> (size, mtime_ns, inode) at its last full check; model -> manifest sha256."""
+    """Blob digest -> (size, mtime_ns, inode) at its last full check; blob digest -> sha256 of
+    its chunk table; model -> manifest sha256."""
 
     def __init__(self, root):
         self.path = os.path.join(root, RECORDS_DIR, "verified.json")
@@ -24,10 +25,11 @@ class VerifiedRecords:
             with open(self.path, "rb") as f:
                 data = json.load(f)
             if isinstance(data.get("blobs"), dict) and isinstance(data.get("manifests"), dict):
+                data.setdefault("tables", {})
                 return data
         except (OSError, ValueError, AttributeError):
             pass
-        return {"blobs": {}, "manifests": {}}
+        return {"blobs": {}, "manifests": {}, "tables": {}}
 
     def _save(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -50,6 +52,15 @@ class VerifiedRecords:
         with self._lock:
             if self._data["blobs"].pop(digest, None) is not None:
                 self._save()
+
+    def table_sha(self, digest):
+        with self._lock:
+            return self._data["tables"].get(digest)
+
+    def record_table(self, digest, table_sha):
+        with self._lock:
+            self._data["tables"][digest] = table_sha
+            self._save()
 
     def manifest_digest(self, ref):
         with self._lock:

@@ -16,9 +16,11 @@ class BlobCorrupted(LLMNodeError):
     type = "model_corrupted"
     code = "model_corrupted"
 
-    def __init__(self, path, reason):
+    def __init__(self, path, reason, bad_chunks=None):
         self.path = path
         self.reason = reason
+        # Chunk indices known to differ (from a chunk table); None when nothing says where.
+        self.bad_chunks = bad_chunks
         super().__init__("%s: %s" % (os.path.basename(path), reason))
 
 
@@ -36,8 +38,8 @@ def sha256_file(path, chunk=CHUNK):
     return h.hexdigest()
 
 
-def check_blob(path, digest, size, gguf=False):
-    """Raise BlobCorrupted unless the file is present, `size` long, and hashes to `digest`."""
+def check_present(path, size, gguf=False):
+    """The blob's stat; BlobCorrupted if it is missing, not `size` long, or not a GGUF file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -48,7 +50,9 @@ def check_blob(path, digest, size, gguf=False):
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
                 raise BlobCorrupted(path, "not a GGUF file (bad header)")
-    actual = sha256_file(path)
-    if "sha256:" + actual != digest:
-        raise BlobCorrupted(path, "sha256 mismatch: expected %s, got sha256:%s" % (digest, actual))
     return st
+
+
+def check_digest(path, digest, actual_hex):
+    if "sha256:" + actual_hex != digest:
+        raise BlobCorrupted(path, "sha256 mismatch: expected %s, got sha256:%s" % (digest, actual_hex))
