@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -10,12 +11,14 @@ from repair.download import DownloadState, disk_free, fetch_blob
 from repair.errors import (
     DownloadError,
     InsufficientStorage,
+    LLMNodeError,
     ModelCorrupted,
     ModelNotFound,
     RepairBusy,
     RepairTimeout,
 )
 from repair.metrics import Metrics
+from repair.patch import patch_blob
 from repair.progress import LoggingProgress
 from repair.singleflight import SingleFlight
 from repair.store import ManifestInvalid, model_layer, parse_manifest
@@ -141,7 +144,8 @@ class RepairCoordinator:
                     "Model '%s' is corrupted (%s) and auto-repair is disabled "
                     "(LLM_AUTO_REPAIR=false); run `python llmnode.py repair %s`"
                     % (ref, e.reason, ref)) from e
-        self._repair(ref, lambda deadline: self._download(ref, layer, deadline), layer)
+            bad = e.bad_chunks
+        self._repair(ref, lambda deadline: self._download(ref, layer, deadline, bad), layer)
         return True
 
     def _repair_manifest(self, ref):
@@ -183,9 +187,25 @@ class RepairCoordinator:
         log.info("Auto-repair completed: %s (elapsed: %ds)", ref, round(self.clock() - started))
         return result
 
-    def _download(self, ref, layer, deadline):
+    def _download(self, ref, layer, deadline, bad_chunks=None):
         state = DownloadState(layer["digest"], layer["size"])
         self._active[layer["digest"]] = ActiveRepair(str(ref), state)
+        table = self.guard.table(layer) if bad_chunks else None
+        if table:
+            try:
+                digests = patch_blob(self.client, self.store, ref, layer, table, bad_chunks, state,
+                                     deadline=deadline, clock=self.clock)
+                log.info("model %s: %d damaged chunk(s) fetched again by range (%d bytes)",
+                         ref, len(bad_chunks), state.received)
+                self.metrics.inc("llmnode_download_bytes_total", state.received)
+                self.guard.record_installed(layer, digests)
+                return
+            except (LLMNodeError, OSError) as e:
+                self.metrics.inc("llmnode_download_bytes_total", state.received)
+                log.warning("model %s: range repair failed (%s); downloading the whole blob", ref, e)
+                _remove(self.store.partial_path(layer["digest"]))
+                state = DownloadState(layer["digest"], layer["size"])
+                self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         try:
             with LoggingProgress(str(ref), layer["size"]) as bar:
                 fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,
@@ -194,6 +214,13 @@ class RepairCoordinator:
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer, state.chunk_digests)
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _sleep_until(deadline, clock):

@@ -62,9 +62,13 @@ class RegistryClient:
                 raise NetworkError("reading %s: %s" % (url, e)) from e
         return bytes(raw)
 
-    def open_blob(self, ref, digest, start=0):
-        """A streaming response for a blob, from byte `start` on (the caller checks the status)."""
-        headers = {"Range": "bytes=%d-" % start} if start else {}
+    def open_blob(self, ref, digest, start=0, end=None):
+        """A streaming response for a blob, from byte `start` (to `end`, inclusive) on; the
+        caller checks the status."""
+        if end is not None:
+            headers = {"Range": "bytes=%d-%d" % (start, end)}
+        else:
+            headers = {"Range": "bytes=%d-" % start} if start else {}
         return self.request(self.blob_url(ref, digest), ref, headers, stream=True)
 
     def request(self, url, ref, headers, stream):

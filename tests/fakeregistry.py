@@ -155,16 +155,18 @@ class _Handler(BaseHTTPRequestHandler):
             at = fault[1]
             data = data[:at] + bytes(b ^ 0x55 for b in data[at:at + 64]) + data[at + 64:]
         start = 0
-        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         ignore_range = reg.ignore_range or (fault and fault[0] == "ignore_range")
         if rng and not ignore_range:
             start = int(rng.group(1))
+            end = int(rng.group(2)) if rng.group(2) else len(data) - 1
             shift = 10 if fault and fault[0] == "bad_range" else reg.content_range_offset
             self.send_response(206)
-            self.send_header("Content-Range", "bytes %d-%d/%d" % (start + shift, len(data) - 1, len(data)))
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (start + shift, end, len(data)))
         else:
+            start, end = 0, len(data) - 1
             self.send_response(200)
-        body = data[start:]
+        body = data[start:end + 1]
         if fault and fault[0] in ("reset", "short", "stall"):
             return self.break_off(fault, body, ref)
         self.send_header("Content-Type", "application/octet-stream")
