@@ -2,7 +2,6 @@
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -191,10 +190,12 @@ class RepairCoordinator:
         state = DownloadState(layer["digest"], layer["size"])
         self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         table = self.guard.table(layer) if bad_chunks else None
-        if table:
+        # When every chunk is bad, a plain download (which resumes) does the same work better.
+        if table and len(bad_chunks) < len(table):
             try:
                 digests = patch_blob(self.client, self.store, ref, layer, table, bad_chunks, state,
-                                     deadline=deadline, clock=self.clock)
+                                     deadline=deadline, clock=self.clock, retry=self.retry,
+                                     sleep=_sleep_until(deadline, self.clock))
                 log.info("model %s: %d damaged chunk(s) fetched again by range (%d bytes)",
                          ref, len(bad_chunks), state.received)
                 self.metrics.inc("llmnode_download_bytes_total", state.received)
@@ -203,7 +204,6 @@ class RepairCoordinator:
             except (LLMNodeError, OSError) as e:
                 self.metrics.inc("llmnode_download_bytes_total", state.received)
                 log.warning("model %s: range repair failed (%s); downloading the whole blob", ref, e)
-                _remove(self.store.partial_path(layer["digest"]))
                 state = DownloadState(layer["digest"], layer["size"])
                 self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         try:
@@ -214,13 +214,6 @@ class RepairCoordinator:
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer, state.chunk_digests)
-
-
-def _remove(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _sleep_until(deadline, clock):

@@ -5,11 +5,13 @@ import hashlib
 import logging
 import os
 import re
+import time
 
 import requests
 
 from repair.chunks import chunk_range, hash_file
 from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError, RepairTimeout
+from repair.retry import call_with_retries
 from repair.store import fsync_dir
 
 log = logging.getLogger("llmnode.patch")
@@ -17,30 +19,34 @@ log = logging.getLogger("llmnode.patch")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, clock=None):
+def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, clock=None, retry=None,
+               sleep=time.sleep):
     """Replace the damaged chunks `bad` of a blob with the registry's bytes, in place."""
     digest, size = layer["digest"], layer["size"]
     final, work = store.blob_path(digest), store.partial_path(digest)
     # From here until the whole digest matches, nothing sits under the digest's name.
     os.replace(final, work)
-    fd = os.open(work, os.O_WRONLY)
     try:
-        for index in bad:
-            offset, length = chunk_range(index, size)
-            data = _fetch_range(client, ref, digest, offset, length)
-            if hashlib.sha256(data).digest() != table[index]:
-                raise DigestMismatch("%s chunk %d" % (digest, index), hashlib.sha256(data).hexdigest())
-            os.pwrite(fd, data, offset)
-            state.received += length
-            state.done += length
-            if deadline is not None and clock() > deadline:
-                raise RepairTimeout()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    whole, chunk_digests = hash_file(work)
-    if "sha256:" + whole != digest:
-        raise DigestMismatch(digest, whole)
+        with open(work, "r+b") as f:
+            for index in bad:
+                offset, length = chunk_range(index, size)
+                data = call_with_retries(
+                    lambda o=offset, n=length: _fetch_range(client, ref, digest, o, n), retry, sleep)
+                if hashlib.sha256(data).digest() != table[index]:
+                    raise DigestMismatch("%s chunk %d" % (digest, index), hashlib.sha256(data).hexdigest())
+                os.pwrite(f.fileno(), data, offset)
+                state.received += length
+                state.done += length
+                if deadline is not None and clock() > deadline:
+                    raise RepairTimeout()
+            os.fsync(f.fileno())
+        whole, chunk_digests = hash_file(work)
+        if "sha256:" + whole != digest:
+            raise DigestMismatch(digest, whole)
+    except BaseException:
+        # Back where it was (no better, no worse: only verified chunks were written).
+        os.replace(work, final)
+        raise
     os.replace(work, final)
     fsync_dir(store.blobs_dir)
     return chunk_digests
