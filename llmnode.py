@@ -228,9 +228,6 @@ class Node:
                 raise ContextTooLong("The prompt does not leave room for an answer in the "
                                      "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)
             params["max_tokens"] = min(req["max_tokens"] or budget, budget)
-            # Reusing the previous request's KV prefix makes this llama.cpp fail to find a
-            # memory slot on the next decode ("llama_decode returned 1"): start clean.
-            entry.llm.reset()
             result = entry.llm.create_chat_completion(messages=req["messages"],
                                                       stream=req["stream"], **params)
             if req["stream"]:

@@ -1,0 +1,315 @@
+"""Benchmarks (`tox -e bench`): llmnode against reference tools in the same run, the two sides
+alternated, medians and ratios printed. Not part of the test run."""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import waitress
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import conf  # noqa: E402
+import llmnode  # noqa: E402
+from repair import names  # noqa: E402
+from repair.chunks import bad_chunks, hash_file  # noqa: E402
+from repair.coordinator import RepairCoordinator  # noqa: E402
+from repair.download import fetch_blob  # noqa: E402
+from repair.guard import IntegrityGuard  # noqa: E402
+from repair.pull import pull  # noqa: E402
+from repair.registry import RegistryClient  # noqa: E402
+from repair.store import Store  # noqa: E402
+from repair.verify import sha256_file  # noqa: E402
+from tests.distribution import Distribution, free_port  # noqa: E402
+from tests.fakeregistry import CONFIG_TYPE, MANIFEST_TYPE, MODEL_TYPE, digest_of  # noqa: E402
+from tests.throttle import ThrottlingProxy  # noqa: E402
+from tests.tinymodel import write_tiny_gguf  # noqa: E402
+
+ROWS = []
+
+
+def timed(fn):
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def alternate(rounds, ours, theirs):
+    """Run the two sides in turn; (median ours, median theirs)."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(timed(ours))
+        b.append(timed(theirs))
+    return statistics.median(a), statistics.median(b)
+
+
+def report(name, ours, theirs, unit, aim, ratio=None):
+    ratio = ours / theirs if ratio is None else ratio
+    ROWS.append((name, ours, theirs, unit, ratio, aim))
+    print("%-58s ours %9.3f %-4s ref %9.3f %-4s ratio %6.3f  (aim %s)"
+          % (name, ours, unit, theirs, unit, ratio, aim), flush=True)
+
+
+def make_blob(path, size):
+    """GGUF magic then random bytes; returns the digest."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        first = b"GGUF"
+        while left:
+            piece = first + os.urandom(min(64 << 20, left) - len(first))
+            first = b""
+            f.write(piece)
+            h.update(piece)
+            left -= len(piece)
+    return "sha256:" + h.hexdigest()
+
+
+def bench_verify(blob, rounds):
+    print("\n== a. full verification of %s vs sha256sum" % human(os.path.getsize(blob)))
+    ours, theirs = alternate(rounds, lambda: hash_file(blob),
+                             lambda: subprocess.run(["sha256sum", blob], check=True, capture_output=True))
+    report("verify (whole digest + chunk table) vs sha256sum", ours, theirs, "s", "<= 1.05")
+    table = hash_file(blob)[1]
+    size = os.path.getsize(blob)
+    single, parallel = alternate(rounds, lambda: sha256_file(blob), lambda: bad_chunks(blob, table, size))
+    report("single-stream sha256 vs chunk-table check on %d cores" % os.cpu_count(),
+           parallel, single, "s", ">= 1.7 speed-up", ratio=single / parallel)
+
+
+def bench_repair(blob, digest, size, work, rounds):
+    print("\n== b. repair of a %s blob from docker-registry on loopback vs curl" % human(size))
+    (work / "registry").mkdir()
+    dist = Distribution(work / "registry")
+    try:
+        with open(blob, "rb") as f:
+            dist.push_blob("library/big", digest, f)
+        config = b'{"model_format":"gguf"}'
+        dist.push_blob("library/big", digest_of(config), config)
+        manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                    "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
+                    "layers": [{"mediaType": MODEL_TYPE, "digest": digest, "size": size}]}
+        dist.push_manifest("library/big", "1", json.dumps(manifest).encode())
+        ref = names.parse("%s/library/big:1" % dist.host)
+        layer = manifest["layers"][0]
+        url = "%s/v2/library/big/blobs/%s" % (dist.url, digest)
+        out = work / "curl.out"
+
+        def ours():
+            store = Store(str(work / "store"))
+            shutil.rmtree(store.root, ignore_errors=True)
+            fetch_blob(RegistryClient("https://unused.example"), store, ref, layer)
+
+        def curl():
+            subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)
+
+        def curl_sha():
+            curl()
+            subprocess.run(["sha256sum", str(out)], check=True, capture_output=True)
+
+        a, b = alternate(rounds, ours, curl)
+        report("repair (download+verify+install) vs curl -o", a, b, "s", "<= 1.10")
+        a, b = alternate(rounds, ours, curl_sha)
+        report("repair vs curl -o && sha256sum", a, b, "s", "< 1.0")
+        bench_memory(ref, layer, work)
+        bench_range_repair(dist, ref, layer, work)
+    finally:
+        dist.stop()
+
+
+def bench_memory(ref, layer, work):
+    print("\n== e. peak memory of a repair of %s" % human(layer["size"]))
+    script = """
+import json, sys
+sys.path.insert(0, %r)
+from repair import names
+from repair.download import fetch_blob
+from repair.registry import RegistryClient
+from repair.store import Store
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+idle = rss("VmRSS:")
+fetch_blob(RegistryClient("https://unused.example"), Store(%r), names.parse(%r), json.loads(%r))
+print(idle, rss("VmHWM:"))
+""" % (str(ROOT), str(work / "memstore"), str(ref), json.dumps(layer))
+    idle, peak = map(int, subprocess.run([sys.executable, "-c", script], check=True,
+                                         capture_output=True, text=True).stdout.split())
+    shutil.rmtree(work / "memstore", ignore_errors=True)
+    above = (peak - idle) / (1 << 20)
+    ROWS.append(("peak memory above idle during repair", above, 64, "MiB", above / 64, "< 64 MiB"))
+    print("%-58s %.1f MiB above idle (idle %.1f MiB, peak %.1f MiB)  (aim < 64 MiB)"
+          % ("peak memory during repair", above, idle / (1 << 20), peak / (1 << 20)))
+
+
+def bench_range_repair(dist, ref, layer, work, rate=50 << 20):
+    print("\n== 3. range repair of a 64 KiB corruption vs a full repair, behind a %d MiB/s link"
+          % (rate >> 20))
+    proxy = ThrottlingProxy(int(dist.host.split(":")[1]), bytes_per_sec=rate)
+    proxied = names.parse("127.0.0.1:%d/library/big:1" % proxy.port)
+    store = Store(str(work / "rangestore"))
+    shutil.rmtree(store.root, ignore_errors=True)
+    client = RegistryClient("https://unused.example")
+    guard = IntegrityGuard(store)
+    full_started = time.perf_counter()
+    pull(client, store, guard, proxied, terminal=False)
+    full = time.perf_counter() - full_started
+    full_bytes = proxy.bytes_down
+    repairs = RepairCoordinator(store, client, guard)
+    path = store.blob_path(layer["digest"])
+    with open(path, "r+b") as f:
+        f.seek(layer["size"] // 2)
+        f.write(os.urandom(64 << 10))
+    before = proxy.bytes_down
+    started = time.perf_counter()
+    assert repairs.ensure(proxied).repaired
+    took = time.perf_counter() - started
+    moved = proxy.bytes_down - before
+    assert "sha256:" + sha256_file(path) == layer["digest"]
+    proxy.close()
+    shutil.rmtree(store.root, ignore_errors=True)
+    report("range repair vs full repair (time)", took, full, "s", "< 0.10")
+    ROWS.append(("range repair bytes on the wire", moved, full_bytes, "B", moved / full_bytes,
+                 "<= 2 chunks"))
+    print("%-58s %d bytes (%.1f chunks of 8 MiB) vs %d for the whole blob"
+          % ("range repair transfer", moved, moved / (8 << 20), full_bytes))
+
+
+class Served:
+    def __init__(self, node, threads):
+        self.server = waitress.create_server(llmnode.make_app(node), host="127.0.0.1", port=0,
+                                             threads=threads)
+        self.url = "http://127.0.0.1:%s" % self.server.effective_port
+        threading.Thread(target=self.server.run, daemon=True).start()
+
+
+def load(url, model, max_tokens, clients, per_client):
+    """(requests per second, p50 s, p99 s) for `clients` concurrent request loops."""
+    body = {"model": model, "max_tokens": max_tokens, "seed": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello there"}]}
+
+    def loop(_):
+        times = []
+        with requests.Session() as s:
+            for _ in range(per_client):
+                started = time.perf_counter()
+                r = s.post(url + "/v1/chat/completions", json=body, timeout=120)
+                r.raise_for_status()
+                times.append(time.perf_counter() - started)
+        return times
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = sorted(t for ts in pool.map(loop, range(clients)) for t in ts)
+    elapsed = time.perf_counter() - started
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return len(latencies) / elapsed, p(0.50), p(0.99)
+
+
+def bench_serving(work, rounds, threads=2):
+    print("\n== c/d. serving the tiny model: llmnode vs python -m llama_cpp.server")
+    gguf = write_tiny_gguf(work / "tiny.gguf")
+    data = gguf.read_bytes()
+    digest = digest_of(data)
+    store = Store(str(work / "servestore"))
+    store.ensure_dirs()
+    shutil.copyfile(gguf, store.blob_path(digest))
+    config = b"{}"
+    with open(store.blob_path(digest_of(config)), "wb") as f:
+        f.write(config)
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
+                "layers": [{"mediaType": MODEL_TYPE, "digest": digest, "size": len(data)}]}
+    store.write_manifest(names.parse("tiny:1"), json.dumps(manifest).encode())
+    env = {"LLM_MODELS_DIR": store.root, "LLM_CPU_THREADS": str(threads), "LLM_CTX_SIZE": "512"}
+    on = Served(llmnode.Node(conf.load(environ=env)), 8)
+    off = Served(llmnode.Node(conf.load(environ=dict(env, LLM_AUTO_REPAIR="false"))), 8)
+    port = free_port()
+    ref_server = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(threads),
+         "--n_ctx", "512", "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref_url = "http://127.0.0.1:%d" % port
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(ref_url + "/v1/models", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline or ref_server.poll() is not None:
+                print("llama_cpp.server did not start: serving comparison not run")
+                return
+            time.sleep(0.2)
+        for max_tokens in (1, 32):
+            ours, theirs = [], []
+            for _ in range(rounds):
+                ours.append(load(on.url, "tiny:1", max_tokens, 4, 25))
+                theirs.append(load(ref_url, str(gguf), max_tokens, 4, 25))
+            med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
+            report("max_tokens=%d throughput (req/s), ref llama_cpp.server" % max_tokens,
+                   med(ours, 0), med(theirs, 0), "rps", ">= 1.0", ratio=med(ours, 0) / med(theirs, 0))
+            report("max_tokens=%d p50 latency" % max_tokens, med(ours, 1), med(theirs, 1), "s", "<= 1.0")
+            report("max_tokens=%d p99 latency" % max_tokens, med(ours, 2), med(theirs, 2), "s", "<= 1.0")
+        guard_on, guard_off = [], []
+        for _ in range(rounds):
+            guard_on.append(load(on.url, "tiny:1", 1, 1, 100)[1])
+            guard_off.append(load(off.url, "tiny:1", 1, 1, 100)[1])
+        report("d. p50 latency, auto-repair on vs off", statistics.median(guard_on),
+               statistics.median(guard_off), "s", "<= 1.02")
+    finally:
+        ref_server.terminate()
+        ref_server.wait(timeout=10)
+        on.server.close()
+        off.server.close()
+
+
+def human(n):
+    return "%.0f MiB" % (n / (1 << 20)) if n < 1 << 30 else "%.1f GiB" % (n / (1 << 30))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
+    parser.add_argument("--only", choices=["verify", "repair", "serving"], action="append")
+    args = parser.parse_args(argv)
+    only = set(args.only or ["verify", "repair", "serving"])
+    work = Path(tempfile.mkdtemp(prefix="llmnode-bench-", dir=os.environ.get("BENCH_DIR")))
+    print("llmnode benchmark: %d cores, blob %d MiB, %d rounds, work dir %s"
+          % (os.cpu_count(), args.size_mib, args.rounds, work))
+    try:
+        blob = str(work / "blob")
+        size = args.size_mib << 20
+        digest = make_blob(blob, size) if only & {"verify", "repair"} else None
+        if "verify" in only:
+            bench_verify(blob, args.rounds)
+        if "repair" in only:
+            bench_repair(blob, digest, size, work, args.rounds)
+        if "serving" in only:
+            bench_serving(work, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n== summary (ratio: ours / reference unless noted)")
+    for name, _ours, _theirs, _unit, ratio, aim in ROWS:
+        print("%-58s %8.3f   aim %s" % (name, ratio, aim))
+    print("\n== 4. parallel ranged download: not implemented (see README, Performance)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
