@@ -91,18 +91,25 @@ def load_llama(path, settings):
 CONTEXT_MARGIN = 4
 
 
-def completion_budget(llm, messages):
-    """Tokens the answer may use: the context less the prompt, as the model's template renders it."""
+def chat_formatter(llm):
+    """The model's own chat template, compiled once per loaded model; None if it has none."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = llm.metadata.get("tokenizer.chat_template")
-    if template:
-        def text(token):
-            return llm.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
+    if not template:
+        return None
 
-        fmt = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
-                                  bos_token=text(llm.token_bos()))
-        prompt = fmt(messages=messages)
+    def text(token):
+        return llm.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    return Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
+                               bos_token=text(llm.token_bos()))
+
+
+def completion_budget(llm, formatter, messages):
+    """Tokens the answer may use: the context less the prompt, as the model's template renders it."""
+    if formatter:
+        prompt = formatter(messages=messages)
         used = len(llm.tokenize(prompt.prompt.encode("utf-8"), add_bos=not prompt.added_special,
                                 special=True))
     else:
@@ -115,6 +122,7 @@ class LoadedModel:
     def __init__(self, path):
         self.path = path
         self.llm = None
+        self.formatter = None
         # Guards `llm`: a llama.cpp context runs one generation at a time.
         self.lock = threading.Lock()
 
@@ -146,6 +154,7 @@ class ModelPool:
         if entry.llm is None:
             try:
                 entry.llm = self.loader(path)
+                entry.formatter = chat_formatter(entry.llm)
             except (ValueError, OSError, RuntimeError) as e:
                 entry.lock.release()
                 self.drop(path)
@@ -223,7 +232,7 @@ class Node:
         if req.get("seed") is not None:
             params["seed"] = req["seed"] % (2 ** 32)
         try:
-            budget = completion_budget(entry.llm, req["messages"])
+            budget = completion_budget(entry.llm, entry.formatter, req["messages"])
             if budget < 1:
                 raise ContextTooLong("The prompt does not leave room for an answer in the "
                                      "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)

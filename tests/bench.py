@@ -255,6 +255,8 @@ def bench_serving(work, rounds, threads=2):
                 print("llama_cpp.server did not start: serving comparison not run")
                 return
             time.sleep(0.2)
+        for url, model in ((on.url, "tiny:1"), (off.url, "tiny:1"), (ref_url, str(gguf))):
+            load(url, model, 1, 1, 3)  # load the model, warm caches: measured runs start equal
         for max_tokens in (1, 32):
             ours, theirs = [], []
             for _ in range(rounds):
