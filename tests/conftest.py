@@ -40,6 +40,23 @@ def registry(tiny_gguf):
 
 
 @pytest.fixture
+def mount_tmpfs(tmp_path):
+    """Mount real tmpfs file systems of a given size (needs root); unmounted after the test."""
+    mounts = []
+
+    def mount(size):
+        mnt = tmp_path / ("tmpfs%d" % len(mounts))
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", str(mnt)], check=True)
+        mounts.append(mnt)
+        return str(mnt)
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
 def models_dir(tmp_path):
     return str(tmp_path / "models")
 

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import subprocess
 import threading
 import time
 
@@ -176,16 +175,8 @@ def test_auto_repair_off_answers_model_corrupted_and_downloads_nothing(serve, re
     assert not intact(path, layer)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    yield str(mnt)
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
-def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, tmpfs):
+def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, mount_tmpfs):
+    tmpfs = mount_tmpfs("2m")
     node = llmnode.Node(settings_for(tmpfs, registry.url))
     pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
     layer, path = weights(node)

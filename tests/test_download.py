@@ -1,6 +1,5 @@
 import hashlib
 import os
-import subprocess
 
 import pytest
 import requests
@@ -105,12 +104,8 @@ def test_free_space_is_checked_before_any_request(setup, registry):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
-    yield str(mnt)
-    subprocess.run(["umount", str(mnt)], check=True)
+def small_tmpfs(mount_tmpfs):
+    return mount_tmpfs("256k")
 
 
 def test_a_real_full_disk_is_found_before_download(setup, registry, small_tmpfs):
