@@ -193,13 +193,13 @@ class RepairCoordinator:
         # When every chunk is bad, a plain download (which resumes) does the same work better.
         if table and len(bad_chunks) < len(table):
             try:
-                digests = patch_blob(self.client, self.store, ref, layer, table, bad_chunks, state,
+                patch_blob(self.client, self.store, ref, layer, table, bad_chunks, state,
                                      deadline=deadline, clock=self.clock, retry=self.retry,
                                      sleep=_sleep_until(deadline, self.clock))
                 log.info("model %s: %d damaged chunk(s) fetched again by range (%d bytes)",
                          ref, len(bad_chunks), state.received)
                 self.metrics.inc("llmnode_download_bytes_total", state.received)
-                self.guard.record_installed(layer, digests)
+                self.guard.record_installed(layer)
                 return
             except (LLMNodeError, OSError) as e:
                 self.metrics.inc("llmnode_download_bytes_total", state.received)

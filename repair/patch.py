@@ -9,10 +9,11 @@ import time
 
 import requests
 
-from repair.chunks import chunk_range, hash_file
+from repair.chunks import chunk_range
 from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError, RepairTimeout
 from repair.retry import call_with_retries
 from repair.store import fsync_dir
+from repair.verify import sha256_file
 
 log = logging.getLogger("llmnode.patch")
 
@@ -21,7 +22,8 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, clock=None, retry=None,
                sleep=time.sleep):
-    """Replace the damaged chunks `bad` of a blob with the registry's bytes, in place."""
+    """Replace the damaged chunks `bad` of a blob with the registry's bytes, in place; the
+    blob's chunk table stays valid."""
     digest, size = layer["digest"], layer["size"]
     final, work = store.blob_path(digest), store.partial_path(digest)
     # From here until the whole digest matches, nothing sits under the digest's name.
@@ -40,7 +42,8 @@ def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, cloc
                 if deadline is not None and clock() > deadline:
                     raise RepairTimeout()
             os.fsync(f.fileno())
-        whole, chunk_digests = hash_file(work)
+        # Each patched chunk already matched the table, so only the whole digest is left to check.
+        whole = sha256_file(work)
         if "sha256:" + whole != digest:
             raise DigestMismatch(digest, whole)
     except BaseException:
@@ -49,7 +52,6 @@ def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, cloc
         raise
     os.replace(work, final)
     fsync_dir(store.blobs_dir)
-    return chunk_digests
 
 
 def _fetch_range(client, ref, digest, offset, length):

@@ -4,6 +4,8 @@ import email.utils
 import time
 from dataclasses import dataclass, replace
 
+from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -47,8 +49,6 @@ def parse_retry_after(value, now=None):
 def is_retryable(exc):
     """Whether a download error may pass: a network fault, bytes that came wrong (the next try
     starts clean), a 5xx or a 429."""
-    from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError
-
     if isinstance(exc, (NetworkError, DigestMismatch, BadRange)):
         return True
     if isinstance(exc, RegistryHTTPError):

@@ -21,10 +21,6 @@ class Flight:
             self._result, self._exception, self._state = result, exception, FINISHED
             self._cond.notify_all()
 
-    def done(self):
-        with self._cond:
-            return self._state == FINISHED
-
     def result(self, timeout, clock=time.monotonic):
         """The run's result, or its exception raised; TimeoutError past `timeout` seconds."""
         deadline = clock() + timeout
