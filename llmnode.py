@@ -199,6 +199,7 @@ class Node:
                                          auto_repair=settings.auto_repair,
                                          timeout_secs=settings.repair_timeout_secs,
                                          max_waiters=settings.max_repair_waiters,
+                                         connections=settings.download_connections,
                                          metrics=self.metrics)
         self.pool = ModelPool(loader or (lambda path: load_llama(path, settings)),
                               settings.max_loaded_models)
@@ -539,7 +540,7 @@ def cmd_pull(settings, name):
     node = Node(settings)
     ref = names.parse(name)
     log.info("pulling %s", ref)
-    pull(node.client, node.store, node.guard, ref)
+    pull(node.client, node.store, node.guard, ref, connections=settings.download_connections)
     print("pulled %s" % ref)
     return 0
 
@@ -573,7 +574,8 @@ def cmd_repair(settings, name):
     node = Node(settings)
     ref = names.parse(name)
     manifest = node.repairs.manifest(ref)
-    fetched = fetch_broken(node.client, node.store, node.guard, ref, manifest)
+    fetched = fetch_broken(node.client, node.store, node.guard, ref, manifest,
+                           connections=settings.download_connections)
     print("%s: %s" % (ref, "%d blob(s) repaired" % len(fetched) if fetched else "intact"))
     return 0
 

@@ -35,6 +35,13 @@ def as_cpu_threads(text):
     return value or os.cpu_count() or 1
 
 
+def as_connections(text):
+    value = int(text.strip())
+    if not 1 <= value <= 16:
+        raise ValueError("expected a number of connections from 1 to 16")
+    return value
+
+
 def as_non_negative_int(text):
     value = int(text.strip())
     if value < 0:
@@ -112,6 +119,8 @@ SETTINGS = (
             "requests that may wait on repairs at once; more get 503 with Retry-After"),
     Setting("registry_timeout_secs", "LLM_REGISTRY_TIMEOUT_SECS", as_positive_int, "30",
             "a registry connection silent this long is dropped and retried"),
+    Setting("download_connections", "LLM_DOWNLOAD_CONNECTIONS", as_connections, "4",
+            "connections one blob of 128 MiB or more is downloaded over, in parts (1-16)"),
     Setting("registry_credentials", "LLM_REGISTRY_CREDENTIALS", as_optional_secret, "",
             "user:password for the registry (token endpoint and registry host only)"),
     Setting("api_key", "LLM_API_KEY", as_optional_secret, "",

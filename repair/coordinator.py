@@ -46,7 +46,7 @@ class RepairCoordinator:
 
     def __init__(self, store, client, guard, auto_repair=True, timeout_secs=300,
                  clock=time.monotonic, free_space=disk_free, retry=None, max_waiters=48,
-                 metrics=None):
+                 metrics=None, connections=1):
         self.store = store
         self.client = client
         self.guard = guard
@@ -56,6 +56,7 @@ class RepairCoordinator:
         self.free_space = free_space
         self.retry = retry
         self.max_waiters = max_waiters
+        self.connections = connections
         self.metrics = metrics or Metrics()
         self.blob_flights = SingleFlight("repair")
         self.manifest_flights = SingleFlight("manifest")
@@ -210,7 +211,8 @@ class RepairCoordinator:
             with LoggingProgress(str(ref), layer["size"]) as bar:
                 fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,
                            retry=self.retry, free_space=self.free_space, deadline=deadline,
-                           clock=self.clock, sleep=_sleep_until(deadline, self.clock))
+                           clock=self.clock, sleep=_sleep_until(deadline, self.clock),
+                           connections=self.connections)
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer, state.chunk_digests)

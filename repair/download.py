@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import requests
 
+from repair import parts
 from repair.chunks import ChunkHasher
 from repair.errors import (
     BadRange,
@@ -66,26 +67,39 @@ class _NullProgress:
 
 
 def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=None,
-               sleep=time.sleep, free_space=disk_free, deadline=None, clock=time.monotonic):
-    """Download one layer into the store; return its DownloadState once installed."""
+               sleep=time.sleep, free_space=disk_free, deadline=None, clock=time.monotonic,
+               connections=1, part_min=parts.PART_MIN):
+    """Download one layer into the store; return its DownloadState once installed. A blob of
+    at least two parts of `part_min` bytes comes over up to `connections` connections."""
     digest, size = layer["digest"], layer["size"]
     hexdigest = digest_hex(digest)
     store.ensure_dirs()
     state = state or DownloadState(digest, size)
     job = _Job(client, store, ref, digest, hexdigest, size, state,
                progress or _NullProgress(), deadline, clock)
-    job.resume()
-    need = size - job.have + DISK_RESERVE
+    bounds = parts.plan(size, connections, part_min)
+    runner = parts.ParallelJob(job, connections, bounds, net_chunk(size)) if bounds else job
+    runner.resume()
+    need = size - runner.have + DISK_RESERVE
     if free_space(store.blobs_dir) < need:
         raise InsufficientStorage()
 
     def attempt():
+        nonlocal runner
         state.attempts += 1
         try:
-            return job.run()
+            try:
+                return runner.run()
+            except parts.RangesUnsupported:
+                log.info("registry ignored a Range request for %s; downloading it over one "
+                         "connection", digest)
+                runner = job
+                job.restart()
+                job.resume()
+                return job.run()
         except (DigestMismatch, BadRange):
             # Whatever is in the partial file is suspect now: the next try starts from zero.
-            job.discard()
+            runner.discard()
             raise
 
     def on_retry(exc, policy, delay):
@@ -96,8 +110,11 @@ def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=No
         call_with_retries(attempt, retry, sleep, on_retry)
     except BaseException:
         job.chunks.abandon()
+        runner.chunks.abandon()
         raise
-    state.chunk_digests = job.chunks.digests()
+    state.chunk_digests = runner.chunks.digests()
+    if runner is not job:
+        job.chunks.abandon()
     job.install()
     return state
 
@@ -118,6 +135,7 @@ class _Job:
 
     def resume(self):
         """Hash the prefix an earlier attempt left, so only the rest is fetched."""
+        parts.collapse_record(self.partial, self.size)
         try:
             have = os.path.getsize(self.partial)
         except FileNotFoundError:

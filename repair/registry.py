@@ -27,7 +27,13 @@ class RegistryClient:
         self.insecure_hosts = tuple(insecure_hosts)
         # "user:password", sent only to token endpoints and to a registry's own host.
         self._basic = tuple(credentials.split(":", 1)) if credentials and ":" in credentials else None
-        self.session = session or requests.Session()
+        if session is None:
+            # Room for every connection of a parallel download (and a few requests besides).
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_maxsize=32)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self.session = session
         self.session.headers.setdefault("User-Agent", "llmnode")
         self.timeout = timeout
         # (host, scope) -> Authorization value; written by request threads, a lost race only refetches.

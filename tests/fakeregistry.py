@@ -167,6 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = 0, len(data) - 1
             self.send_response(200)
         body = data[start:end + 1]
+        if fault and fault[0] == "alter_body":
+            at = fault[1]
+            body = body[:at] + bytes(b ^ 0x55 for b in body[at:at + 64]) + body[at + 64:]
         if fault and fault[0] in ("reset", "short", "stall"):
             return self.break_off(fault, body, ref)
         self.send_header("Content-Type", "application/octet-stream")
