@@ -35,7 +35,7 @@ class ChunkHasher:
 
     def __init__(self, chunk_size=CHUNK_SIZE):
         self.chunk_size = chunk_size
-        self._queue = queue.Queue(maxsize=64)
+        self._queue = queue.Queue(maxsize=16)
         self._digests = []
         self._thread = threading.Thread(target=self._run, name="chunk-hasher", daemon=True)
         self._thread.start()

@@ -9,6 +9,7 @@ written, so an interrupted download resumes every part where it stopped.
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -99,7 +100,7 @@ def read_record(partial, size):
     except (KeyError, TypeError, ValueError):
         return None
     if (rec.get("size") != size or not parts or parts[0].start != 0 or parts[-1].end != size
-            or any(a.end != b.start for a, b in zip(parts, parts[1:]))
+            or any(a.end != b.start for a, b in itertools.pairwise(parts))
             or any(p.length <= 0 or not 0 <= p.done <= p.length for p in parts)):
         return None
     for p in parts:

@@ -38,6 +38,8 @@ from tests.throttle import ThrottlingProxy  # noqa: E402
 from tests.tinymodel import write_tiny_gguf  # noqa: E402
 
 ROWS = []
+# What the node uses unless told otherwise.
+DEFAULT_CONNECTIONS = conf.BY_KEY["download_connections"].convert(conf.BY_KEY["download_connections"].default)
 
 
 def timed(fn):
@@ -110,7 +112,8 @@ def bench_repair(blob, digest, size, work, rounds):
         def ours():
             store = Store(str(work / "store"))
             shutil.rmtree(store.root, ignore_errors=True)
-            fetch_blob(RegistryClient("https://unused.example"), store, ref, layer)
+            fetch_blob(RegistryClient("https://unused.example"), store, ref, layer,
+                       connections=DEFAULT_CONNECTIONS)
 
         def curl():
             subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)
@@ -125,6 +128,7 @@ def bench_repair(blob, digest, size, work, rounds):
         report("repair vs curl -o && sha256sum", a, b, "s", "< 1.0")
         bench_memory(ref, layer, work)
         bench_range_repair(dist, ref, layer, work)
+        bench_parallel(dist, layer, work, rounds)
     finally:
         dist.stop()
 
@@ -143,9 +147,10 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 idle = rss("VmRSS:")
-fetch_blob(RegistryClient("https://unused.example"), Store(%r), names.parse(%r), json.loads(%r))
+fetch_blob(RegistryClient("https://unused.example"), Store(%r), names.parse(%r), json.loads(%r),
+           connections=%d)
 print(idle, rss("VmHWM:"))
-""" % (str(ROOT), str(work / "memstore"), str(ref), json.dumps(layer))
+""" % (str(ROOT), str(work / "memstore"), str(ref), json.dumps(layer), DEFAULT_CONNECTIONS)
     idle, peak = map(int, subprocess.run([sys.executable, "-c", script], check=True,
                                          capture_output=True, text=True).stdout.split())
     shutil.rmtree(work / "memstore", ignore_errors=True)
@@ -158,17 +163,17 @@ print(idle, rss("VmHWM:"))
 def bench_range_repair(dist, ref, layer, work, rate=50 << 20):
     print("\n== 3. range repair of a 64 KiB corruption vs a full repair, behind a %d MiB/s link"
           % (rate >> 20))
-    proxy = ThrottlingProxy(int(dist.host.split(":")[1]), bytes_per_sec=rate)
+    proxy = ThrottlingProxy(int(dist.host.split(":")[1]), link_bytes_per_sec=rate)
     proxied = names.parse("127.0.0.1:%d/library/big:1" % proxy.port)
     store = Store(str(work / "rangestore"))
     shutil.rmtree(store.root, ignore_errors=True)
     client = RegistryClient("https://unused.example")
     guard = IntegrityGuard(store)
     full_started = time.perf_counter()
-    pull(client, store, guard, proxied, terminal=False)
+    pull(client, store, guard, proxied, terminal=False, connections=DEFAULT_CONNECTIONS)
     full = time.perf_counter() - full_started
     full_bytes = proxy.bytes_down
-    repairs = RepairCoordinator(store, client, guard)
+    repairs = RepairCoordinator(store, client, guard, connections=DEFAULT_CONNECTIONS)
     path = store.blob_path(layer["digest"])
     with open(path, "r+b") as f:
         f.seek(layer["size"] // 2)
@@ -186,6 +191,34 @@ def bench_range_repair(dist, ref, layer, work, rate=50 << 20):
                  "<= 2 chunks"))
     print("%-58s %d bytes (%.1f chunks of 8 MiB) vs %d for the whole blob"
           % ("range repair transfer", moved, moved / (8 << 20), full_bytes))
+
+
+def bench_parallel(dist, layer, work, rounds, rate=32 << 20, counts=(1, 2, 4)):
+    print("\n== 4. parallel ranged download of %s behind a %d MiB/s per-connection cap"
+          % (human(layer["size"]), rate >> 20))
+    proxy = ThrottlingProxy(int(dist.host.split(":")[1]), bytes_per_sec=rate)
+    proxied = names.parse("127.0.0.1:%d/library/big:1" % proxy.port)
+    store = Store(str(work / "partstore"))
+
+    def fetch(n):
+        shutil.rmtree(store.root, ignore_errors=True)
+        fetch_blob(RegistryClient("https://unused.example"), store, proxied, layer, connections=n)
+        assert "sha256:" + sha256_file(store.blob_path(layer["digest"])) == layer["digest"]
+
+    times = {n: [] for n in counts}
+    try:
+        for _ in range(rounds):
+            for n in counts:
+                times[n].append(timed(lambda n=n: fetch(n)))
+    finally:
+        proxy.close()
+        shutil.rmtree(store.root, ignore_errors=True)
+    one = statistics.median(times[1])
+    print("%-58s %.2f s (%.1f MiB/s)" % ("1 connection", one, layer["size"] / one / (1 << 20)))
+    for n in counts[1:]:
+        many = statistics.median(times[n])
+        report("%d connections vs 1 (speed-up)" % n, many, one, "s", ">= %.1f" % (0.8 * n),
+               ratio=one / many)
 
 
 class Served:
@@ -309,7 +342,6 @@ def main(argv=None):
     print("\n== summary (ratio: ours / reference unless noted)")
     for name, _ours, _theirs, _unit, ratio, aim in ROWS:
         print("%-58s %8.3f   aim %s" % (name, ratio, aim))
-    print("\n== 4. parallel ranged download: not implemented (see README, Performance)")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Parallel ranged download: parts over several connections, resumed from the progress record."""
 
+import itertools
 import json
 import os
 import threading
@@ -55,7 +56,7 @@ def test_plan_splits_only_blobs_of_two_parts_or_more():
     assert parts.plan(127 << 20, 4) is None
     bounds = parts.plan(1 << 30, 4)
     assert len(bounds) == 16 and bounds[0] == (0, 64 << 20) and bounds[-1][1] == 1 << 30
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     uneven = parts.plan(SIZE + 5, 4, PART_MIN)
     assert uneven[-1] == (uneven[-2][1], SIZE + 5)
 
@@ -128,10 +129,10 @@ def test_a_one_connection_resume_keeps_the_contiguous_prefix_of_a_parallel_downl
     done = [bounds[0][1], bounds[1][1] - bounds[1][0], (bounds[2][1] - bounds[2][0]) // 2,
             (bounds[3][1] - bounds[3][0]) // 4]
     with open(partial, "wb") as f:
-        for (s, _e), d in zip(bounds, done):
+        for (s, _e), d in zip(bounds[:4], done, strict=True):
             f.seek(s)
             f.write(big[s:s + d])
-    record = [[s, e, d] for (s, e), d in zip(bounds, done + [0] * len(bounds))]
+    record = [[s, e, d] for (s, e), d in zip(bounds, done + [0] * (len(bounds) - 4), strict=True)]
     with open(parts.record_path(partial), "w") as f:
         json.dump({"size": SIZE, "parts": record}, f)
     prefix = bounds[2][0] + done[2]
