@@ -1,5 +1,7 @@
 import json
 import os
+import threading
+import time
 
 import pytest
 import requests
@@ -216,3 +218,39 @@ def test_pull_keeps_intact_blobs_and_fetches_broken_ones(registry, models_dir):
         f.write(b"\xff" * 64)
     pull(client, store, guard, ref, terminal=False)
     assert sum(registry.bytes_served.values()) == first + weights["size"]
+
+
+def test_the_model_lock_is_handed_over_in_arrival_order():
+    lock = llmnode.FairLock()
+    assert lock.acquire()
+    order = []
+
+    def waiter(name):
+        assert lock.acquire(timeout=30)
+        order.append(name)
+        lock.release()
+
+    threads = []
+    for i, name in enumerate("abcde"):
+        t = threading.Thread(target=waiter, args=(name,))
+        t.start()
+        threads.append(t)
+        # The next thread starts only once this one is queued.
+        deadline = time.monotonic() + 10
+        while lock.waiting() != i + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(30)
+    assert order == list("abcde")
+    assert lock.acquire(timeout=0)  # free again once everyone has been
+
+
+def test_a_timed_out_waiter_leaves_the_queue():
+    lock = llmnode.FairLock()
+    lock.acquire()
+    assert not lock.acquire(timeout=0.01)
+    assert lock.waiting() == 0
+    lock.release()
+    assert lock.acquire(timeout=0)
