@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import threading
-import time
 from dataclasses import dataclass
 
 import requests
@@ -176,15 +175,20 @@ class ParallelJob:
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._error = None
-        self._save_lock = threading.Lock()
-        self._saved_at = time.monotonic()
+        # Set when a part completes (record it now) and when the workers are done.
+        self._wake = threading.Event()
+        self._workers_done = False
         self._todo = [p for p in self.parts if not p.complete]
         fd = os.open(job.partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             hashing = _Thread(self._hash, fd, hasher)
+            syncing = _Thread(self._sync, fd)
             workers = [_Thread(self._work, fd) for _ in range(min(self.connections, len(self._todo)))]
             for w in workers:
                 w.join()
+            self._workers_done = True
+            self._wake.set()
+            syncing.join()
             if self._error is None:
                 os.fsync(fd)
             else:
@@ -194,7 +198,7 @@ class ParallelJob:
             hashing.join()
             if self._error is not None:
                 try:
-                    self._save(fd, force=True)
+                    self._save(fd)
                 except OSError as e:
                     log.warning("could not record the parts of %s (%s); a retry refetches them",
                                 job.digest, e)
@@ -215,6 +219,14 @@ class ParallelJob:
         with self._lock:
             return self._todo.pop(0) if self._todo and not self._stop.is_set() else None
 
+    def _fail(self, error):
+        """The first failure stops every connection; the attempt raises it."""
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            self._stop.set()
+            self._lock.notify_all()
+
     def _work(self, fd):
         while True:
             part = self._next()
@@ -222,13 +234,24 @@ class ParallelJob:
                 return
             try:
                 self._fetch(part, fd)
-                self._save(fd, force=True)
-            except BaseException as e:  # noqa: B036 - any failure stops every connection
-                with self._lock:
-                    if self._error is None:
-                        self._error = e
-                    self._stop.set()
-                    self._lock.notify_all()
+            except BaseException as e:  # noqa: B036 - handed to the attempt
+                self._fail(e)
+                return
+            self._wake.set()
+
+    def _sync(self, fd):
+        """Every SAVE_EVERY seconds, and when a part completes: sync the data, then record the
+        parts. Off the connections' threads, so they never wait on the disk; and the final
+        fsync finds little left to write."""
+        while not self._workers_done and not self._stop.is_set():
+            self._wake.wait(SAVE_EVERY)
+            self._wake.clear()
+            if self._workers_done or self._stop.is_set():
+                return
+            try:
+                self._save(fd)
+            except BaseException as e:  # noqa: B036 - handed to the attempt
+                self._fail(e)
                 return
 
     def _fetch(self, part, fd):
@@ -260,7 +283,6 @@ class ParallelJob:
                         self._lock.notify_all()
                     if job.deadline is not None and job.clock() > job.deadline:
                         raise RepairTimeout()
-                    self._save(fd)
             except requests.RequestException as e:
                 raise NetworkError("reading bytes %d-%d of %s at byte %d: %s"
                                    % (start, end, job.digest, part.start + part.done, e)) from e
@@ -288,18 +310,18 @@ class ParallelJob:
                 self.chunks.update(view[:n])
                 pos += n
 
-    def _save(self, fd, force=False):
-        """Record each part's progress: at most every SAVE_EVERY seconds, or now if forced.
-        The data is synced first, so the record never claims bytes the disk lacks."""
-        with self._save_lock:
-            now = time.monotonic()
-            if not force and now - self._saved_at < SAVE_EVERY:
-                return
-            with self._lock:
-                snapshot = [[p.start, p.end, p.done] for p in self.parts]
+    def _save(self, fd):
+        """Record each part's progress. The data is synced first, so the record never claims
+        bytes the disk lacks."""
+        with self._lock:
+            snapshot = [[p.start, p.end, p.done] for p in self.parts]
+        try:
             os.fdatasync(fd)
             write_atomically(self.record, json.dumps({"size": self.job.size, "parts": snapshot}).encode())
-            self._saved_at = now
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage() from e
+            raise
 
 
 def _pwrite_all(fd, data, offset):
