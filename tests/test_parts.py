@@ -3,6 +3,8 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -183,3 +185,45 @@ def test_a_full_disk_under_parts_is_insufficient_storage(setup, mount_tmpfs, big
         fetch_blob(client, store, REF, layer, connections=4, part_min=PART_MIN, sleep=no_sleep,
                    free_space=lambda _path: 1 << 40)
     assert not os.path.exists(store.blob_path(layer["digest"]))
+
+
+CHILD = """
+import json, sys
+sys.path.insert(0, %r)
+from repair import names
+from repair.download import fetch_blob
+from repair.registry import RegistryClient
+from repair.store import Store
+fetch_blob(RegistryClient(%r), Store(%r), names.parse("gpt-oss:7b"), json.loads(%r),
+           connections=4, part_min=%d)
+"""
+
+
+def test_a_killed_download_resumes_from_the_periodic_record(setup, registry, big):
+    store, _client, layer = setup
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    registry.gate = threading.Event()
+    child = subprocess.Popen([sys.executable, "-c", CHILD % (root, registry.url, store.root,
+                                                              json.dumps(layer), PART_MIN)])
+    record = parts.record_path(store.partial_path(layer["digest"]))
+    halves = sum((e - s) // 2 for s, e in parts.plan(SIZE, 4, PART_MIN)[:4])
+
+    def recorded():
+        try:
+            return sum(d for _s, _e, d in json.load(open(record))["parts"])
+        except (OSError, ValueError):
+            return 0
+
+    try:
+        # Nothing completes while the registry holds the bodies: only the periodic save records.
+        wait_for(lambda: recorded() == halves, "the first halves recorded")
+    finally:
+        child.kill()
+        child.wait()
+        registry.gate.set()
+    registry.gate = None
+    state = fetch_blob(RegistryClient(registry.url), store, REF, layer, connections=4,
+                       part_min=PART_MIN, sleep=no_sleep)
+    assert state.received == SIZE - halves
+    assert open(store.blob_path(layer["digest"]), "rb").read() == big
+    assert not os.path.exists(record)
