@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class RepairCoordinator:
         # Guards _waiting (digest -> requests waiting on its check or repair).
         self._lock = threading.Lock()
         self._waiting = {}
+        # str(ref) -> (stat stamp, manifest) of manifests read and checked; a rewrite changes
+        # the stamp (ctime moves on any write), so a changed file is read and checked again.
+        self._manifests = {}
 
     def active(self):
         """Repairs in progress, for /health."""
@@ -106,6 +110,10 @@ class RepairCoordinator:
 
     def manifest(self, ref):
         """The model's manifest; a missing (but once known) or unparseable one is fetched again."""
+        stamp = _stamp(self.store.manifest_path(ref))
+        cached = self._manifests.get(str(ref))
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
         try:
             raw = self.store.read_manifest_raw(ref)
             manifest = parse_manifest(raw)
@@ -115,6 +123,7 @@ class RepairCoordinator:
                 self.guard.records.record_manifest(ref, actual)
             elif known != actual:
                 raise ManifestInvalid("manifest of %s changed since it was pulled" % ref)
+            self._manifests[str(ref)] = (stamp, manifest)
             return manifest
         except ModelNotFound:
             if self.guard.records.manifest_digest(ref) is None:
@@ -216,6 +225,14 @@ class RepairCoordinator:
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer, state.chunk_digests)
+
+
+def _stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _sleep_until(deadline, clock):

@@ -93,6 +93,23 @@ def test_a_corrupted_or_missing_manifest_is_fetched_again(serve, registry, damag
     assert open(path, "rb").read() == registry.manifests[("library/gpt-oss", "7b")]
 
 
+def test_a_manifest_changed_in_place_after_use_is_caught(serve, registry):
+    s = serve()
+    assert s.post("/v1/chat/completions", CHAT).status_code == 200
+    path = s.node.store.manifest_path(names.parse("gpt-oss:7b"))
+    raw = open(path, "rb").read()
+    st = os.stat(path)
+    # Same size, same mtime, still a valid manifest: only its sha256 (and ctime) differ.
+    tampered = raw.replace(b'"schemaVersion": 2', b'"schemaVersion": 3')
+    assert tampered != raw and len(tampered) == len(raw)
+    with open(path, "r+b") as f:
+        f.write(tampered)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200, r.text
+    assert open(path, "rb").read() == registry.manifests[("library/gpt-oss", "7b")]
+
+
 def test_a_model_never_pulled_is_not_fetched(serve, registry):
     s = serve()
     before = len(registry.requests)
