@@ -4,7 +4,6 @@ import errno
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from repair.errors import (
     RegistryHTTPError,
     RepairTimeout,
 )
+from repair.registry import check_content_range
 from repair.retry import call_with_retries
 from repair.store import digest_hex, fsync_dir
 from repair.verify import CHUNK
@@ -39,7 +39,6 @@ log = logging.getLogger("llmnode.download")
 
 # Room left on the disk after a download, so a repair never fills it to the last byte.
 DISK_RESERVE = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 @dataclass
@@ -182,16 +181,11 @@ class _Job:
                 log.info("registry ignored the Range request for %s; starting from zero", self.digest)
                 self.restart()
             elif self.have:
-                self.check_content_range(resp.headers.get("Content-Range", ""))
+                check_content_range(resp, self.have)
             elif resp.status_code != 200:
                 raise RegistryHTTPError(resp.status_code, resp.url)
             self.stream(resp)
         return self.finish()
-
-    def check_content_range(self, header):
-        m = _CONTENT_RANGE.fullmatch(header.strip())
-        if not m or int(m.group(1)) != self.have:
-            raise BadRange("asked for bytes %d-, got Content-Range %r" % (self.have, header))
 
     def stream(self, resp):
         try:

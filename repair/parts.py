@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass
 
@@ -21,7 +20,6 @@ import requests
 
 from repair.chunks import ChunkHasher
 from repair.errors import (
-    BadRange,
     DigestMismatch,
     DownloadError,
     InsufficientStorage,
@@ -29,6 +27,7 @@ from repair.errors import (
     RegistryHTTPError,
     RepairTimeout,
 )
+from repair.registry import check_content_range
 from repair.store import write_atomically
 
 log = logging.getLogger("llmnode.download")
@@ -43,7 +42,6 @@ MAX_CONNECTIONS = 16
 # Seconds between progress records while parts are being written (and at each part's end).
 SAVE_EVERY = 1.0
 HASH_BLOCK = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class RangesUnsupported(Exception):
@@ -263,10 +261,7 @@ class ParallelJob:
                 raise RangesUnsupported()
             if resp.status_code != 206:
                 raise RegistryHTTPError(resp.status_code, resp.url)
-            header = resp.headers.get("Content-Range", "")
-            m = _CONTENT_RANGE.fullmatch(header.strip())
-            if not m or (int(m.group(1)), int(m.group(2))) != (start, end):
-                raise BadRange("asked for bytes %d-%d, got Content-Range %r" % (start, end, header))
+            check_content_range(resp, start, end)
             try:
                 for piece in resp.iter_content(self.piece):
                     if self._stop.is_set():

@@ -4,20 +4,19 @@ let the blob count as good only once its whole-file digest matches."""
 import hashlib
 import logging
 import os
-import re
 import time
 
 import requests
 
 from repair.chunks import chunk_range
-from repair.errors import BadRange, DigestMismatch, NetworkError, RegistryHTTPError, RepairTimeout
+from repair.errors import DigestMismatch, NetworkError, RegistryHTTPError, RepairTimeout
+from repair.registry import check_content_range
 from repair.retry import call_with_retries
 from repair.store import fsync_dir
 from repair.verify import sha256_file
 
 log = logging.getLogger("llmnode.patch")
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, clock=None, retry=None,
@@ -60,10 +59,7 @@ def _fetch_range(client, ref, digest, offset, length):
     with resp:
         if resp.status_code != 206:
             raise RegistryHTTPError(resp.status_code, resp.url)
-        m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-        if not m or (int(m.group(1)), int(m.group(2))) != (offset, end):
-            raise BadRange("asked for bytes %d-%d, got Content-Range %r"
-                           % (offset, end, resp.headers.get("Content-Range")))
+        check_content_range(resp, offset, end)
         data = bytearray()
         try:
             for piece in resp.iter_content(1 << 20):

@@ -1,12 +1,13 @@
 """Registry client: the OCI distribution API for manifests and blobs, over requests."""
 
 import base64
+import re
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
 from conf import is_loopback
-from repair.errors import DownloadError, NetworkError, RegistryHTTPError
+from repair.errors import BadRange, DownloadError, NetworkError, RegistryHTTPError
 from repair.names import DEFAULT_HOST
 from repair.retry import parse_retry_after
 
@@ -16,6 +17,7 @@ MANIFEST_ACCEPT = ", ".join((
 ))
 MAX_REDIRECTS = 10
 MAX_MANIFEST_BYTES = 4 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class RegistryClient:
@@ -136,6 +138,15 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise DownloadError("token endpoint sent no token", cause="registry error")
         return "Bearer " + token
+
+
+def check_content_range(resp, start, end=None):
+    """Refuse a 206 whose Content-Range does not start at `start` (and end at `end`, if given)."""
+    header = resp.headers.get("Content-Range", "")
+    m = _CONTENT_RANGE.fullmatch(header.strip())
+    if not m or int(m.group(1)) != start or (end is not None and int(m.group(2)) != end):
+        raise BadRange("asked for bytes %d-%s, got Content-Range %r"
+                       % (start, "" if end is None else end, header))
 
 
 def parse_bearer_challenge(header):
