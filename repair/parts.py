@@ -179,6 +179,9 @@ class ParallelJob:
         self._todo = [p for p in self.parts if not p.complete]
         fd = os.open(job.partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            # A record before any byte is written: a partial file with parts always has one, so
+            # it is never taken for a plain prefix (its holes would read as data).
+            self._save(fd)
             hashing = _Thread(self._hash, fd, hasher)
             syncing = _Thread(self._sync, fd)
             workers = [_Thread(self._work, fd) for _ in range(min(self.connections, len(self._todo)))]
