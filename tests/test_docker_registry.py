@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+from repair import names
+from repair.chunks import hash_file
+from repair.download import fetch_blob
+from repair.registry import RegistryClient
+from repair.store import Store
 from repair.verify import sha256_file
 from tests.conftest import node_env, run_cli
 from tests.distribution import Distribution
@@ -33,3 +38,20 @@ def test_pull_from_a_real_distribution_registry(distribution, tiny_gguf, models_
     weights = os.path.join(models_dir, "blobs", "sha256-" + hashlib.sha256(tiny_gguf).hexdigest())
     assert open(weights, "rb").read() == tiny_gguf
     assert not [f for f in os.listdir(os.path.join(models_dir, "blobs")) if f.endswith("-partial")]
+
+
+def test_parallel_ranged_download_from_a_real_distribution_registry(distribution, tmp_path, caplog):
+    caplog.set_level("INFO")
+    data = os.urandom(12 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    distribution.push_blob("library/big", digest, data)
+    store = Store(str(tmp_path / "models"))
+    layer = {"mediaType": MODEL_TYPE, "digest": digest, "size": len(data)}
+    state = fetch_blob(RegistryClient("https://unused.example"), store,
+                       names.parse("%s/library/big:1" % distribution.host), layer,
+                       connections=4, part_min=1 << 20)
+    assert open(store.blob_path(digest), "rb").read() == data
+    # Each byte came once: the registry honoured every part's Range with its end.
+    assert state.received == len(data) and state.attempts == 1
+    assert "ignored a Range" not in caplog.text  # no fallback to one connection
+    assert state.chunk_digests == hash_file(store.blob_path(digest))[1]
