@@ -132,16 +132,21 @@ class _Job:
         self.chunks = ChunkHasher()
         self.have = 0
 
-    def resume(self):
-        """Hash the prefix an earlier attempt left, so only the rest is fetched."""
-        parts.collapse_record(self.partial, self.size)
+    def prefix(self):
+        """Bytes in the partial file; one longer than the blob is dropped."""
         try:
             have = os.path.getsize(self.partial)
         except FileNotFoundError:
-            have = 0
+            return 0
         if have > self.size:
             os.unlink(self.partial)
-            have = 0
+            return 0
+        return have
+
+    def resume(self):
+        """Hash the prefix an earlier attempt left, so only the rest is fetched."""
+        parts.collapse_record(self.partial, self.size)
+        have = self.prefix()
         if have:
             with open(self.partial, "rb") as f:
                 left = have

@@ -137,13 +137,7 @@ class ParallelJob:
         job = self.job
         parts = read_record(job.partial, job.size)
         if parts is None:
-            try:
-                prefix = os.path.getsize(job.partial)
-            except FileNotFoundError:
-                prefix = 0
-            if prefix > job.size:
-                os.unlink(job.partial)
-                prefix = 0
+            prefix = job.prefix()
             parts = [Part(s, e, min(e - s, max(0, prefix - s))) for s, e in self.bounds]
         self.parts = parts
         self.have = sum(p.done for p in parts)
