@@ -148,7 +148,20 @@ class Served:
         self.server = waitress.create_server(llmnode.make_app(node), host="127.0.0.1", port=0,
                                              threads=4)
         self.url = "http://127.0.0.1:%s" % self.server.effective_port
-        threading.Thread(target=self.server.run, daemon=True).start()
+        self.closing = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            self.server.run()
+        except OSError:
+            # Closing the server under its select() loop ends the loop with EBADF.
+            if not self.closing:
+                raise
+
+    def close(self):
+        self.closing = True
+        self.server.close()
 
     def post(self, path, body=None, data=None, headers=None):
         return requests.post(self.url + path, json=body, data=data, headers=headers, timeout=60)
@@ -170,4 +183,4 @@ def serve(registry, models_dir):
 
     yield start
     for s in servers:
-        s.server.close()
+        s.close()

@@ -207,5 +207,5 @@ def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, mount_tmpf
         assert_spec_error(r, 507, "Insufficient storage for model repair", "storage_full",
                           "insufficient_storage")
     finally:
-        s.server.close()
+        s.close()
     assert not os.path.exists(node.store.partial_path(layer["digest"]))
