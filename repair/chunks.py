@@ -31,16 +31,19 @@ def chunk_range(index, size, chunk_size=CHUNK_SIZE):
 
 class ChunkHasher:
     """Per-chunk sha256 of a byte stream fed in order, computed on a helper thread so it
-    overlaps the whole-file hash."""
+    overlaps the whole-file hash. The thread starts with the first bytes: a hasher that is
+    never fed (or only abandoned) costs none."""
 
     def __init__(self, chunk_size=CHUNK_SIZE):
         self.chunk_size = chunk_size
         self._queue = queue.Queue(maxsize=16)
         self._digests = []
-        self._thread = threading.Thread(target=self._run, name="chunk-hasher", daemon=True)
-        self._thread.start()
+        self._thread = None
 
     def update(self, data):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="chunk-hasher", daemon=True)
+            self._thread.start()
         self._queue.put(bytes(data))
 
     def _run(self):
@@ -63,12 +66,15 @@ class ChunkHasher:
 
     def digests(self):
         """Finish and return the raw digests, one per chunk."""
+        if self._thread is None:
+            return [hashlib.sha256().digest()]
         self._queue.put(None)
         self._thread.join()
         return self._digests
 
     def abandon(self):
-        self._queue.put(None)
+        if self._thread is not None:
+            self._queue.put(None)
 
 
 def hash_file(path, chunk_size=CHUNK_SIZE):

@@ -112,8 +112,6 @@ def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=No
         runner.chunks.abandon()
         raise
     state.chunk_digests = runner.chunks.digests()
-    if runner is not job:
-        job.chunks.abandon()
     job.install()
     return state
 
