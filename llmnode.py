@@ -26,21 +26,23 @@ from repair.errors import (
     MethodNotAllowed,
     ModelLoadFailed,
     PayloadTooLarge,
+    RepairTimeout,
     RouteNotFound,
     Unauthorized,
 )
 from repair.guard import IntegrityGuard
 from repair.metrics import Metrics
-from repair.pull import fetch_broken, pull
+from repair.progress import progress_for
 from repair.registry import RegistryClient
 from repair.scrub import Scrubber
-from repair.store import Store, blob_layers, model_layer
-from repair.verify import BlobCorrupted
+from repair.store import Store, model_layer
 
 log = logging.getLogger("llmnode")
 
 # How long a request waits for its model to finish another generation before it gives up.
 GENERATION_WAIT_SECS = 600
+# "No keep-alive given": the model keeps the one it has (LLM_KEEP_ALIVE when first loaded).
+KEEP_DEFAULT = object()
 
 
 ###############################################################################
@@ -163,65 +165,203 @@ class FairLock:
 
 
 class LoadedModel:
-    def __init__(self, path):
+    """One model's weights in memory, used by one generation at a time."""
+
+    def __init__(self, pool, path):
+        self.pool = pool
         self.path = path
         self.llm = None
         self.formatter = None
         # Guards `llm`: a llama.cpp context runs one generation at a time, in arrival order.
         self.lock = FairLock()
+        # The fields below are guarded by the pool's condition.
+        self.evicted = False  # leaving memory: whoever holds the lock next must not use `llm`
+        self.expires = None  # monotonic time of its idle unload; None while in use or kept
+        self.keep_alive = pool.keep_alive  # seconds idle before unload; None: forever
+        self.pinned = False  # preloaded: never unloaded for being idle
+        self.loaded_at = None  # wall-clock time of the load, for /api/ps
+        self.size = 0
+
+    def release(self):
+        """End a generation: hand the model to the next request, or let it leave memory."""
+        self.pool.release(self)
 
 
 class ModelPool:
-    """Models loaded lazily on first use and kept; the least recently used leaves first."""
+    """Models loaded on first use, at most `capacity` in memory at once (those being loaded and
+    those evicted but still finishing a generation count too); the least recently used leaves
+    first, and an idle model leaves after its keep-alive."""
 
-    def __init__(self, loader, capacity):
-        self.loader = loader
+    def __init__(self, capacity, keep_alive=300.0, clock=time.monotonic):
         self.capacity = capacity
-        # Guards `_models` (path -> LoadedModel, oldest use first); never held during a load.
-        self._lock = threading.Lock()
+        self.keep_alive = keep_alive
+        self.clock = clock
+        # Guards _models (path -> LoadedModel, oldest use first), _live, _reaper and each
+        # entry's evicted/expires/keep_alive/pinned; notified when a model leaves memory or an
+        # expiry changes. An RLock: closing an evicted model happens inside it.
+        self._cond = threading.Condition()
         self._models = OrderedDict()
+        self._live = 0  # models holding or loading weights
+        self._reaper = None
 
-    def acquire(self, path, wait=GENERATION_WAIT_SECS):
-        """The loaded model for `path` with its lock held; the caller must `release` it."""
-        with self._lock:
-            entry = self._models.get(path)
-            if entry is None:
-                entry = self._models[path] = LoadedModel(path)
-            self._models.move_to_end(path)
-            victims = []
-            while len(self._models) > self.capacity:
-                victims.append(self._models.popitem(last=False)[1])
-        for victim in victims:
-            self._unload(victim)
-        if not entry.lock.acquire(timeout=wait):
-            raise ModelBusy("The model is busy with other requests; try again shortly")
-        if entry.llm is None:
-            try:
-                entry.llm = self.loader(path)
-                entry.formatter = chat_formatter(entry.llm)
-            except (ValueError, OSError, RuntimeError) as e:
-                entry.lock.release()
-                self.drop(path)
-                raise ModelLoadFailed("Failed to load model file %s: %s"
-                                      % (os.path.basename(path), e)) from e
-        return entry
+    def acquire(self, path, load, keep_alive=KEEP_DEFAULT, wait=GENERATION_WAIT_SECS):
+        """The loaded model for `path` with its lock held (`load()` makes the Llama if it is not
+        in memory); the caller must `release` it. Waits at most `wait` seconds."""
+        deadline = self.clock() + wait
+        while True:
+            with self._cond:
+                entry = self._models.get(path)
+                if entry is None:
+                    entry = self._models[path] = LoadedModel(self, path)
+                self._models.move_to_end(path)
+            if not entry.lock.acquire(timeout=max(0.0, deadline - self.clock())):
+                raise ModelBusy("The model is busy with other requests; try again shortly")
+            if entry.evicted:
+                entry.lock.release()  # it left memory while we queued: load it again
+                continue
+            if keep_alive is not KEEP_DEFAULT:
+                with self._cond:
+                    entry.keep_alive = keep_alive
+            if entry.llm is None:
+                self._load(entry, load, deadline)
+            with self._cond:
+                entry.expires = None
+            return entry
 
-    def drop(self, path):
-        """Forget a model (its file changed); it is freed once no generation holds it."""
-        with self._lock:
-            entry = self._models.pop(path, None)
-        if entry is not None:
-            self._unload(entry)
-
-    def _unload(self, entry):
-        with entry.lock:
+    def _load(self, entry, load, deadline):
+        try:
+            self._reserve(entry, deadline)
+        except BaseException:
+            self._forget(entry)
+            entry.lock.release()
+            raise
+        try:
+            entry.llm = load()
+            entry.formatter = chat_formatter(entry.llm)
+        except BaseException:
             if entry.llm is not None:
                 entry.llm.close()
                 entry.llm = None
+            with self._cond:
+                self._live -= 1
+                self._cond.notify_all()
+            self._forget(entry)
+            entry.lock.release()
+            raise
+        entry.loaded_at = time.time()
+        entry.size = os.path.getsize(entry.path) if os.path.exists(entry.path) else 0
+
+    def _forget(self, entry):
+        with self._cond:
+            if self._models.get(entry.path) is entry:
+                del self._models[entry.path]
+
+    def _reserve(self, entry, deadline):
+        """Take a place in memory for `entry`, evicting the least recently used model if the
+        pool is full and waiting (until `deadline`) for an evicted one to finish its generation."""
+        with self._cond:
+            while self._live >= self.capacity:
+                victims = [e for e in self._models.values()
+                           if e is not entry and e.llm is not None and not e.evicted]
+                victims.sort(key=lambda e: e.pinned)  # stable: LRU order within each group
+                if victims:
+                    self._evict(victims[0], "to make room (LLM_MAX_LOADED_MODELS=%d)" % self.capacity)
+                    continue
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise ModelBusy("Every loaded model is busy and LLM_MAX_LOADED_MODELS=%d "
+                                    "are in memory; try again shortly" % self.capacity)
+                self._cond.wait(left)
+            self._live += 1
+
+    def _evict(self, entry, why):
+        """Mark a model as leaving memory (its condition held); it is closed now if no
+        generation holds it, else by the generation's release."""
+        entry.evicted = True
+        self._forget(entry)
+        if entry.llm is not None and entry.lock.acquire(timeout=0):
+            log.info("unloading model %s %s", os.path.basename(entry.path), why)
+            self._close(entry)
+            entry.lock.release()
+
+    def _close(self, entry):
+        with self._cond:
+            entry.llm.close()
+            entry.llm = None
+            self._live -= 1
+            self._cond.notify_all()
+
+    def release(self, entry):
+        with self._cond:
+            if entry.llm is not None:
+                if entry.evicted:
+                    self._close(entry)
+                elif entry.lock.waiting() == 0:
+                    keep = None if entry.pinned else entry.keep_alive
+                    if keep == 0:
+                        entry.evicted = True
+                        self._forget(entry)
+                        self._close(entry)
+                    elif keep is not None:
+                        entry.expires = self.clock() + keep
+                        self._start_reaper()
+                        self._cond.notify_all()
+        entry.lock.release()
+
+    def _start_reaper(self):
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="keep-alive", daemon=True)
+            self._reaper.start()
+
+    def _reap(self):
+        """Unload models idle past their keep-alive, waking at the next expiry."""
+        with self._cond:
+            while True:
+                now = self.clock()
+                for entry in list(self._models.values()):
+                    if (entry.expires is not None and entry.expires <= now
+                            and entry.lock.acquire(timeout=0)):
+                        if entry.llm is not None and not entry.evicted:
+                            log.info("unloading model %s after %gs idle (keep_alive)",
+                                     os.path.basename(entry.path), entry.keep_alive)
+                            entry.evicted = True
+                            self._forget(entry)
+                            self._close(entry)
+                        entry.lock.release()
+                expiries = [e.expires for e in self._models.values() if e.expires is not None]
+                self._cond.wait(min([60.0] + [max(0.01, t - now) for t in expiries]))
+
+    def drop(self, path):
+        """Unload a model (its file changed, or a client asked); it leaves memory once no
+        generation holds it."""
+        with self._cond:
+            entry = self._models.get(path)
+            if entry is not None:
+                self._evict(entry, "(dropped)")
+
+    def pin(self, path):
+        with self._cond:
+            entry = self._models.get(path)
+            if entry is not None:
+                entry.pinned = True
+                entry.expires = None
 
     def loaded(self):
-        with self._lock:
-            return [e.path for e in self._models.values() if e.llm is not None]
+        with self._cond:
+            return [e.path for e in self._models.values() if e.llm is not None and not e.evicted]
+
+    def running(self):
+        """(path, size, loaded_at, expires_at wall time or None) of each model in memory."""
+        now, wall = self.clock(), time.time()
+        with self._cond:
+            return [(e.path, e.size, e.loaded_at,
+                     None if e.pinned or e.keep_alive is None
+                     else wall + ((e.expires - now) if e.expires is not None else e.keep_alive))
+                    for e in self._models.values() if e.llm is not None and not e.evicted]
+
+    def live(self):
+        with self._cond:
+            return self._live
 
 
 ###############################################################################
@@ -245,22 +385,95 @@ class Node:
                                          max_waiters=settings.max_repair_waiters,
                                          connections=settings.download_connections,
                                          metrics=self.metrics)
-        self.pool = ModelPool(loader or (lambda path: load_llama(path, settings)),
-                              settings.max_loaded_models)
+        self.loader = loader or (lambda path: load_llama(path, settings))
+        self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive)
+        # Set once every LLM_PRELOAD model is verified and loaded (/ready); `preload_errors`
+        # says why not, while it is not.
+        self.ready = threading.Event()
+        self.preload_errors = {}
+        if not settings.preload:
+            self.ready.set()
 
-    def load(self, name):
-        """The loaded model for a name, its lock held: guard, repair if needed, load."""
+    def load(self, name, keep_alive=KEEP_DEFAULT):
+        """The loaded model for a name, its lock held: guard, repair if needed, load. The
+        caller must `release()` it."""
         ref = names.parse(name)
-        resolved = self.repairs.ensure(ref, on_change=self.pool.drop)
+        manifest = self.repairs.manifest(ref)
+        layer = model_layer(manifest)
+        path = self.store.blob_path(layer["digest"])
+        if self.settings.verify_on_load:
+            # In memory, a model is used while its file is unchanged. A changed file is checked
+            # (and repaired) first, every request for it waiting on that one check; then any
+            # load, which reads the file again, is verified alongside.
+            if not self.guard.unchanged(layer):
+                self.repairs.ensure(ref, on_change=self.pool.drop)
+            return self.pool.acquire(path, lambda: self._load_verified(ref, layer, path), keep_alive)
+        self.repairs.ensure(ref, on_change=self.pool.drop)
+        return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
+
+    def _load_verified(self, ref, layer, path):
+        """Load the weights while the blob is verified (and repaired, if corrupted) on another
+        thread: the request waits for the longer of the two, not their sum. Weights loaded
+        from a blob that failed its check are dropped and the repaired blob is loaded (and
+        verified) again."""
+        for _attempt in range(3):
+            check = _Call(lambda: self.repairs.check_layer(ref, layer, gguf=True))
+            started = time.monotonic()
+            llm, load_error = None, None
+            try:
+                llm = self.loader(path)
+            except (ValueError, OSError, RuntimeError) as e:
+                load_error = e
+            loaded = time.monotonic() - started
+            try:
+                repaired = check.result(self.settings.repair_timeout_secs + 60)
+            except BaseException:
+                if llm is not None:
+                    llm.close()
+                raise
+            self.metrics.inc("llmnode_verified_loads_total")
+            log.info("model %s: loaded in %.2fs, blob verified in %.2fs%s", ref, loaded,
+                     check.elapsed, " (repaired)" if repaired else "")
+            if repaired:
+                if llm is not None:
+                    llm.close()
+                continue
+            if load_error is not None:
+                raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
+                                      "digest, so the model itself cannot be loaded by this "
+                                      "llama.cpp" % (os.path.basename(path), load_error)) from load_error
+            return llm
+        raise ModelLoadFailed("model %s was repaired and found corrupted again while loading" % ref)
+
+    def _load_checked(self, ref, path):
+        """Load without a full verification (LLM_VERIFY_ON_LOAD=false): only a llama.cpp load
+        failure leads to a full check."""
         try:
-            return self.pool.acquire(resolved.path)
-        except ModelLoadFailed as e:
-            # llama.cpp refused the file: a full check decides between corruption and a bad model.
+            return self.loader(path)
+        except (ValueError, OSError, RuntimeError) as e:
             log.warning("model %s failed to load; checking its blob in full", ref)
-            if not self.repairs.ensure(ref, on_change=self.pool.drop, full=True).repaired:
-                raise ModelLoadFailed("%s; the blob matches its digest, so the model itself "
-                                      "cannot be loaded by this llama.cpp" % e) from e
-            return self.pool.acquire(resolved.path)
+            if not self.repairs.ensure(ref, full=True).repaired:
+                raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
+                                      "digest, so the model itself cannot be loaded by this "
+                                      "llama.cpp" % (os.path.basename(path), e)) from e
+            return self.loader(path)
+
+    def preload(self, models):
+        """Verify and load each LLM_PRELOAD model, keep it loaded, then set `ready`."""
+        for name in models:
+            self.preload_errors[name] = "loading"
+        for name in models:
+            try:
+                entry = self.load(name)
+                self.pool.pin(entry.path)
+                entry.release()
+                del self.preload_errors[name]
+                log.info("preloaded model %s", name)
+            except LLMNodeError as e:
+                self.preload_errors[name] = str(e)
+                log.error("preload of model %s failed: %s", name, e)
+        if not self.preload_errors:
+            self.ready.set()
 
     def models(self):
         data = []
@@ -288,15 +501,15 @@ class Node:
                 # Prompt errors surface at the first chunk: take it before the 200 is sent.
                 first = next(result, None)
         except ValueError as e:
-            entry.lock.release()
+            entry.release()
             if "exceed context window" in str(e):
                 raise ContextTooLong("%s (LLM_CTX_SIZE=%d)" % (e, self.settings.n_ctx)) from e
             raise
         except BaseException:
-            entry.lock.release()
+            entry.release()
             raise
         if not req["stream"]:
-            entry.lock.release()
+            entry.release()
             result["model"] = req["model"]
             return result
         return self._stream(entry, first, result, req["model"])
@@ -308,7 +521,34 @@ class Node:
                 chunk["model"] = model
                 yield chunk
         finally:
-            entry.lock.release()
+            entry.release()
+
+
+class _Call:
+    """A function run on its own thread; `result()` waits for it (with a deadline)."""
+
+    def __init__(self, fn):
+        self._fn = fn
+        self._done = threading.Event()
+        self._result = self._error = None
+        self.elapsed = 0.0
+        threading.Thread(target=self._run, daemon=True, name="verify-on-load").start()
+
+    def _run(self):
+        started = time.monotonic()
+        try:
+            self._result = self._fn()
+        except BaseException as e:  # noqa: B036 - handed to the waiting thread
+            self._error = e
+        self.elapsed = time.monotonic() - started
+        self._done.set()
+
+    def result(self, timeout):
+        if not self._done.wait(timeout):
+            raise RepairTimeout()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 ###############################################################################
@@ -484,6 +724,13 @@ def routes(node):
     def health():
         return {"status": "ok", "repairs": node.repairs.active()}
 
+    @app.get("/ready")
+    def ready():
+        if node.ready.is_set():
+            return {"status": "ready", "loaded": [os.path.basename(p) for p in node.pool.loaded()]}
+        bottle.response.status = 503
+        return {"status": "not ready", "preload": dict(node.preload_errors)}
+
     @app.get("/metrics")
     def metrics():
         bottle.response.content_type = "text/plain; version=0.0.4"
@@ -556,19 +803,52 @@ def build_parser():
     return parser
 
 
-def cmd_serve(settings):
+def create_server(node, host, port, threads):
+    """A waitress server for the node's app; waitress refuses a body over LLM_MAX_BODY_BYTES
+    before reading it, and answers its own errors (413, 400, ...) in the OpenAI shape."""
     import waitress
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
 
+    class JSONErrorTask(ErrorTask):
+        def execute(self):
+            e = self.request.error
+            if e.code == 413:
+                err = PayloadTooLarge("Request body is larger than %d bytes (LLM_MAX_BODY_BYTES)"
+                                      % node.settings.max_body_bytes)
+            else:
+                err = InvalidRequest("%s: %s" % (e.reason, e.body))
+                err.status = e.code
+            node.metrics.inc("llmnode_requests_total", status=str(err.status))
+            body = json.dumps(err.body()).encode()
+            self.status = "%d %s" % (e.code, e.reason)
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class Channel(HTTPChannel):
+        error_task_class = JSONErrorTask
+
+    server = waitress.create_server(make_app(node), host=host, port=port, threads=threads,
+                                    ident="llmnode", clear_untrusted_proxy_headers=True,
+                                    max_request_body_size=node.settings.max_body_bytes + 1)
+    server.channel_class = Channel
+    return server
+
+
+def cmd_serve(settings):
     node = Node(settings)
     node.store.ensure_dirs()
     for path in node.store.remove_temporaries():
         log.info("removed %s, left by an interrupted write", path)
-    server = waitress.create_server(make_app(node), host=settings.host, port=settings.port,
-                                    threads=settings.threads, ident="llmnode",
-                                    clear_untrusted_proxy_headers=True)
+    server = create_server(node, settings.host, settings.port, settings.threads)
+    if settings.preload:
+        threading.Thread(target=node.preload, args=(settings.preload,), name="preload",
+                         daemon=True).start()
     if settings.scrub_interval_secs:
-        Scrubber(node.store, node.guard, node.repairs, settings.scrub_interval_secs,
-                 on_change=node.pool.drop).start()
+        Scrubber(node.store, node.repairs, settings.scrub_interval_secs,
+                 metrics=node.metrics).start()
     log.info("llmnode serving on http://%s:%s (store %s)", server.effective_host,
              server.effective_port, settings.models_dir)
     try:
@@ -580,12 +860,24 @@ def cmd_serve(settings):
     return 0
 
 
+def start_demo_node(settings):
+    """Serve a node on a free loopback port in this process: (node, base url, stop)."""
+    node = Node(settings)
+    node.store.ensure_dirs()
+    server = create_server(node, "127.0.0.1", 0, threads=8)
+    threading.Thread(target=server.run, daemon=True).start()
+    return node, "http://127.0.0.1:%s" % server.effective_port, server.close
+
+
 def cmd_pull(settings, name):
     node = Node(settings)
+    node.repairs.progress = progress_for
     ref = names.parse(name)
     log.info("pulling %s", ref)
-    pull(node.client, node.store, node.guard, ref, connections=settings.download_connections)
-    print("pulled %s" % ref)
+    _manifest, fetched, moved = node.repairs.pull(ref)
+    if moved:
+        print("%s: the tag moved (was sha256:%s); now at the new version" % (ref, moved))
+    print("pulled %s (%d blob(s) downloaded)" % (ref, len(fetched)))
     return 0
 
 
@@ -595,31 +887,23 @@ def cmd_verify(settings, name):
     refs = [names.parse(name)] if name else node.store.models()
     bad = 0
     for ref in refs:
-        try:
-            manifest = node.store.read_manifest(ref)
-        except LLMNodeError as e:
-            print("%s  manifest  BAD: %s" % (ref, e))
-            bad += 1
-            continue
-        weights = model_layer(manifest)
-        for layer in blob_layers(manifest):
-            try:
-                node.guard.verify(layer, gguf=layer is weights)
-                print("%s  %s  ok" % (ref, layer["digest"]))
-            except BlobCorrupted as e:
-                print("%s  %s  CORRUPTED: %s" % (ref, layer["digest"], e.reason))
-                bad += 1
+        for layer, problem in node.repairs.verify_model(ref):
+            what = layer["digest"] if layer else "manifest"
+            print("%s  %s  %s" % (ref, what, "ok" if problem is None else
+                                  ("CORRUPTED: " if layer else "BAD: ") + problem))
+            bad += problem is not None
     print("%d model(s) checked, %d problem(s)" % (len(refs), bad))
     return 1 if bad else 0
 
 
 def cmd_repair(settings, name):
-    """Fetch the manifest again if it is missing or unusable, then every bad blob."""
+    """Fetch the manifest again if it is missing or unusable, then every bad blob: the same
+    coordinator as the server (range repair, the cross-process lock, the log lines)."""
     node = Node(settings)
+    node.repairs.progress = progress_for
+    node.repairs.auto_repair = True
     ref = names.parse(name)
-    manifest = node.repairs.manifest(ref)
-    fetched = fetch_broken(node.client, node.store, node.guard, ref, manifest,
-                           connections=settings.download_connections)
+    fetched = node.repairs.check_model(ref)
     print("%s: %s" % (ref, "%d blob(s) repaired" % len(fetched) if fetched else "intact"))
     return 0
 
@@ -672,7 +956,7 @@ def main(argv=None):
             return cmd_repair(settings, name)
         if command == "demo":
             from repair.demo import run_demo
-            return run_demo(settings)
+            return run_demo(settings, start_demo_node)
         return cmd_list(settings)
     except LLMNodeError as e:
         log.error("%s failed: %s", command, e)

@@ -3,6 +3,7 @@
 import configparser
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
@@ -81,6 +82,45 @@ def as_url(text):
     return text.strip().rstrip("/")
 
 
+def as_name_list(text):
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|m|s|ms)")
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def as_keep_alive(text):
+    """Ollama's keep-alive syntax: seconds or a Go duration (`30s`, `5m`, `1h30m`); negative is
+    forever (None), 0 unloads at once."""
+    return parse_keep_alive(text.strip())
+
+
+def parse_keep_alive(value):
+    """Seconds (float), or None for forever; ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m, -1 or 0")
+    if isinstance(value, (int, float)):
+        return None if value < 0 else float(value)
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        number = float(text)
+        return None if number < 0 else number
+    except ValueError:
+        pass
+    negative = text.startswith("-")
+    body = text[1:] if negative else text
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if not body or pos != len(body):
+        raise ValueError("expected a duration such as 30s, 5m, -1 or 0")
+    return None if negative else total
+
+
 def as_str(text):
     if not text.strip():
         raise ValueError("expected a value")
@@ -138,6 +178,12 @@ SETTINGS = (
             "truncated under a running generation can crash the node)"),
     Setting("n_threads", "LLM_CPU_THREADS", as_cpu_threads, "0",
             "CPU threads llama.cpp uses for generation (0: one per core)"),
+    Setting("verify_on_load", "LLM_VERIFY_ON_LOAD", as_bool, "true",
+            "verify a model's blob every time its weights are loaded from disk"),
+    Setting("preload", "LLM_PRELOAD", as_name_list, "",
+            "comma-separated models verified and loaded at start; /ready waits for them"),
+    Setting("keep_alive", "LLM_KEEP_ALIVE", as_keep_alive, "5m",
+            "how long an idle model stays loaded (30s, 10m, -1 forever, 0 unload at once)"),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}

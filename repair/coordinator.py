@@ -9,19 +9,21 @@ from dataclasses import dataclass
 
 from repair.download import DownloadState, disk_free, fetch_blob
 from repair.errors import (
+    DigestMismatch,
     DownloadError,
-    InsufficientStorage,
     LLMNodeError,
     ModelCorrupted,
     ModelNotFound,
     RepairBusy,
     RepairTimeout,
 )
+from repair.locks import FileLock
 from repair.metrics import Metrics
 from repair.patch import patch_blob
 from repair.progress import LoggingProgress
+from repair.retry import call_with_retries
 from repair.singleflight import SingleFlight
-from repair.store import ManifestInvalid, model_layer, parse_manifest
+from repair.store import ManifestInvalid, checked_layers, model_layer, parse_manifest
 from repair.verify import BlobCorrupted
 
 log = logging.getLogger("llmnode.repair")
@@ -47,7 +49,7 @@ class RepairCoordinator:
 
     def __init__(self, store, client, guard, auto_repair=True, timeout_secs=300,
                  clock=time.monotonic, free_space=disk_free, retry=None, max_waiters=48,
-                 metrics=None, connections=1):
+                 metrics=None, connections=1, progress=LoggingProgress):
         self.store = store
         self.client = client
         self.guard = guard
@@ -58,6 +60,8 @@ class RepairCoordinator:
         self.retry = retry
         self.max_waiters = max_waiters
         self.connections = connections
+        # progress(label, total) -> a tqdm-like bar for each download (a terminal bar for `pull`).
+        self.progress = progress
         self.metrics = metrics or Metrics()
         self.blob_flights = SingleFlight("repair")
         self.manifest_flights = SingleFlight("manifest")
@@ -90,9 +94,10 @@ class RepairCoordinator:
             on_change(path)
         return Resolved(ref, path, self.check_layer(ref, layer, gguf=True))
 
-    def check_layer(self, ref, layer, gguf=False):
+    def check_layer(self, ref, layer, gguf=False, pulling=False):
         """Full check of one blob, repaired if corrupted; True if it was repaired. One run per
-        digest however many callers ask; each waits at most LLM_REPAIR_TIMEOUT_SECS."""
+        digest however many callers ask; each waits at most LLM_REPAIR_TIMEOUT_SECS. A pull
+        (`pulling`) fetches a missing or corrupted blob whatever LLM_AUTO_REPAIR says."""
         digest = layer["digest"]
         with self._lock:
             if sum(self._waiting.values()) >= self.max_waiters:
@@ -100,7 +105,8 @@ class RepairCoordinator:
                                  "wait (LLM_MAX_REPAIR_WAITERS); retry shortly" % (ref, self.max_waiters))
             self._waiting[digest] = self._waiting.get(digest, 0) + 1
         try:
-            flight, _ = self.blob_flights.submit(digest, lambda: self._check_blob(ref, layer, gguf))
+            flight, _ = self.blob_flights.submit(
+                digest, lambda: self._check_blob(ref, layer, gguf, pulling))
             return self._wait(flight)
         finally:
             with self._lock:
@@ -141,20 +147,23 @@ class RepairCoordinator:
         except TimeoutError:
             raise RepairTimeout() from None
 
-    def _check_blob(self, ref, layer, gguf):
+    def _check_blob(self, ref, layer, gguf, pulling=False):
         """Runs once per digest: full check, then a repair if the blob is corrupted."""
         try:
             self.guard.verify(layer, gguf=gguf)
             return False
         except BlobCorrupted as e:
-            log.warning("model %s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
-            if not self.auto_repair:
+            if not (pulling and e.reason == "missing"):
+                log.warning("model %s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
+            if not self.auto_repair and not pulling:
                 raise ModelCorrupted(
                     "Model '%s' is corrupted (%s) and auto-repair is disabled "
                     "(LLM_AUTO_REPAIR=false); run `python llmnode.py repair %s`"
                     % (ref, e.reason, ref)) from e
             bad = e.bad_chunks
-        self._repair(ref, lambda deadline: self._download(ref, layer, deadline, bad), layer)
+            fresh = pulling and e.reason == "missing"
+        self._repair(ref, lambda deadline: self._download(ref, layer, deadline, bad, gguf), layer,
+                     fresh=fresh)
         return True
 
     def _repair_manifest(self, ref):
@@ -164,7 +173,18 @@ class RepairCoordinator:
                                  "repair %s`" % (ref, ref))
 
         def fetch(_deadline):
-            raw = self.client.get_manifest(ref)
+            pin = self.guard.records.manifest_digest(ref)
+            if pin is None:
+                # A store pulled by another tool (Ollama) has no pin: the tag is used once, and
+                # what it gives is pinned from now on.
+                raw = self.client.get_manifest(ref)
+                log.warning("model %s had no pinned manifest digest; fetched its tag and pinned "
+                            "sha256:%s", ref, hashlib.sha256(raw).hexdigest())
+            else:
+                raw = self.client.get_manifest(ref, digest="sha256:" + pin)
+                actual = hashlib.sha256(raw).hexdigest()
+                if actual != pin:
+                    raise DigestMismatch("sha256:" + pin, actual)
             manifest = parse_manifest(raw)
             self.store.write_manifest(ref, raw)
             self.guard.records.record_manifest(ref, hashlib.sha256(raw).hexdigest())
@@ -172,31 +192,109 @@ class RepairCoordinator:
 
         return self._repair(ref, fetch, None)
 
-    def _repair(self, ref, work, layer):
-        """Run one repair with the SPEC's log lines; every failure becomes a SPEC error."""
-        log.info("Starting auto-repair for model: %s", ref)
-        self.metrics.inc("llmnode_repairs_started_total")
+    def _repair(self, ref, work, layer, fresh=False):
+        """Run one repair with the SPEC's log lines (a first download, `fresh`, logs as a pull);
+        a failure becomes a SPEC error, and an unexpected one is a bug: 500, traceback logged."""
+        if fresh:
+            log.info("pulling %s (%s)", layer["digest"], ref)
+        else:
+            log.info("Starting auto-repair for model: %s", ref)
+            self.metrics.inc("llmnode_repairs_started_total")
         self.metrics.inc("llmnode_repairs_in_progress")
         started = self.clock()
         deadline = started + self.timeout_secs
         try:
             result = work(deadline)
         except Exception as e:
-            self.metrics.inc("llmnode_repairs_failed_total")
-            log.error("Auto-repair failed: %s: %s", ref, e)
-            if isinstance(e, (DownloadError, InsufficientStorage, RepairTimeout)):
+            if not fresh:
+                self.metrics.inc("llmnode_repairs_failed_total")
+            if isinstance(e, LLMNodeError) and e.status != 500:
+                log.error("%s failed: %s: %s", "Pull" if fresh else "Auto-repair", ref, e)
                 raise
-            cause = "store error" if isinstance(e, OSError) else "registry error"
-            raise DownloadError(str(e), cause=cause) from e
+            if isinstance(e, OSError):
+                log.error("%s failed: %s: store error (%s)", "Pull" if fresh else "Auto-repair", ref, e)
+                raise DownloadError(str(e), cause="store error") from e
+            log.exception("%s failed: %s: unexpected error", "Pull" if fresh else "Auto-repair", ref)
+            raise LLMNodeError("Internal error while repairing model '%s': %r" % (ref, e)) from e
         finally:
             self.metrics.inc("llmnode_repairs_in_progress", -1)
             if layer is not None:
                 self._active.pop(layer["digest"], None)
-        self.metrics.inc("llmnode_repairs_completed_total")
-        log.info("Auto-repair completed: %s (elapsed: %ds)", ref, round(self.clock() - started))
+        if not fresh:
+            self.metrics.inc("llmnode_repairs_completed_total")
+            log.info("Auto-repair completed: %s (elapsed: %ds)", ref, round(self.clock() - started))
         return result
 
-    def _download(self, ref, layer, deadline, bad_chunks=None):
+    # One path for every caller that checks or fetches whole models: requests (above), the
+    # scrubber, and the pull, repair and verify commands.
+
+    def check_model(self, ref, stop=None):
+        """Full check of a model's manifest and every blob, each repaired if it is corrupted
+        or missing; the digests repaired."""
+        manifest = self.manifest(ref)
+        repaired = []
+        for layer, gguf in checked_layers(manifest):
+            if stop is not None and stop.is_set():
+                break
+            if self.check_layer(ref, layer, gguf=gguf):
+                repaired.append(layer["digest"])
+        return repaired
+
+    def verify_model(self, ref):
+        """Full check, repairing nothing: (layer or None for the manifest, problem or None)."""
+        try:
+            manifest = self.store.read_manifest(ref)
+        except LLMNodeError as e:
+            return [(None, str(e))]
+        results = []
+        for layer, gguf in checked_layers(manifest):
+            try:
+                self.guard.verify(layer, gguf=gguf)
+                results.append((layer, None))
+            except BlobCorrupted as e:
+                results.append((layer, e.reason))
+        return results
+
+    def pull(self, ref):
+        """Fetch a model's manifest by its tag and every blob the store lacks or holds
+        corrupted, then install the manifest and pin it; (manifest, digests fetched, the pin
+        it replaced if the tag moved)."""
+        raw = call_with_retries(lambda: self.client.get_manifest(ref), self.retry)
+        manifest = parse_manifest(raw)
+        fetched = [layer["digest"] for layer, gguf in checked_layers(manifest)
+                   if self.check_layer(ref, layer, gguf=gguf, pulling=True)]
+        new = hashlib.sha256(raw).hexdigest()
+        old = self.guard.records.manifest_digest(ref)
+        self.store.write_manifest(ref, raw)
+        self.guard.records.record_manifest(ref, new)
+        self._manifests.pop(str(ref), None)
+        moved = old if old is not None and old != new else None
+        if moved:
+            log.info("model %s: the tag moved from sha256:%s to sha256:%s; now pinned to the new "
+                     "manifest", ref, old, new)
+        log.info("pulled %s (%d of %d blobs downloaded)", ref, len(fetched),
+                 len(checked_layers(manifest)))
+        return manifest, fetched, moved
+
+    def _download(self, ref, layer, deadline, bad_chunks=None, gguf=False):
+        """Fetch a blob again, holding its cross-process lock for the whole write and install:
+        another writer (a command, a second node) waits here, then finds the blob installed."""
+        lock = FileLock(self.store.lock_path(layer["digest"]), clock=self.clock)
+        self.store.ensure_dirs()
+        lock.acquire(deadline)
+        try:
+            if lock.waited:
+                try:
+                    self.guard.verify(layer, gguf=gguf)
+                    log.info("model %s: blob %s was installed by another writer", ref, layer["digest"])
+                    return
+                except BlobCorrupted as e:
+                    bad_chunks = e.bad_chunks
+            self._download_locked(ref, layer, deadline, bad_chunks)
+        finally:
+            lock.release()
+
+    def _download_locked(self, ref, layer, deadline, bad_chunks):
         state = DownloadState(layer["digest"], layer["size"])
         self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         table = self.guard.table(layer) if bad_chunks else None
@@ -217,7 +315,9 @@ class RepairCoordinator:
                 state = DownloadState(layer["digest"], layer["size"])
                 self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         try:
-            with LoggingProgress(str(ref), layer["size"]) as bar:
+            kind = layer.get("mediaType", "blob").rsplit(".", 1)[-1]
+            label = str(ref) if kind == "model" else "%s (%s)" % (ref, kind)
+            with self.progress(label, layer["size"]) as bar:
                 fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,
                            retry=self.retry, free_space=self.free_space, deadline=deadline,
                            clock=self.clock, sleep=_sleep_until(deadline, self.clock),

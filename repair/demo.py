@@ -65,6 +65,8 @@ def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2):
         _kv("tokenizer.ggml.bos_token_id", _U32, 1),
         _kv("tokenizer.ggml.eos_token_id", _U32, 2),
         _kv("tokenizer.ggml.unknown_token_id", _U32, 0),
+        _kv("tokenizer.ggml.add_bos_token", _BOOL, True),
+        _kv("llama.vocab_size", _U32, n_vocab),
         _kv("tokenizer.chat_template", _STR, CHAT_TEMPLATE),
     ]
 
@@ -132,13 +134,11 @@ def _serve_registry(weights):
     return server
 
 
-def run_demo(settings, out=print):
-    """Pull, serve, corrupt, ask again: the repair happens inside the request."""
-    import waitress
-
-    import llmnode
+def run_demo(settings, start, out=print):
+    """Pull, serve, corrupt, ask again: the repair happens inside the request. `start(settings)`
+    serves a node (llmnode's, passed in: this package never imports the surface) and returns
+    (node, base url, stop)."""
     from repair import names
-    from repair.pull import pull
 
     workdir = tempfile.mkdtemp(prefix="llmnode-demo-")
     registry = _serve_registry(tiny_gguf())
@@ -147,12 +147,10 @@ def run_demo(settings, out=print):
         registry_url = "http://127.0.0.1:%d" % registry.server_address[1]
         values = dict(vars(settings), models_dir=os.path.join(workdir, "models"),
                       registry_url=registry_url, n_ctx=512, threads=8)
-        node = llmnode.Node(type(settings)(values))
+        node, base, server = start(type(settings)(values))
         out("== llmnode demo: store %s, registry %s" % (values["models_dir"], registry_url))
-        pull(node.client, node.store, node.guard, names.parse(MODEL), terminal=False)
-        server = waitress.create_server(llmnode.make_app(node), host="127.0.0.1", port=0, threads=8)
-        threading.Thread(target=server.run, daemon=True).start()
-        url = "http://127.0.0.1:%s/v1/chat/completions" % server.effective_port
+        node.repairs.pull(names.parse(MODEL))
+        url = base + "/v1/chat/completions"
         body = {"model": MODEL, "messages": [{"role": "user", "content": "test"}], "max_tokens": 16}
 
         out("== 1. a normal request")
@@ -169,7 +167,7 @@ def run_demo(settings, out=print):
         return 0 if ok else 1
     finally:
         if server is not None:
-            server.close()
+            server()
         registry.shutdown()
         registry.server_close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -45,6 +45,11 @@ class IntegrityGuard:
                 whole, chunk_digests = hash_file(path)
                 check_digest(path, digest, whole)
                 self.records.record_table(digest, self.tables.save(digest, chunk_digests))
+        except OSError as e:
+            # A disk that cannot read the blob (EIO) holds no usable copy of it.
+            self.metrics.inc("llmnode_corrupted_blobs_found_total")
+            self.records.forget_blob(layer["digest"])
+            raise BlobCorrupted(path, "unreadable: %s" % e) from e
         except BlobCorrupted as e:
             if e.reason != "missing":
                 self.metrics.inc("llmnode_corrupted_blobs_found_total")

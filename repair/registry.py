@@ -48,15 +48,16 @@ class RegistryClient:
         scheme = "http" if is_loopback(hostname) or hostname in self.insecure_hosts else "https"
         return "%s://%s" % (scheme, ref.host)
 
-    def manifest_url(self, ref):
-        return "%s/v2/%s/manifests/%s" % (self.base_url(ref), ref.repository, ref.tag)
+    def manifest_url(self, ref, digest=None):
+        return "%s/v2/%s/manifests/%s" % (self.base_url(ref), ref.repository, digest or ref.tag)
 
     def blob_url(self, ref, digest):
         return "%s/v2/%s/blobs/%s" % (self.base_url(ref), ref.repository, digest)
 
-    def get_manifest(self, ref):
-        """The raw manifest bytes of a model."""
-        url = self.manifest_url(ref)
+    def get_manifest(self, ref, digest=None):
+        """The raw manifest bytes of a model: the one its tag names now, or with `digest`
+        (`sha256:<hex>`) the one pinned."""
+        url = self.manifest_url(ref, digest)
         resp = self.request(url, ref, {"Accept": MANIFEST_ACCEPT}, stream=True)
         raw = bytearray()
         with resp:

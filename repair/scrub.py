@@ -5,22 +5,21 @@ import os
 import threading
 
 from repair.errors import LLMNodeError
-from repair.store import blob_layers, model_layer
-from repair.verify import BlobCorrupted
+from repair.metrics import Metrics
 
 log = logging.getLogger("llmnode.scrub")
 
 
 class Scrubber:
-    """Every `interval` seconds, a full check of every blob of every model, at low CPU priority;
-    what is corrupted goes to the repair coordinator (which repairs it or reports it)."""
+    """Every `interval` seconds, a full check of every blob of every model, at low CPU priority,
+    through the repair coordinator (one check per blob however many ask; a corrupted or
+    unreadable blob is repaired or reported). No failure ends the scrubber."""
 
-    def __init__(self, store, guard, coordinator, interval, on_change=None):
+    def __init__(self, store, coordinator, interval, metrics=None):
         self.store = store
-        self.guard = guard
         self.coordinator = coordinator
         self.interval = interval
-        self.on_change = on_change
+        self.metrics = metrics or Metrics()
         self.passes = 0
         self._stop = threading.Event()
         self._thread = None
@@ -39,34 +38,31 @@ class Scrubber:
         except OSError:
             pass
         while not self._stop.wait(self.interval):
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception:
+                self.metrics.inc("llmnode_scrub_errors_total")
+                log.exception("scrub: pass failed; the next pass runs in %ds", self.interval)
 
     def run_once(self):
-        """One pass; returns the (model, digest, reason) of each corrupted blob found."""
+        """One pass; returns (model, digest or None, what happened) for each blob or manifest
+        that was not intact."""
         findings = []
         for ref in self.store.models():
+            if self._stop.is_set():
+                break
             try:
-                manifest = self.store.read_manifest(ref)
+                repaired = self.coordinator.check_model(ref, stop=self._stop)
+                findings += [(str(ref), digest, "repaired") for digest in repaired]
             except LLMNodeError as e:
-                log.warning("scrub: model %s: manifest unusable: %s", ref, e)
-                findings.append((str(ref), None, str(e)))
-                continue
-            weights = model_layer(manifest)
-            for layer in blob_layers(manifest):
-                if self._stop.is_set():
-                    return findings
-                try:
-                    self.guard.verify(layer, gguf=layer is weights)
-                    continue
-                except BlobCorrupted as e:
-                    log.warning("scrub: model %s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
-                    findings.append((str(ref), layer["digest"], e.reason))
-                if layer is weights and self.on_change:
-                    self.on_change(self.store.blob_path(layer["digest"]))
-                try:
-                    self.coordinator.check_layer(ref, layer, gguf=layer is weights)
-                except LLMNodeError as e:
-                    log.error("scrub: model %s: blob %s not repaired: %s", ref, layer["digest"], e)
+                log.error("scrub: model %s not repaired: %s", ref, e)
+                findings.append((str(ref), getattr(e, "digest", None), str(e)))
+            except Exception as e:
+                # One model's unexpected failure (a bug, a failing disk) must not stop the rest.
+                self.metrics.inc("llmnode_scrub_errors_total")
+                log.exception("scrub: model %s: unexpected error", ref)
+                findings.append((str(ref), None, repr(e)))
         self.passes += 1
-        log.info("scrub: pass %d done, %d corrupted blob(s) found", self.passes, len(findings))
+        self.metrics.inc("llmnode_scrub_passes_total")
+        log.info("scrub: pass %d done, %d problem(s) found", self.passes, len(findings))
         return findings

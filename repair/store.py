@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import tempfile
 
 from repair import names
 from repair.errors import LLMNodeError, ModelNotFound
@@ -56,6 +57,13 @@ def blob_layers(manifest):
     return ([config] if config else []) + list(manifest["layers"])
 
 
+def checked_layers(manifest):
+    """(layer, is_the_gguf_weights) for every blob of a manifest: the one list that pull,
+    repair, verify and scrub walk."""
+    weights = model_layer(manifest)
+    return [(layer, layer is weights) for layer in blob_layers(manifest)]
+
+
 class Store:
     """An Ollama-layout models directory."""
 
@@ -63,6 +71,7 @@ class Store:
         self.root = os.path.abspath(root)
         self.manifests_dir = os.path.join(self.root, "manifests")
         self.blobs_dir = os.path.join(self.root, "blobs")
+        self.partials_dir = os.path.join(self.root, ".llmnode", "partial")
 
     def manifest_path(self, ref):
         return os.path.join(self.manifests_dir, *ref.path_parts)
@@ -71,7 +80,14 @@ class Store:
         return os.path.join(self.blobs_dir, "sha256-" + digest_hex(digest))
 
     def partial_path(self, digest):
-        return self.blob_path(digest) + "-partial"
+        """Where this node writes a blob before it is verified: under `.llmnode/`, not beside
+        the blobs, so Ollama's own `-partial` files (preallocated to full size) are never
+        taken for ours, and Ollama's prune never deletes ours."""
+        return os.path.join(self.partials_dir, "sha256-%s-partial" % digest_hex(digest))
+
+    def lock_path(self, digest):
+        """The lock file a writer of this blob holds (flock) for its whole write and install."""
+        return os.path.join(self.partials_dir, "sha256-%s.lock" % digest_hex(digest))
 
     def read_manifest_raw(self, ref):
         """The manifest bytes of a model; ModelNotFound if there are none."""
@@ -114,28 +130,59 @@ class Store:
         return sorted(found, key=str)
 
     def remove_temporaries(self):
-        """Delete what an interrupted atomic write left (`*.tmp-PID`); partial blobs stay."""
+        """Delete what an interrupted atomic write left (`*.tmp-PID-XXXX`) by a process that no
+        longer runs; a live writer's temporaries (another node, a command) and partial blobs stay."""
         removed = []
         for d, _, files in os.walk(self.root):
             for f in files:
-                if re.search(r"\.tmp-\d+$", f) and not f.endswith(".tmp-%d" % os.getpid()):
-                    os.unlink(os.path.join(d, f))
+                m = _TEMPORARY.search(f)
+                if m and not _alive(int(m.group(1))):
+                    try:
+                        os.unlink(os.path.join(d, f))
+                    except FileNotFoundError:
+                        continue
                     removed.append(os.path.join(d, f))
         return removed
 
     def ensure_dirs(self):
         os.makedirs(self.blobs_dir, exist_ok=True)
         os.makedirs(self.manifests_dir, exist_ok=True)
+        os.makedirs(self.partials_dir, exist_ok=True)
+
+
+_TEMPORARY = re.compile(r"\.tmp-(\d+)(-\w+)?$")
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomically(path, data):
-    """Write bytes to a temporary sibling, fsync, and rename over `path`."""
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write bytes to a temporary sibling of a name no other writer (thread or process) can
+    pick, fsync, and rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
+                               prefix="%s.tmp-%d-" % (os.path.basename(path), os.getpid()))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     fsync_dir(os.path.dirname(path))
 
 

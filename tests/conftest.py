@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import requests
-import waitress
 
 import conf
 import llmnode
@@ -145,8 +144,7 @@ def settings_for(models_dir, registry_url, **env):
 class Served:
     def __init__(self, node):
         self.node = node
-        self.server = waitress.create_server(llmnode.make_app(node), host="127.0.0.1", port=0,
-                                             threads=4)
+        self.server = llmnode.create_server(node, "127.0.0.1", 0, threads=4)
         self.url = "http://127.0.0.1:%s" % self.server.effective_port
         self.closing = False
         threading.Thread(target=self._run, daemon=True).start()

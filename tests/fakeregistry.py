@@ -123,6 +123,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "manifests":
             raw = reg.manifests.get((repository, ref))
+            if raw is None and ref.startswith("sha256:"):
+                raw = next((m for (repo, _), m in list(reg.manifests.items())
+                            if repo == repository and digest_of(m) == ref), None)
             if raw is None:
                 return self.send_json(404, {"errors": [{"code": "MANIFEST_UNKNOWN"}]})
             return self.send_bytes(200, raw, MANIFEST_TYPE)

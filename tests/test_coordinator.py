@@ -31,13 +31,13 @@ def intact(path, layer):
 
 def counting_loads(node):
     loads = []
-    real = node.pool.loader
+    real = node.loader
 
     def loader(path):
         loads.append(path)
         return real(path)
 
-    node.pool.loader = loader
+    node.loader = loader
     return loads
 
 
@@ -61,7 +61,9 @@ def test_silent_corruption_of_a_loaded_model_is_repaired_before_the_answer(serve
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
     assert registry.bytes_served[layer["digest"]] == served + layer["size"]
     assert intact(path, layer)
+    # First use; then the changed file is checked and repaired before it is loaded again.
     assert loads == [path, path]
+    assert s.node.pool.live() == 1
 
 
 @pytest.mark.parametrize("damage", [

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from repair.download import NET_CHUNK
+from repair.store import Store
 from tests.conftest import node_env
 from tests.test_autorepair import blob_of
 
@@ -52,7 +53,7 @@ def test_a_node_killed_mid_repair_resumes_after_restart(pulled, registry, start_
     wait_for(download_reached_cut, "the download never reached byte %d" % received)
     node.proc.send_signal(signal.SIGKILL)
     node.proc.wait(timeout=10)
-    partial = blob + "-partial"
+    partial = Store(pulled).partial_path(layer["digest"])
     assert (os.path.getsize(partial) if os.path.exists(partial) else 0) >= received
 
     served_before = registry.bytes_served[layer["digest"]]

@@ -37,7 +37,7 @@ def test_pull_from_a_real_distribution_registry(distribution, tiny_gguf, models_
         assert "sha256:" + sha256_file(path) == layer["digest"]
     weights = os.path.join(models_dir, "blobs", "sha256-" + hashlib.sha256(tiny_gguf).hexdigest())
     assert open(weights, "rb").read() == tiny_gguf
-    assert not [f for f in os.listdir(os.path.join(models_dir, "blobs")) if f.endswith("-partial")]
+    assert not [f for f in os.listdir(Store(models_dir).partials_dir) if f.endswith("-partial")]
 
 
 def test_parallel_ranged_download_from_a_real_distribution_registry(distribution, tmp_path, caplog):

@@ -10,7 +10,7 @@ import pytest
 
 from repair import names
 from repair.retry import Retry
-from repair.store import model_layer
+from repair.store import Store, model_layer
 
 CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}], "max_tokens": 2}
 SIZE = 469440  # the tiny model's size; offsets below are spread across it
@@ -26,7 +26,7 @@ def assert_no_blob_under_a_wrong_digest(models_dir):
             with open(os.path.join(blobs, name), "rb") as f:
                 assert hashlib.sha256(f.read()).hexdigest() == m.group(1), name
             checked += 1
-    partials = [n for n in os.listdir(blobs) if n.endswith("-partial")]
+    partials = [n for n in os.listdir(Store(models_dir).partials_dir) if n.endswith("-partial")]
     assert len(partials) <= 1, partials
     return checked
 

@@ -76,7 +76,7 @@ def test_health_does_not_wait_behind_a_generation(serve):
         r = requests.get(s.url + "/health", timeout=5)
         models = requests.get(s.url + "/v1/models", timeout=5)
     finally:
-        entry.lock.release()
+        entry.release()
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert models.status_code == 200
 
@@ -189,9 +189,9 @@ def test_least_recently_used_model_leaves_first(tmp_path):
         return llmnode.load_llama(path, conf.load(environ={"LLM_CTX_SIZE": "256",
                                                            "LLM_CPU_THREADS": "1"}))
 
-    pool = llmnode.ModelPool(loader, capacity=2)
+    pool = llmnode.ModelPool(capacity=2)
     for p in (paths[0], paths[1], paths[0], paths[2]):
-        pool.acquire(p).lock.release()
+        pool.acquire(p, lambda p=p: loader(p)).release()
     assert sorted(pool.loaded()) == sorted([paths[0], paths[2]])
     assert loads == [paths[0], paths[1], paths[2]]
 

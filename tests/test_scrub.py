@@ -26,13 +26,13 @@ def test_a_scrub_pass_finds_bit_rot_and_reports_it_when_repair_is_off(registry, 
     pull(node.client, node.store, node.guard, ref, terminal=False)
     layer = model_layer(node.store.read_manifest(ref))
     assert node.guard.unchanged(layer)
-    scrub = Scrubber(node.store, node.guard, node.repairs, interval=3600)
+    scrub = Scrubber(node.store, node.repairs, interval=3600)
     assert scrub.run_once() == []
     rot(node.store.blob_path(layer["digest"]))
     assert node.guard.unchanged(layer)
     findings = scrub.run_once()
-    assert [(m, d) for m, d, _ in findings] == [("gpt-oss:7b", layer["digest"])]
-    assert "sha256 mismatch" in findings[0][2]
+    assert [m for m, _, _ in findings] == ["gpt-oss:7b"]
+    assert "sha256 mismatch" in findings[0][2] and "auto-repair is disabled" in findings[0][2]
 
 
 def test_the_background_scrub_repairs_bit_rot_without_a_request(pulled, registry, start_node):
@@ -43,5 +43,5 @@ def test_the_background_scrub_repairs_bit_rot_without_a_request(pulled, registry
     while "Auto-repair completed: gpt-oss:7b" not in node.log():
         assert time.monotonic() < deadline, node.log()
         time.sleep(0.05)
-    assert "scrub: model gpt-oss:7b: blob %s is corrupted" % layer["digest"] in node.log()
+    assert "model gpt-oss:7b: blob %s is corrupted" % layer["digest"] in node.log()
     assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
