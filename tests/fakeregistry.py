@@ -6,6 +6,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -41,6 +42,8 @@ class FakeRegistry:
 
     def __init__(self):
         self.manifests = {}
+        # Every manifest ever added, by digest: a registry keeps old versions when a tag moves.
+        self.manifests_by_digest = {}
         self.blobs = {}
         # Guards the counters below; handler threads update them.
         self.lock = threading.Lock()
@@ -53,6 +56,8 @@ class FakeRegistry:
         self.content_range_offset = 0
         # When set, blob bodies stop half-way until the test sets this event.
         self.gate = None
+        # When set, each blob body is sent at about this many bytes a second (a slow link).
+        self.rate = None
         # Faults for the next blob requests, one each, in order; `always` applies to every one.
         self.faults = []
         self.always = None
@@ -63,6 +68,7 @@ class FakeRegistry:
     def add_model(self, repository, tag, gguf_bytes, extra_layers=()):
         raw, blobs = make_manifest([(MODEL_TYPE, gguf_bytes)] + list(extra_layers))
         self.manifests[(repository, tag)] = raw
+        self.manifests_by_digest[(repository, digest_of(raw))] = raw
         self.blobs.update(blobs)
         return json.loads(raw)
 
@@ -123,9 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "manifests":
             raw = reg.manifests.get((repository, ref))
-            if raw is None and ref.startswith("sha256:"):
-                raw = next((m for (repo, _), m in list(reg.manifests.items())
-                            if repo == repository and digest_of(m) == ref), None)
+            if raw is None:
+                raw = reg.manifests_by_digest.get((repository, ref))
             if raw is None:
                 return self.send_json(404, {"errors": [{"code": "MANIFEST_UNKNOWN"}]})
             return self.send_bytes(200, raw, MANIFEST_TYPE)
@@ -187,6 +192,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             body = body[half:]
         try:
+            if reg.rate:
+                piece = max(1, reg.rate // 50)
+                for i in range(0, len(body), piece):
+                    self.wfile.write(body[i:i + piece])
+                    self.wfile.flush()
+                    reg.served(ref, len(body[i:i + piece]))
+                    time.sleep(len(body[i:i + piece]) / reg.rate)
+                return
             self.wfile.write(body)
         except OSError:
             return

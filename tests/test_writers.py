@@ -1,0 +1,272 @@
+"""Several writers on one store: a serving node and the commands, threads, other processes,
+Ollama's partial files, and a tag that moved upstream."""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+import requests
+
+import llmnode
+from repair import names
+from repair.coordinator import RepairCoordinator
+from repair.errors import DownloadError, LLMNodeError
+from repair.guard import IntegrityGuard
+from repair.records import VerifiedRecords
+from repair.registry import RegistryClient
+from repair.store import Store, model_layer
+from tests.conftest import MODEL, ROOT, node_env, run_cli, settings_for
+from tests.fakeregistry import MODEL_TYPE
+from tests.test_autorepair import blob_of
+from tests.tinymodel import write_tiny_gguf
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "test"}], "max_tokens": 2}
+
+
+def assert_every_blob_hashes_to_its_name(models_dir):
+    blobs = os.path.join(models_dir, "blobs")
+    checked = 0
+    for name in os.listdir(blobs):
+        m = re.fullmatch(r"sha256-([0-9a-f]{64})", name)
+        if m:
+            with open(os.path.join(blobs, name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == m.group(1), name
+            checked += 1
+    return checked
+
+
+def test_the_serving_node_and_the_repair_command_repair_one_blob_together(
+        pulled, registry, start_node):
+    """20 rounds, damage at varied offsets, a registry slow enough that the two overlap."""
+    layer, blob = blob_of(pulled)
+    env = node_env(pulled, registry.url)
+    node = start_node(env)
+    registry.rate = 2 << 20  # the 469 KB blob takes about 0.2 s
+    waits = 0
+    for round_ in range(20):
+        offset = (round_ * 23_459) % (layer["size"] - 64)
+        with open(blob, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\x00" * 64 if round_ % 2 else b"corrupted\n")
+        before = registry.bytes_served[layer["digest"]]
+        command = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmnode.py"), "repair", MODEL],
+                                   env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        r = requests.post(node.url + "/v1/chat/completions", json=CHAT, timeout=120)
+        out, err = command.communicate(timeout=120)
+        assert r.status_code == 200, r.text
+        assert command.returncode == 0, err
+        assert ("repaired" in out or "intact" in out), out
+        assert assert_every_blob_hashes_to_its_name(pulled) == 2
+        waits += "installed by another writer" in err + node.log()
+        # However the two met, the blob came over the wire at most twice (range repair or whole).
+        assert registry.bytes_served[layer["digest"]] - before <= 2 * layer["size"]
+    print("20 rounds: %d in which one writer waited for the other's install" % waits)
+    assert waits >= 1
+
+
+def test_two_threads_and_a_command_repair_one_blob(pulled, registry, serve):
+    s = serve()
+    layer, blob = blob_of(pulled)
+    registry.rate = 1 << 20
+    env = node_env(pulled, registry.url)
+    for round_ in range(5):
+        with open(blob, "wb") as f:
+            f.write(b"corrupted %d\n" % round_)
+        command = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmnode.py"), "repair", MODEL],
+                                   env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            s.post("/v1/chat/completions", CHAT).status_code)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        _, err = command.communicate(timeout=120)
+        assert results == [200, 200]
+        assert command.returncode == 0, err
+        assert assert_every_blob_hashes_to_its_name(pulled) == 2
+
+
+def test_an_ollama_partial_beside_our_blob_is_neither_deleted_nor_taken_as_data(pulled, registry, serve):
+    s = serve()
+    layer, blob = blob_of(pulled)
+    # Ollama preallocates `<blob>-partial` to the full size and keeps its parts in `-partial-N`.
+    theirs = blob + "-partial"
+    with open(theirs, "wb") as f:
+        f.truncate(layer["size"])
+    with open(theirs + "-0", "w") as f:
+        json.dump({"N": 0, "Offset": 0, "Size": layer["size"], "Completed": 0}, f)
+    stamps = {p: os.stat(p).st_mtime_ns for p in (theirs, theirs + "-0")}
+    with open(blob, "wb") as f:
+        f.write(b"corrupted\n")
+    assert s.post("/v1/chat/completions", CHAT).status_code == 200
+    assert assert_every_blob_hashes_to_its_name(pulled) == 2
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+    assert open(theirs, "rb").read() == b"\0" * layer["size"]
+    assert not s.node.store.partial_path(layer["digest"]).startswith(s.node.store.blobs_dir)
+
+
+def test_two_processes_recording_at_once_lose_no_entry(tmp_path):
+    script = ("import sys\nfrom repair.records import VerifiedRecords\n"
+              "r = VerifiedRecords(sys.argv[1])\n"
+              "for i in range(60):\n    r.record_manifest('%s-%d' % (sys.argv[2], i), '%064x' % i)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), who], cwd=ROOT)
+             for who in ("a", "b", "c")]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    data = json.load(open(tmp_path / ".llmnode" / "verified.json"))
+    assert len(data["manifests"]) == 180
+    assert not [f for f in os.listdir(tmp_path / ".llmnode") if ".tmp-" in f]
+
+
+def test_an_unreadable_records_file_is_moved_aside_and_logged(tmp_path, caplog):
+    (tmp_path / ".llmnode").mkdir()
+    (tmp_path / ".llmnode" / "verified.json").write_text('{"blobs": {"trunc')
+    records = VerifiedRecords(str(tmp_path))
+    with caplog.at_level(logging.ERROR):
+        assert records.manifest_digest("x") is None
+    aside = [f for f in os.listdir(tmp_path / ".llmnode") if ".unreadable-" in f]
+    assert len(aside) == 1
+    assert (tmp_path / ".llmnode" / aside[0]).read_text() == '{"blobs": {"trunc'
+    assert "unreadable" in caplog.text and aside[0] in caplog.text
+
+
+@pytest.fixture
+def moved_tag(registry, models_dir, tmp_path):
+    """gpt-oss:7b pulled; then upstream, the tag moves to different weights."""
+    result = run_cli("pull", MODEL, env=node_env(models_dir, registry.url))
+    assert result.returncode == 0, result.stderr
+    ref = names.parse(MODEL)
+    store = Store(models_dir)
+    pinned = store.read_manifest_raw(ref)
+    other = write_tiny_gguf(tmp_path / "v2.gguf", seed=7).read_bytes()
+    registry.add_model("library/gpt-oss", "7b", other)
+    return store, ref, pinned
+
+
+def test_a_broken_manifest_is_repaired_with_the_pinned_one_even_after_the_tag_moved(
+        moved_tag, registry, serve):
+    store, ref, pinned = moved_tag
+    with open(store.manifest_path(ref), "wb") as f:
+        f.write(b"{broken")
+    s = serve()
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200, r.text
+    assert store.read_manifest_raw(ref) == pinned
+    assert any("/manifests/sha256:%s" % hashlib.sha256(pinned).hexdigest() in path
+               for path, _ in registry.requests)
+
+
+def test_without_the_pinned_manifest_upstream_the_node_refuses_rather_than_serve_the_new_tag(
+        moved_tag, registry, serve):
+    store, ref, pinned = moved_tag
+    registry.manifests_by_digest = {k: v for k, v in registry.manifests_by_digest.items()
+                                    if v != pinned}
+    with open(store.manifest_path(ref), "wb") as f:
+        f.write(b"{broken")
+    s = serve()
+    r = s.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "model_repair_error"
+    assert store.read_manifest_raw(ref) == b"{broken"
+
+
+def test_pull_moves_to_the_new_tag_and_says_so(moved_tag, registry, models_dir):
+    store, ref, pinned = moved_tag
+    result = run_cli("pull", MODEL, env=node_env(models_dir, registry.url))
+    assert result.returncode == 0, result.stderr
+    assert "the tag moved (was sha256:%s)" % hashlib.sha256(pinned).hexdigest() in result.stdout
+    new = store.read_manifest_raw(ref)
+    assert new != pinned
+    assert VerifiedRecords(models_dir).manifest_digest(ref) == hashlib.sha256(new).hexdigest()
+
+
+def test_a_store_without_a_pin_uses_the_tag_once_and_pins_it(pulled, registry, serve, caplog):
+    store = Store(pulled)
+    ref = names.parse(MODEL)
+    os.unlink(os.path.join(pulled, ".llmnode", "verified.json"))  # as Ollama would leave it
+    raw = store.read_manifest_raw(ref)
+    s = serve()
+    with caplog.at_level(logging.WARNING):
+        assert s.post("/v1/chat/completions", CHAT).status_code == 200
+    assert VerifiedRecords(pulled).manifest_digest(ref) == hashlib.sha256(raw).hexdigest()
+
+
+class _Exploding:
+    """A registry client whose blob requests hit a bug."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def get_manifest(self, ref, digest=None):
+        return self.real.get_manifest(ref, digest)
+
+    def open_blob(self, *args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+
+def test_an_unexpected_error_in_a_repair_is_a_500_with_its_traceback_logged(pulled, registry, caplog):
+    store = Store(pulled)
+    guard = IntegrityGuard(store)
+    coordinator = RepairCoordinator(store, _Exploding(RegistryClient(registry.url)), guard)
+    ref = names.parse(MODEL)
+    layer = model_layer(store.read_manifest(ref))
+    with open(store.blob_path(layer["digest"]), "wb") as f:
+        f.write(b"corrupted\n")
+    with caplog.at_level(logging.ERROR), pytest.raises(LLMNodeError) as raised:
+        coordinator.check_layer(ref, layer, gguf=True)
+    assert not isinstance(raised.value, DownloadError)
+    assert raised.value.status == 500 and raised.value.code == "internal_error"
+    assert "ZeroDivisionError: a bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_served_repair_with_a_bug_answers_500_internal_error(pulled, registry):
+    node = llmnode.Node(settings_for(pulled, registry.url))
+    node.repairs.client = _Exploding(node.client)
+    layer, blob = blob_of(pulled)
+    with open(blob, "wb") as f:
+        f.write(b"corrupted\n")
+    from tests.conftest import Served
+    s = Served(node)
+    try:
+        r = s.post("/v1/chat/completions", CHAT)
+    finally:
+        s.close()
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error"
+    assert "Retry-After" not in r.headers
+
+
+def test_pull_repair_and_verify_share_the_coordinator_loop(registry, models_dir):
+    env = node_env(models_dir, registry.url)
+    assert run_cli("pull", MODEL, env=env).returncode == 0
+    layer, blob = blob_of(models_dir)
+    with open(blob, "r+b") as f:
+        f.seek(layer["size"] // 2)
+        f.write(b"\xff" * 64)
+    bad = run_cli("verify", MODEL, env=env)
+    assert bad.returncode == 1 and "CORRUPTED" in bad.stdout
+    served = registry.bytes_served[layer["digest"]]
+    fixed = run_cli("repair", MODEL, env=env)
+    assert fixed.returncode == 0 and "1 blob(s) repaired" in fixed.stdout
+    assert registry.bytes_served[layer["digest"]] - served == layer["size"]
+    assert "Starting auto-repair for model: gpt-oss:7b" in fixed.stderr
+    assert run_cli("verify", MODEL, env=env).returncode == 0
+
+
+def test_a_registry_with_extra_layers_is_pulled_whole(registry, models_dir):
+    registry.add_model("library/extra", "1", b"GGUF" + b"\0" * 100,
+                       extra_layers=[("application/vnd.ollama.image.template", b"{{ .Prompt }}")])
+    result = run_cli("pull", "extra:1", env=node_env(models_dir, registry.url))
+    assert result.returncode == 0, result.stderr
+    manifest = Store(models_dir).read_manifest(names.parse("extra:1"))
+    assert MODEL_TYPE in [la["mediaType"] for la in manifest["layers"]]
+    assert assert_every_blob_hashes_to_its_name(models_dir) == 3
