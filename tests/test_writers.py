@@ -83,8 +83,11 @@ def test_two_threads_and_a_command_repair_one_blob(pulled, registry, serve):
                                    env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         results = []
-        threads = [threading.Thread(target=lambda: results.append(
-            s.post("/v1/chat/completions", CHAT).status_code)) for _ in range(2)]
+
+        def ask(into=results):
+            into.append(s.post("/v1/chat/completions", CHAT).status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
