@@ -52,7 +52,13 @@ KEEP_DEFAULT = object()
 def configure_logging(log_file=None, level=logging.INFO):
     """`[LEVEL] message` to stderr and, when set, appended to `log_file`."""
     formatter = logging.Formatter("[%(levelname)s] %(message)s")
-    handlers = [logging.StreamHandler(sys.stderr)]
+    # Our own copy of stderr: llama.cpp's quiet load points fd 2 at /dev/null for its duration,
+    # and the verification running alongside it logs meanwhile.
+    try:
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8")
+    except (OSError, ValueError, AttributeError):
+        stream = sys.stderr
+    handlers = [logging.StreamHandler(stream)]
     if log_file:
         os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
@@ -202,6 +208,7 @@ class ModelPool:
         self._cond = threading.Condition()
         self._models = OrderedDict()
         self._live = 0  # models holding or loading weights
+        self._loading = deque()  # loads waiting for a place in memory, oldest first
         self._reaper = None
 
     def acquire(self, path, load, keep_alive=KEEP_DEFAULT, wait=GENERATION_WAIT_SECS):
@@ -257,22 +264,33 @@ class ModelPool:
                 del self._models[entry.path]
 
     def _reserve(self, entry, deadline):
-        """Take a place in memory for `entry`, evicting the least recently used model if the
-        pool is full and waiting (until `deadline`) for an evicted one to finish its generation."""
+        """Take a place in memory for `entry`, in arrival order among loads: evict the least
+        recently used model if the pool is full, and wait (until `deadline`) for an evicted
+        one to finish its generation."""
+        ticket = object()
         with self._cond:
-            while self._live >= self.capacity:
-                victims = [e for e in self._models.values()
-                           if e is not entry and e.llm is not None and not e.evicted]
-                victims.sort(key=lambda e: e.pinned)  # stable: LRU order within each group
-                if victims:
-                    self._evict(victims[0], "to make room (LLM_MAX_LOADED_MODELS=%d)" % self.capacity)
-                    continue
-                left = deadline - self.clock()
-                if left <= 0:
-                    raise ModelBusy("Every loaded model is busy and LLM_MAX_LOADED_MODELS=%d "
-                                    "are in memory; try again shortly" % self.capacity)
-                self._cond.wait(left)
-            self._live += 1
+            self._loading.append(ticket)
+            try:
+                while True:
+                    if self._loading[0] is ticket:
+                        if self._live < self.capacity:
+                            break
+                        victims = [e for e in self._models.values()
+                                   if e is not entry and e.llm is not None and not e.evicted]
+                        victims.sort(key=lambda e: e.pinned)  # stable: LRU order within each group
+                        if victims:
+                            self._evict(victims[0], "to make room (LLM_MAX_LOADED_MODELS=%d)"
+                                        % self.capacity)
+                            continue
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        raise ModelBusy("Every loaded model is busy and LLM_MAX_LOADED_MODELS=%d "
+                                        "are in memory; try again shortly" % self.capacity)
+                    self._cond.wait(left)
+                self._live += 1
+            finally:
+                self._loading.remove(ticket)
+                self._cond.notify_all()
 
     def _evict(self, entry, why):
         """Mark a model as leaving memory (its condition held); it is closed now if no

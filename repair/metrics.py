@@ -11,6 +11,9 @@ HELP = {
     "llmnode_verify_seconds_total": ("counter", "Seconds spent in full sha256 checks."),
     "llmnode_corrupted_blobs_found_total": ("counter", "Full checks that found a blob present but damaged."),
     "llmnode_repairs_in_progress": ("gauge", "Repairs running now."),
+    "llmnode_verified_loads_total": ("counter", "Loads of weights from disk, each verified alongside."),
+    "llmnode_scrub_passes_total": ("counter", "Background scrub passes over every blob."),
+    "llmnode_scrub_errors_total": ("counter", "Unexpected errors the scrubber logged and went on from."),
 }
 
 

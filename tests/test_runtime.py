@@ -1,0 +1,323 @@
+"""The runtime: every load verified (on the real model), the loaded-model limit, keep-alive,
+preload and readiness, the body limit, and a scrubber that survives a failing disk."""
+
+import errno
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+import llmnode
+from repair.scrub import Scrubber
+from repair.verify import BlobCorrupted
+from tests.conftest import node_env, run_cli
+from tests.test_autorepair import blob_of
+
+SMOL = "smollm2:135m"
+QUESTION = {"model": SMOL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 16, "seed": 0}
+
+
+@pytest.fixture
+def smol_store(registry, smollm2, models_dir):
+    """A store with the real model (and the tiny one) pulled from the loopback registry."""
+    registry.add_model("library/smollm2", "135m", smollm2)
+    env = node_env(models_dir, registry.url, LLM_CTX_SIZE="1024", LLM_CPU_THREADS="2")
+    for name in (SMOL, "gpt-oss:7b"):
+        result = run_cli("pull", name, env=env)
+        assert result.returncode == 0, result.stderr
+    return env
+
+
+def smol_blob(models_dir):
+    manifest = json.load(open(os.path.join(models_dir, "manifests", "registry.ollama.ai", "library",
+                                           "smollm2", "135m")))
+    layer = next(la for la in manifest["layers"] if la["mediaType"].endswith(".model"))
+    return layer, os.path.join(models_dir, "blobs", layer["digest"].replace(":", "-"))
+
+
+def rot_in_place(path, n=4 << 20):
+    """n random bytes in the middle of the file, its times put back: what a failing disk leaves."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2 - n // 2)
+        f.write(os.urandom(n))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def ask(node, body=QUESTION):
+    r = requests.post(node.url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def intact(path, layer):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest() == layer["digest"]
+
+
+def assert_repair_logged(log):
+    lines = [line for line in log.splitlines() if "auto-repair" in line.lower()]
+    assert lines, log[-3000:]
+    assert lines[0] == "[INFO] Starting auto-repair for model: %s" % SMOL, log[-3000:]
+    assert lines[-1].startswith("[INFO] Auto-repair completed: %s (elapsed: " % SMOL)
+
+
+def test_bit_rot_across_a_restart_is_repaired_before_the_real_model_answers(smol_store, models_dir,
+                                                                             start_node):
+    node = start_node(smol_store)
+    answer = ask(node)
+    node.stop()
+    layer, blob = smol_blob(models_dir)
+    rot_in_place(blob)
+    # The rotten weights load and answer differently: only a digest check tells.
+    unchecked = start_node(dict(smol_store, LLM_VERIFY_ON_LOAD="false"))
+    assert ask(unchecked) != answer
+    unchecked.stop()
+    again = start_node(smol_store)
+    assert ask(again) == answer
+    assert intact(blob, layer)
+    assert_repair_logged(again.log())
+    print("answer before and after the rot and repair: %r" % answer)
+
+
+def test_bit_rot_across_an_eviction_is_repaired_before_the_real_model_answers(smol_store, models_dir,
+                                                                               start_node):
+    node = start_node(dict(smol_store, LLM_MAX_LOADED_MODELS="1"))
+    answer = ask(node)
+    ask(node, {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert "unloading model sha256-" in node.log()  # the real model left memory
+    layer, blob = smol_blob(models_dir)
+    rot_in_place(blob)
+    assert ask(node) == answer
+    assert intact(blob, layer)
+    assert_repair_logged(node.log())
+
+
+def test_the_load_and_the_verification_run_alongside(smol_store, models_dir, start_node):
+    node = start_node(smol_store)
+    ask(node)
+    line = next(x for x in node.log().splitlines() if "model %s: loaded in" % SMOL in x)
+    load, verify = [float(v) for v in
+                    re.search(r"loaded in ([\d.]+)s, blob verified in ([\d.]+)s", line).groups()]
+    print("first load: %.2fs loading, %.2fs verifying, on two threads" % (load, verify))
+    assert "llmnode_verified_loads_total 1" in requests.get(node.url + "/metrics", timeout=5).text
+
+
+# -- the pool: a fake loader is a parameter, so these need no llama.cpp --------------------------
+
+class FakeLlm:
+    live = 0
+    most = 0
+    lock = threading.Lock()
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+        with FakeLlm.lock:
+            FakeLlm.live += 1
+            FakeLlm.most = max(FakeLlm.most, FakeLlm.live)
+        log.append(("load", name))
+        self.closed = threading.Event()
+        self.metadata = {}
+
+    def close(self):
+        with FakeLlm.lock:
+            FakeLlm.live -= 1
+        self.log.append(("close", self.name))
+        self.closed.set()
+
+
+@pytest.fixture
+def fakes():
+    FakeLlm.live = FakeLlm.most = 0
+    return []
+
+
+def test_never_more_models_in_memory_than_the_limit(fakes):
+    pool = llmnode.ModelPool(capacity=1)
+    held = pool.acquire("a", lambda: FakeLlm("a", fakes))
+    got = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire("b", lambda: FakeLlm("b", fakes))))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and FakeLlm.live == 1  # b waits for a's generation, not beside it
+    held.release()
+    t.join(30)
+    got[0].release()
+    assert fakes == [("load", "a"), ("close", "a"), ("load", "b")]
+    assert FakeLlm.most == 1 and pool.live() == 1
+
+
+def test_an_eviction_waits_with_a_deadline(fakes):
+    pool = llmnode.ModelPool(capacity=1)
+    held = pool.acquire("a", lambda: FakeLlm("a", fakes))
+    with pytest.raises(llmnode.ModelBusy):
+        pool.acquire("b", lambda: FakeLlm("b", fakes), wait=0.2)
+    held.release()
+    assert pool.live() == 0 or pool.loaded() == []
+    pool.acquire("b", lambda: FakeLlm("b", fakes), wait=5).release()
+    assert FakeLlm.most == 1
+
+
+def test_another_model_does_not_wait_behind_a_queue_it_is_not_part_of(fakes):
+    pool = llmnode.ModelPool(capacity=1)
+    held = pool.acquire("a", lambda: FakeLlm("a", fakes))
+    order = []
+
+    def use(path):
+        entry = pool.acquire(path, lambda: FakeLlm(path, fakes))
+        order.append(path)
+        entry.release()
+
+    queued = [threading.Thread(target=use, args=("a",)) for _ in range(3)]
+    for t in queued:
+        t.start()
+    deadline = time.monotonic() + 10
+    while held.lock.waiting() < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    other = threading.Thread(target=use, args=("b",))
+    other.start()
+    deadline = time.monotonic() + 10
+    while pool.loaded():  # b has marked a to leave memory
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    held.release()  # a's generation ends: a leaves memory and b goes first
+    for t in queued + [other]:
+        t.join(30)
+    assert order[0] == "b" and sorted(order) == ["a", "a", "a", "b"]
+    assert FakeLlm.most == 1
+
+
+def test_keep_alive_zero_unloads_after_the_request_and_minus_one_keeps(fakes):
+    pool = llmnode.ModelPool(capacity=2, keep_alive=0.0)
+    entry = pool.acquire("a", lambda: FakeLlm("a", fakes))
+    llm = entry.llm
+    entry.release()
+    assert llm.closed.is_set() and pool.loaded() == []
+    forever = pool.acquire("b", lambda: FakeLlm("b", fakes), keep_alive=None)
+    forever.release()
+    assert pool.loaded() == ["b"]
+
+
+def test_an_idle_model_leaves_after_its_keep_alive(fakes):
+    pool = llmnode.ModelPool(capacity=2, keep_alive=0.2)
+    entry = pool.acquire("a", lambda: FakeLlm("a", fakes))
+    llm = entry.llm
+    entry.release()
+    assert pool.loaded() == ["a"]
+    assert llm.closed.wait(10)
+    assert pool.loaded() == [] and pool.live() == 0
+    again = pool.acquire("a", lambda: FakeLlm("a", fakes))
+    again.release()
+    assert fakes.count(("load", "a")) == 2
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+def test_ready_waits_for_the_preloaded_models_and_health_does_not(pulled, registry, start_node):
+    layer, blob = blob_of(pulled)
+    with open(blob, "wb") as f:
+        f.write(b"corrupted\n")
+    registry.gate = threading.Event()
+    node = start_node(node_env(pulled, registry.url, LLM_PRELOAD="gpt-oss:7b"))
+    try:
+        ready = requests.get(node.url + "/ready", timeout=5)
+        assert ready.status_code == 503 and "gpt-oss:7b" in ready.json()["preload"]
+        assert requests.get(node.url + "/health", timeout=5).status_code == 200
+    finally:
+        registry.gate.set()
+    deadline = time.monotonic() + 60
+    while requests.get(node.url + "/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.05)
+    assert "preloaded model gpt-oss:7b" in node.log()
+    assert "Auto-repair completed: gpt-oss:7b" in node.log()
+
+
+def test_a_node_without_preload_is_ready_at_once(serve):
+    assert requests.get(serve().url + "/ready", timeout=5).status_code == 200
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(serve):
+    s = serve(LLM_MAX_BODY_BYTES="1024")
+    port = int(s.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # Announce 300 MiB and send none of it: the answer must come without the body.
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % (300 << 20))
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"application/json" in head
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_a_body_at_the_limit_is_read(serve):
+    s = serve(LLM_MAX_BODY_BYTES="200")
+    body = b'{"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}'
+    body += b" " * (200 - len(body))
+    r = s.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+class _FailingDisk:
+    """A coordinator whose first model's check meets EIO (a failing disk), then works."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def check_model(self, ref, stop=None):
+        self.calls.append(str(ref))
+        if len(self.calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return self.real.check_model(ref, stop)
+
+
+def test_the_scrubber_goes_on_after_a_failing_disk(registry, models_dir, caplog):
+    from tests.conftest import settings_for
+    from tests.tinymodel import write_tiny_gguf
+    write_tiny_gguf(models_dir + "-o.gguf", seed=2)
+    registry.add_model("library/other", "1", open(models_dir + "-o.gguf", "rb").read())
+    env = node_env(models_dir, registry.url)
+    for name in ("gpt-oss:7b", "other:1"):
+        assert run_cli("pull", name, env=env).returncode == 0
+    node = llmnode.Node(settings_for(models_dir, registry.url))
+    disk = _FailingDisk(node.repairs)
+    scrub = Scrubber(node.store, disk, interval=3600, metrics=node.metrics)
+    findings = scrub.run_once()
+    assert len(disk.calls) == 2  # the second model was still checked
+    assert [f[0] for f in findings] == [disk.calls[0]] and "Input/output error" in findings[0][2]
+    assert "llmnode_scrub_errors_total 1" in node.metrics.render()
+    assert "Traceback" in caplog.text
+    assert scrub.run_once() == []  # and the next pass runs
+
+
+def test_an_unreadable_blob_counts_as_corrupted(pulled, registry):
+    from tests.conftest import settings_for
+    node = llmnode.Node(settings_for(pulled, registry.url))
+    layer, blob = blob_of(pulled)
+    # A directory where the blob should be: opening it for reading fails like a bad disk does.
+    os.unlink(blob)
+    os.mkdir(blob)
+    with pytest.raises(BlobCorrupted) as raised:
+        node.guard.verify(dict(layer, size=os.stat(blob).st_size), gguf=True)
+    assert raised.value.reason.startswith("unreadable: ")
+    os.rmdir(blob)
