@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from repair.errors import (
     LLMNodeError,
     MethodNotAllowed,
     ModelLoadFailed,
+    ModelNotFound,
     PayloadTooLarge,
     RepairTimeout,
     RouteNotFound,
@@ -86,6 +88,12 @@ class ContextTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A parameter that would change the answer and that the node does not honour."""
+
+    code = "unsupported_parameter"
+
+
 def load_llama(path, settings):
     """Load a GGUF with llama.cpp; its chat template comes from the file."""
     from llama_cpp import Llama
@@ -115,7 +123,8 @@ def chat_formatter(llm):
 
 
 def completion_budget(llm, formatter, messages):
-    """Tokens the answer may use: the context less the prompt, as the model's template renders it."""
+    """(tokens the answer may use, tokens in the prompt): the context less the prompt, as the
+    model's template renders it."""
     if formatter:
         prompt = formatter(messages=messages)
         used = len(llm.tokenize(prompt.prompt.encode("utf-8"), add_bos=not prompt.added_special,
@@ -123,7 +132,141 @@ def completion_budget(llm, formatter, messages):
     else:
         body = "\n".join(m["content"] for m in messages).encode("utf-8")
         used = len(llm.tokenize(body, special=True)) + 16 * len(messages)
-    return llm.n_ctx() - used - CONTEXT_MARGIN
+    return llm.n_ctx() - used - CONTEXT_MARGIN, used
+
+
+# -- grammars: structured output and tool calls -----------------------------------------------
+
+# JSON Schema keywords llama.cpp's schema-to-grammar converter cannot express; a schema using
+# one is refused by name rather than half-honoured.
+UNSUPPORTED_SCHEMA_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired",
+                               "patternProperties", "propertyNames", "unevaluatedProperties",
+                               "unevaluatedItems", "contains", "uniqueItems", "multipleOf",
+                               "$dynamicRef")
+_GRAMMARS = OrderedDict()  # schema text -> compiled LlamaGrammar text (most recent last)
+_GRAMMARS_LOCK = threading.Lock()  # guards _GRAMMARS
+
+
+def check_schema(schema, where):
+    """Refuse a JSON schema the grammar converter cannot honour, naming the keyword."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in UNSUPPORTED_SCHEMA_KEYWORDS:
+                raise UnsupportedParameter("%s: the JSON Schema keyword '%s' cannot be enforced by "
+                                           "the grammar and is not supported" % (where, key))
+            if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                raise UnsupportedParameter("%s: only local '$ref's (#/...) are supported" % where)
+            if key not in ("const", "enum", "default", "examples"):
+                check_schema(value, where)
+    elif isinstance(schema, list):
+        for item in schema:
+            check_schema(item, where)
+
+
+def grammar(schema=None):
+    """A llama.cpp grammar for JSON matching `schema` (any JSON value when None), compiled
+    once per schema."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+
+    key = json.dumps(schema, sort_keys=True) if schema is not None else ""
+    with _GRAMMARS_LOCK:
+        text = _GRAMMARS.get(key)
+        if text is not None:
+            _GRAMMARS.move_to_end(key)
+    if text is None:
+        try:
+            text = JSON_GBNF if schema is None else json_schema_to_gbnf(key)
+        except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
+            raise InvalidRequest("The JSON schema cannot be turned into a grammar: %s" % e) from e
+        with _GRAMMARS_LOCK:
+            _GRAMMARS[key] = text
+            while len(_GRAMMARS) > 64:
+                _GRAMMARS.popitem(last=False)
+    return LlamaGrammar.from_string(text, verbose=False)
+
+
+def tool_call_schema(tools, choice, response=None):
+    """The JSON a constrained answer must be (llama.cpp's generic tool format): a call of one
+    of `tools`, or (with `auto`) a plain answer in `response` (a string, or JSON matching the
+    `response` schema)."""
+    calls = [{"type": "object", "properties": {"name": {"const": t["name"]},
+                                                "arguments": t["parameters"]},
+              "required": ["name", "arguments"]}
+             for t in tools if choice in ("auto", "required") or t["name"] == choice]
+    call = {"type": "object", "properties": {"tool_call": calls[0] if len(calls) == 1 else
+                                              {"anyOf": calls}},
+            "required": ["tool_call"]}
+    if choice != "auto":
+        return call
+    answer = {"type": "string"} if response is None else response
+    return {"anyOf": [call, {"type": "object", "properties": {"response": answer},
+                             "required": ["response"]}]}
+
+
+def tool_system_prompt(tools, schema):
+    """What llama.cpp's generic format tells the model: the tools and the JSON to answer in."""
+    return ("You can call these tools:\n%s\n\nRespond in JSON format, either with `tool_call` "
+            "(a request to call a tool) or with `response` (a reply to the user), matching this "
+            "schema:\n%s" % (json.dumps([{"name": t["name"], "description": t["description"],
+                                          "parameters": t["parameters"]} for t in tools], indent=1),
+                             json.dumps(schema)))
+
+
+def with_tools(messages, tools, schema):
+    """Messages with the tools described in the (first) system message."""
+    text = tool_system_prompt(tools, schema)
+    if messages and messages[0]["role"] == "system":
+        return [dict(messages[0], content=messages[0]["content"] + "\n\n" + text)] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
+def parse_tool_answer(text):
+    """(tool call {"name", "arguments"} or None, plain text) from a constrained answer."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None, text
+    if isinstance(doc, dict) and isinstance(doc.get("tool_call"), dict):
+        return doc["tool_call"], None
+    if isinstance(doc, dict) and "response" in doc:
+        answer = doc["response"]
+        return None, answer if isinstance(answer, str) else json.dumps(answer)
+    return None, text
+
+
+# -- embeddings -------------------------------------------------------------------------------
+
+def embed_tokens(llm, tokens):
+    """One normalised embedding of a token sequence, on the generation context itself (switched
+    into embeddings mode for the call, so a model's weights are in memory once): the pooling the
+    GGUF names, or the mean over the tokens for a chat model (which names none)."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    n_embd = llm.n_embd()
+    llama_cpp.llama_set_embeddings(ctx, True)
+    try:
+        llm._ctx.kv_cache_clear()
+        llm._batch.reset()
+        llm._batch.add_sequence(tokens, 0, True)
+        llm._ctx.decode(llm._batch)
+        if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            import numpy as np
+
+            rows = np.array([llama_cpp.llama_get_embeddings_ith(ctx, i)[:n_embd]
+                             for i in range(len(tokens))], dtype=np.float64)
+            vector = rows.mean(axis=0)
+        else:
+            import numpy as np
+
+            vector = np.array(llama_cpp.llama_get_embeddings_seq(ctx, 0)[:n_embd], dtype=np.float64)
+    finally:
+        llama_cpp.llama_set_embeddings(ctx, False)
+        llm._batch.reset()
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+    norm = float((vector * vector).sum()) ** 0.5
+    return [float(x) for x in (vector / norm if norm else vector)]
 
 
 class FairLock:
@@ -503,21 +646,26 @@ class Node:
 
     def chat(self, req):
         """Run a validated chat request; a dict, or an iterator of chunks when streaming."""
-        entry = self.load(req["model"])
-        params = {k: req[k] for k in ("temperature", "top_p", "stop") if req.get(k) is not None}
-        if req.get("seed") is not None:
-            params["seed"] = req["seed"] % (2 ** 32)
+        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
-            budget = completion_budget(entry.llm, entry.formatter, req["messages"])
-            if budget < 1:
-                raise ContextTooLong("The prompt does not leave room for an answer in the "
-                                     "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)
-            params["max_tokens"] = min(req["max_tokens"] or budget, budget)
-            result = entry.llm.create_chat_completion(messages=req["messages"],
-                                                      stream=req["stream"], **params)
-            if req["stream"]:
+            messages, tools_on, gram = req["messages"], False, None
+            if req["tools"] and req["tool_choice"] != "none":
+                schema = tool_call_schema(req["tools"], req["tool_choice"], req["format_schema"])
+                messages, tools_on, gram = with_tools(messages, req["tools"], schema), True, grammar(schema)
+            elif req["format"] is not None:
+                gram = grammar(req["format_schema"])
+            budget, prompt_tokens = completion_budget(entry.llm, entry.formatter, messages)
+            params = self._sampling(req, budget)
+            if req["stream"] and not tools_on:
+                counter = _TokenCounter()
+                chunks = entry.llm.create_chat_completion(
+                    messages=messages, stream=True, grammar=gram,
+                    logits_processor=[counter] if req["include_usage"] else None, **params)
                 # Prompt errors surface at the first chunk: take it before the 200 is sent.
-                first = next(result, None)
+                first = next(chunks, None)
+                return self._stream(entry, itertools.chain([first] if first else [], chunks), req,
+                                    counter, prompt_tokens)
+            result = self._chat_choices(entry, messages, gram, tools_on, params, req)
         except ValueError as e:
             entry.release()
             if "exceed context window" in str(e):
@@ -526,20 +674,182 @@ class Node:
         except BaseException:
             entry.release()
             raise
-        if not req["stream"]:
-            entry.release()
-            result["model"] = req["model"]
-            return result
-        return self._stream(entry, first, result, req["model"])
+        entry.release()
+        self.metrics.inc("llmnode_generated_tokens_total", result["usage"]["completion_tokens"])
+        if req["stream"]:
+            return self._replay(result, req)
+        return result
 
-    @staticmethod
-    def _stream(entry, first, chunks, model):
+    def _sampling(self, req, budget):
+        if budget < 1:
+            raise ContextTooLong("The prompt does not leave room for an answer in the "
+                                 "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)
+        params = {k: req[k] for k in SAMPLING if req.get(k) is not None}
+        if req.get("seed") is not None:
+            params["seed"] = req["seed"] % (2 ** 32)
+        params["max_tokens"] = min(req["max_tokens"] or budget, budget)
+        return params
+
+    def _chat_choices(self, entry, messages, gram, tools_on, params, req):
+        choices, completion_tokens, result = [], 0, None
+        for i in range(req["n"]):
+            if i and "seed" in params:
+                params = dict(params, seed=(params["seed"] + i) % (2 ** 32))
+            result = entry.llm.create_chat_completion(messages=messages, stream=False, grammar=gram,
+                                                      **params)
+            choice = result["choices"][0]
+            text = choice["message"].get("content") or ""
+            message, finish = {"role": "assistant", "content": text}, choice["finish_reason"]
+            if tools_on:
+                call, plain = parse_tool_answer(text)
+                if call is not None:
+                    message = {"role": "assistant", "content": None, "tool_calls": [{
+                        "id": "call_%s" % os.urandom(12).hex(), "type": "function",
+                        "function": {"name": call["name"],
+                                     "arguments": json.dumps(call.get("arguments", {}))}}]}
+                    finish = "tool_calls"
+                else:
+                    message["content"] = plain
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+            completion_tokens += result["usage"]["completion_tokens"]
+        prompt_tokens = result["usage"]["prompt_tokens"]
+        return {"id": result["id"], "object": "chat.completion", "created": result["created"],
+                "model": req["model"], "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _stream(self, entry, chunks, req, counter, prompt_tokens):
+        last = None
         try:
-            for chunk in itertools.chain([first] if first else [], chunks):
-                chunk["model"] = model
+            for chunk in chunks:
+                chunk["model"] = req["model"]
+                last = chunk
                 yield chunk
         finally:
             entry.release()
+        self.metrics.inc("llmnode_generated_tokens_total", counter.n)
+        if req["include_usage"] and last is not None:
+            yield {"id": last["id"], "object": last["object"], "created": last["created"],
+                   "model": req["model"], "choices": [],
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counter.n,
+                             "total_tokens": prompt_tokens + counter.n}}
+
+    @staticmethod
+    def _replay(result, req):
+        """A finished answer as the chunks a stream would have sent (tool calls are generated
+        whole under their grammar, then sent as one delta each, which the client assembles)."""
+        head = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
+                "model": result["model"]}
+        for choice in result["choices"]:
+            delta = {"role": "assistant", "content": choice["message"]["content"]}
+            if choice["message"].get("tool_calls"):
+                delta["tool_calls"] = [dict(call, index=k) for k, call in
+                                       enumerate(choice["message"]["tool_calls"])]
+            yield dict(head, choices=[{"index": choice["index"], "delta": delta, "logprobs": None,
+                                       "finish_reason": None}])
+            yield dict(head, choices=[{"index": choice["index"], "delta": {}, "logprobs": None,
+                                       "finish_reason": choice["finish_reason"]}])
+        if req["include_usage"]:
+            yield dict(head, choices=[], usage=result["usage"])
+
+    def complete(self, req):
+        """Run a validated text completion; a dict, or an iterator of chunks when streaming."""
+        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
+        try:
+            prompts, budgets = [], []
+            for prompt in req["prompts"]:
+                tokens = prompt if isinstance(prompt, list) else entry.llm.tokenize(
+                    prompt.encode("utf-8"), add_bos=True, special=False)
+                _check_tokens(entry.llm, tokens, "prompt")
+                prompts.append(prompt)
+                budgets.append(entry.llm.n_ctx() - len(tokens) - CONTEXT_MARGIN)
+            gram = grammar(req["format_schema"]) if req.get("format") is not None else None
+            if req["stream"]:
+                counter = _TokenCounter()
+                return self._stream_completions(entry, prompts, budgets, req, gram, counter)
+            choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+                result = entry.llm.create_completion(prompt, echo=req["echo"], grammar=gram,
+                                                     **self._sampling(req, budget))
+                choice = dict(result["choices"][0], index=i)
+                choices.append(choice)
+                for k in usage:
+                    usage[k] += result["usage"][k]
+        except ValueError as e:
+            entry.release()
+            raise ContextTooLong("%s (LLM_CTX_SIZE=%d)" % (e, self.settings.n_ctx)) from e
+        except BaseException:
+            entry.release()
+            raise
+        entry.release()
+        self.metrics.inc("llmnode_generated_tokens_total", usage["completion_tokens"])
+        return {"id": result["id"], "object": "text_completion", "created": result["created"],
+                "model": req["model"], "choices": choices, "usage": usage}
+
+    def _stream_completions(self, entry, prompts, budgets, req, gram, counter):
+        last, prompt_tokens = None, 0
+        try:
+            for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+                prompt_tokens += entry.llm.n_ctx() - budget - CONTEXT_MARGIN
+                for chunk in entry.llm.create_completion(prompt, echo=req["echo"], stream=True,
+                                                         grammar=gram, logits_processor=[counter],
+                                                         **self._sampling(req, budget)):
+                    chunk["model"] = req["model"]
+                    for choice in chunk["choices"]:
+                        choice["index"] = i
+                    last = chunk
+                    yield chunk
+        finally:
+            entry.release()
+        self.metrics.inc("llmnode_generated_tokens_total", counter.n)
+        if req["include_usage"] and last is not None:
+            yield {"id": last["id"], "object": "text_completion", "created": last["created"],
+                   "model": req["model"], "choices": [],
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counter.n,
+                             "total_tokens": prompt_tokens + counter.n}}
+
+    def embed(self, req):
+        """Embeddings of each input, on the same loaded model (and guard) as generation:
+        (vectors, tokens read)."""
+        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
+        try:
+            vectors, used = [], 0
+            for item in req["inputs"]:
+                tokens = item if isinstance(item, list) else entry.llm.tokenize(
+                    item.encode("utf-8"), add_bos=True, special=False)
+                _check_tokens(entry.llm, tokens, "input", limit=entry.llm.n_batch)
+                vectors.append(embed_tokens(entry.llm, tokens))
+                used += len(tokens)
+        finally:
+            entry.release()
+        self.metrics.inc("llmnode_embedded_tokens_total", used)
+        return vectors, used
+
+
+def _check_tokens(llm, tokens, what, limit=None):
+    limit = limit or llm.n_ctx() - CONTEXT_MARGIN - 1
+    if not tokens:
+        raise InvalidRequest("'%s' is empty" % what)
+    if len(tokens) > limit:
+        raise ContextTooLong("'%s' has %d tokens; at most %d fit (LLM_CTX_SIZE)" % (what, len(tokens), limit))
+    vocab = llm.n_vocab()
+    if any(not 0 <= t < vocab for t in tokens):
+        raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)" % (what, vocab - 1))
+
+
+class _TokenCounter:
+    """A llama.cpp logits processor that only counts: it runs once per generated token."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, input_ids, scores):
+        self.n += 1
+        return scores
+
+
+SAMPLING = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
+            "top_k", "min_p", "repeat_penalty")
 
 
 class _Call:
@@ -608,14 +918,188 @@ def _content(i, message):
     raise InvalidRequest("'messages[%d].content' must be a string or a list of text parts" % i)
 
 
-def validate_chat(req, n_ctx):
-    """Check a chat completion body; return the fields the runtime uses."""
+# Fields that change nothing in the answer: accepted and left alone.
+HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+               "seed", "stop", "stream", "stream_options", "response_format", "tools", "tool_choice",
+               "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "n",
+               "logprobs", "top_logprobs") + HARMLESS
+COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                     "stream_options", "echo", "presence_penalty", "frequency_penalty", "logit_bias",
+                     "n", "best_of", "logprobs", "suffix") + HARMLESS
+EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions") + HARMLESS
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def refuse_unknown(req, known):
+    """A field the node does not know could change the answer: refused by name."""
+    for key in req:
+        if key not in known:
+            raise UnsupportedParameter("'%s' is not supported by this node" % key)
+
+
+def refuse(req, key, ok, why):
+    if req.get(key) is not None and not ok(req[key]):
+        raise UnsupportedParameter("'%s' is not supported: %s" % (key, why))
+
+
+def _model(req):
     if not isinstance(req, dict):
         raise InvalidRequest("The request body must be a JSON object")
     model = req.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string")
     names.parse(model)
+    return model
+
+
+def _stop(req):
+    stop = req.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise InvalidRequest("'stop' must be a string or an array of up to 4 strings")
+    return stop
+
+
+def _bool(req, key, default=False):
+    value = req.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest("'%s' must be true or false" % key)
+    return value
+
+
+def _logit_bias(req):
+    bias = req.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise InvalidRequest("'logit_bias' must be an object of up to 1024 token ids")
+    clean = {}
+    for token, value in bias.items():
+        if not str(token).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise InvalidRequest("'logit_bias' maps token ids to numbers from -100 to 100")
+        clean[int(token)] = float(value)
+    return clean
+
+
+def _sampling_fields(req, n_ctx):
+    """The sampling fields both generation dialects share, checked."""
+    return {
+        "temperature": _number(req, "temperature", 0, 2),
+        "top_p": _number(req, "top_p", 0, 1),
+        "seed": _integer(req, "seed", -(2 ** 63), 2 ** 64 - 1),
+        "stop": _stop(req),
+        "presence_penalty": _number(req, "presence_penalty", -2, 2),
+        "frequency_penalty": _number(req, "frequency_penalty", -2, 2),
+        "logit_bias": _logit_bias(req),
+        "stream": _bool(req, "stream"),
+        "include_usage": _include_usage(req),
+        "n": _integer(req, "n", 1, 16) or 1,
+    }
+
+
+def _include_usage(req):
+    options = req.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise InvalidRequest("'stream_options' may only hold 'include_usage'")
+    if not req.get("stream"):
+        raise InvalidRequest("'stream_options' is only allowed with 'stream': true")
+    return _bool(options, "include_usage")
+
+
+def _response_format(req):
+    """(format: None, "json" or "schema", its JSON schema or None)."""
+    fmt = req.get("response_format")
+    if fmt is None:
+        return None, None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest("'response_format.type' must be text, json_object or json_schema")
+    if fmt["type"] == "text":
+        return None, None
+    if fmt["type"] == "json_object":
+        return "json", None
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise InvalidRequest("'response_format.json_schema.schema' must be a JSON schema object")
+    schema = spec.get("schema") or {"type": "object"}
+    check_schema(schema, "response_format.json_schema.schema")
+    return "schema", schema
+
+
+def _tools(req):
+    """([{name, description, parameters}], choice: "none", "auto", "required" or a name)."""
+    tools, choice = req.get("tools"), req.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise InvalidRequest("'tool_choice' needs 'tools'")
+        return [], "none"
+    if not isinstance(tools, list) or not tools or len(tools) > 128:
+        raise InvalidRequest("'tools' must be a non-empty array of up to 128 tools")
+    clean = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise InvalidRequest("'tools[%d]' must be {\"type\": \"function\", \"function\": {...}}" % i)
+        if not isinstance(fn.get("name"), str) or not _FUNCTION_NAME.fullmatch(fn["name"]):
+            raise InvalidRequest("'tools[%d].function.name' must be 1-64 letters, digits, _ or -" % i)
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise InvalidRequest("'tools[%d].function.parameters' must be a JSON schema object" % i)
+        check_schema(params, "tools[%d].function.parameters" % i)
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise InvalidRequest("'tools[%d].function.description' must be a string" % i)
+        clean.append({"name": fn["name"], "description": description, "parameters": params})
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in [t["name"] for t in clean]:
+            raise InvalidRequest("'tool_choice' names a function that is not in 'tools'")
+        choice = name
+    elif choice not in ("none", "auto", "required"):
+        raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
+    return clean, choice
+
+
+def _history_message(i, m):
+    """A chat message as the template renders it: tool calls and tool results as the JSON of
+    the generic tool format."""
+    role = "system" if m["role"] == "developer" else m["role"]
+    if role == "assistant" and m.get("tool_calls"):
+        calls = m["tool_calls"]
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls):
+            raise InvalidRequest("'messages[%d].tool_calls' must be a list of function calls" % i)
+        rendered = []
+        for c in calls:
+            args = c["function"].get("arguments", "{}")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except ValueError:
+                raise InvalidRequest("'messages[%d].tool_calls' arguments must be JSON" % i) from None
+            rendered.append({"tool_call": {"name": c["function"]["name"], "arguments": args}})
+        text = "\n".join(json.dumps(r) for r in rendered)
+        return {"role": "assistant", "content": (_content(i, m) + "\n" + text).strip()}
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise InvalidRequest("'messages[%d].tool_call_id' is required for a tool message" % i)
+        return {"role": "tool", "content": json.dumps({"tool_response": {
+            "tool_call_id": m["tool_call_id"], "content": _content(i, m)}})}
+    return {"role": role, "content": _content(i, m)}
+
+
+def validate_chat(req, n_ctx):
+    """Check a chat completion body; return the fields the runtime uses."""
+    model = _model(req)
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array")
@@ -623,30 +1107,74 @@ def validate_chat(req, n_ctx):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise InvalidRequest("'messages[%d].role' must be one of %s" % (i, ", ".join(ROLES)))
-        role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": _content(i, m)})
-    stop = req.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise InvalidRequest("'stop' must be a string or an array of up to 4 strings")
-    stream = req.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be true or false")
+        clean.append(_history_message(i, m))
+    refuse_unknown(req, CHAT_FIELDS)
+    refuse(req, "logprobs", lambda v: v is False, "token log probabilities need llama.cpp's "
+           "all-token logits, which would slow every generation")
+    refuse(req, "top_logprobs", lambda v: False, "see 'logprobs'")
+    fields = _sampling_fields(req, n_ctx)
+    if fields["n"] > 1 and fields["stream"]:
+        raise UnsupportedParameter("'n' above 1 is not supported with 'stream': true")
+    _bool(req, "parallel_tool_calls", True)
     max_tokens = req.get("max_tokens")
     if max_tokens is None:
         max_tokens = req.get("max_completion_tokens")
-    return {
-        "model": model,
-        "messages": clean,
-        "max_tokens": _integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx),
-        "temperature": _number(req, "temperature", 0, 2),
-        "top_p": _number(req, "top_p", 0, 1),
-        "seed": _integer(req, "seed", -(2 ** 63), 2 ** 64 - 1),
-        "stop": stop,
-        "stream": stream,
-    }
+    fmt, schema = _response_format(req)
+    tools, choice = _tools(req)
+    return dict(fields, model=model, messages=clean, format=fmt, format_schema=schema, tools=tools,
+                tool_choice=choice,
+                max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx))
+
+
+def validate_completion(req, n_ctx):
+    """Check a text completion body."""
+    model = _model(req)
+    prompt = req.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and len(prompt) <= 16 and all(
+            isinstance(p, str) or (isinstance(p, list) and p and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p)) for p in prompt):
+        prompts = prompt
+    else:
+        raise InvalidRequest("'prompt' must be a string, a list of up to 16 strings, or token arrays")
+    refuse_unknown(req, COMPLETION_FIELDS)
+    refuse(req, "logprobs", lambda v: False, "token log probabilities need llama.cpp's all-token "
+           "logits, which would slow every generation")
+    refuse(req, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
+    refuse(req, "best_of", lambda v: v == 1, "only one candidate is generated per choice")
+    fields = _sampling_fields(req, n_ctx)
+    if fields["n"] != 1:
+        raise UnsupportedParameter("'n' is not supported for completions: send one prompt per choice")
+    max_tokens = _integer(req, "max_tokens", 1, n_ctx)
+    return dict(fields, model=model, prompts=prompts, echo=_bool(req, "echo"), format=None,
+                format_schema=None, max_tokens=16 if max_tokens is None else max_tokens)
+
+
+def validate_embeddings(req):
+    """Check an embeddings body."""
+    model = _model(req)
+    value = req.get("input")
+
+    def tokens(v):
+        return isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if isinstance(value, str) or tokens(value):
+        inputs = [value]
+    elif isinstance(value, list) and value and len(value) <= 2048 and all(
+            isinstance(v, str) or tokens(v) for v in value):
+        inputs = value
+    else:
+        raise InvalidRequest("'input' must be a string, a list of strings, or token arrays")
+    if any(isinstance(v, str) and not v for v in inputs):
+        raise InvalidRequest("'input' must not hold empty strings")
+    refuse_unknown(req, EMBEDDING_FIELDS)
+    refuse(req, "dimensions", lambda v: False, "embeddings have the model's own size")
+    fmt = req.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be float or base64")
+    return {"model": model, "inputs": inputs, "encoding_format": fmt}
 
 
 ###############################################################################
@@ -697,6 +1225,7 @@ def routes(node):
 
     def api(handler):
         def wrapper(*args, **kwargs):
+            node.metrics.inc("llmnode_endpoint_requests_total", endpoint=bottle.request.route.rule)
             try:
                 return handler(*args, **kwargs)
             except LLMNodeError as e:
@@ -759,6 +1288,15 @@ def routes(node):
     def list_models():
         return {"object": "list", "data": node.models()}
 
+    @app.get("/v1/models/<name:path>")
+    @api
+    def show_model(name):
+        ref = names.parse(name)
+        found = [m for m in node.models() if m["id"] == str(ref) or m["id"] == name]
+        if not found:
+            raise ModelNotFound(name)
+        return dict(found[0], id=name)
+
     @app.post("/v1/chat/completions")
     @api
     def chat_completions():
@@ -769,11 +1307,43 @@ def routes(node):
             log.info("chat %s: %d tokens in %.2fs", req["model"],
                      result["usage"]["completion_tokens"], time.monotonic() - started)
             return result
-        bottle.response.content_type = "text/event-stream"
-        bottle.response.set_header("Cache-Control", "no-cache")
-        return sse(result)
+        return event_stream(result)
+
+    @app.post("/v1/completions")
+    @api
+    def completions():
+        req = validate_completion(read_json(), node.settings.n_ctx)
+        result = node.complete(req)
+        return event_stream(result) if req["stream"] else result
+
+    @app.post("/v1/embeddings")
+    @api
+    def embeddings():
+        req = validate_embeddings(read_json())
+        vectors, used = node.embed(req)
+        return {"object": "list", "model": req["model"],
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": encode_vector(v, req["encoding_format"])}
+                         for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": used, "total_tokens": used}}
 
     return app
+
+
+def event_stream(chunks):
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return sse(chunks)
+
+
+def encode_vector(vector, encoding):
+    """A vector as a JSON list of floats, or base64 of its little-endian float32s (OpenAI's)."""
+    if encoding == "float":
+        return vector
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
 
 
 def sse(chunks):
