@@ -374,6 +374,75 @@ def bench_guard(env, p50):
           % ("d. guard (manifest + stat check) per request", cost * 1e6, 100 * cost / p50))
 
 
+def drop_page_cache():
+    """Empty the page cache (root on Linux); False where the machine does not allow it."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench_load(work, rounds):
+    """Every load verified: load + verify vs load alone on the real model (SmolLM2), with a warm
+    and a cold page cache; and json_schema-constrained vs free generation on our node."""
+    from tests.conftest import smollm2_path
+    from tests.fakeregistry import FakeRegistry
+
+    reg = FakeRegistry().start()
+    reg.add_model("library/smollm2", "135m", Path(smollm2_path()).read_bytes())
+    settings = conf.load(environ={"LLM_MODELS_DIR": str(work / "load-models"), "LLM_REGISTRY_URL": reg.url,
+                                  "LLM_CTX_SIZE": "1024"})
+    node = llmnode.Node(settings)
+    ref = names.parse("smollm2:135m")
+    node.repairs.pull(ref)
+    reg.stop()
+    layer = node.store.read_manifest(ref)["layers"][0]
+    path = node.store.blob_path(layer["digest"])
+
+    def alone():
+        llmnode.load_llama(path, settings).close()
+
+    def verified():
+        node._load_verified(ref, layer, path).close()
+
+    alone()
+    for cache in ("warm", "cold"):
+        a, b = [], []
+        for _ in range(rounds * 2):
+            if cache == "cold" and not drop_page_cache():
+                print("(cold page cache: /proc/sys/vm/drop_caches not writable; skipped)")
+                break
+            a.append(timed(verified))
+            if cache == "cold":
+                drop_page_cache()
+            b.append(timed(alone))
+        if a:
+            report("SmolLM2 load + verify vs load alone, %s page cache" % cache,
+                   statistics.median(a), statistics.median(b), "s", "<= 1.15")
+
+    def rate(fmt):
+        req = llmnode.validate_chat({"model": "smollm2:135m", "max_tokens": 64, "temperature": 0.8,
+                                     "seed": 1, "messages": [{"role": "user", "content": "Describe Paris."}],
+                                     **fmt}, settings.n_ctx)
+        started = time.perf_counter()
+        tokens = node.chat(req)["usage"]["completion_tokens"]
+        return tokens / (time.perf_counter() - started)
+
+    schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+        "type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                                         "population": {"type": "integer"}},
+        "required": ["name", "country", "population"]}}}}
+    free, constrained = [], []
+    for _ in range(rounds * 2):
+        free.append(rate({}))
+        constrained.append(rate(schema))
+    report("json_schema-constrained vs free generation, tokens/s", statistics.median(constrained),
+           statistics.median(free), "tok/s", "informational")
+
+
 def human(n):
     return "%.0f MiB" % (n / (1 << 20)) if n < 1 << 30 else "%.1f GiB" % (n / (1 << 30))
 
@@ -382,9 +451,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
-    parser.add_argument("--only", choices=["verify", "repair", "serving"], action="append")
+    parser.add_argument("--only", choices=["verify", "repair", "serving", "load"], action="append")
     args = parser.parse_args(argv)
-    only = set(args.only or ["verify", "repair", "serving"])
+    only = set(args.only or ["verify", "repair", "serving", "load"])
     work = Path(tempfile.mkdtemp(prefix="llmnode-bench-", dir=os.environ.get("BENCH_DIR")))
     print("llmnode benchmark: %d cores, blob %d MiB, %d rounds, work dir %s"
           % (os.cpu_count(), args.size_mib, args.rounds, work))
@@ -398,6 +467,8 @@ def main(argv=None):
             bench_repair(blob, digest, size, work, args.rounds)
         if "serving" in only:
             bench_serving(work, args.rounds)
+        if "load" in only:
+            bench_load(work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n== summary (ratio: ours / reference unless noted)")
