@@ -5,11 +5,13 @@ registry client, downloads and repair live in the `repair` package.
 """
 
 import argparse
+import hashlib
 import hmac
 import itertools
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import threading
@@ -267,6 +269,78 @@ def embed_tokens(llm, tokens):
         llm.reset()
     norm = float((vector * vector).sum()) ** 0.5
     return [float(x) for x in (vector / norm if norm else vector)]
+
+
+# -- GGUF metadata (for Ollama's model details) ----------------------------------------------
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                 11: "<q", 12: "<d"}
+# llama.cpp's LLAMA_FTYPE values, as Ollama names quantization levels.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+              17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+              23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+              29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
+
+
+def read_gguf_metadata(path, max_array=5):
+    """(key -> value of a GGUF's metadata, parameter count). Arrays longer than `max_array`
+    (vocabularies) come back empty, as Ollama's /api/show gives them."""
+    import struct
+
+    with open(path, "rb") as f:
+        def take(fmt):
+            size = struct.calcsize(fmt)
+            raw = f.read(size)
+            if len(raw) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, raw)[0]
+
+        def string():
+            n = take("<Q")
+            if n > 1 << 24:
+                raise ValueError("GGUF string too long")
+            return f.read(n).decode("utf-8", "replace")
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, n = take("<I"), take("<Q")
+                items = [value(item) for _ in range(n)]
+                return items if n <= max_array else []
+            if kind not in _GGUF_SCALARS:
+                raise ValueError("unknown GGUF value type %d" % kind)
+            return take(_GGUF_SCALARS[kind])
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        take("<I")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(take("<I"))
+        params = 0
+        for _ in range(n_tensors):
+            string()
+            dims = [take("<Q") for _ in range(take("<I"))]
+            take("<I")
+            take("<Q")
+            count = 1
+            for d in dims:
+                count *= d
+            params += count
+    return meta, params
+
+
+def human_number(n):
+    """Ollama's parameter_size format: 8B, 7.6B, 134.52M, 500K."""
+    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= size:
+            value = n / size
+            return ("%d%s" % (value, unit)) if value == int(value) else ("%.*f%s" % (digits, value, unit))
+    return str(n)
 
 
 class FairLock:
@@ -552,6 +626,9 @@ class Node:
         # says why not, while it is not.
         self.ready = threading.Event()
         self.preload_errors = {}
+        # Guards _described (weights digest -> (GGUF metadata, details)).
+        self._describe_lock = threading.Lock()
+        self._described = {}
         if not settings.preload:
             self.ready.set()
 
@@ -636,6 +713,41 @@ class Node:
         if not self.preload_errors:
             self.ready.set()
 
+    def describe(self, ref):
+        """What Ollama's API says of a model: (manifest, weights layer, GGUF metadata, details,
+        the text of its template/system/params/license layers). The GGUF is read once per
+        digest (a blob never changes under its digest)."""
+        manifest = self.repairs.manifest(ref)
+        layer = model_layer(manifest)
+        with self._describe_lock:
+            cached = self._described.get(layer["digest"])
+        if cached is None:
+            try:
+                meta, params = read_gguf_metadata(self.store.blob_path(layer["digest"]))
+            except (OSError, ValueError):
+                meta, params = {}, 0  # a damaged blob: the details come back once it is repaired
+            arch = meta.get("general.architecture", "")
+            details = {"parent_model": "", "format": "gguf", "family": arch,
+                       "families": [arch] if arch else None,
+                       "parameter_size": (human_number(params) if params
+                                          else meta.get("general.size_label", "")),
+                       "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
+            meta = dict(meta, **{"general.parameter_count": params})
+            cached = (meta, details)
+            if params:
+                with self._describe_lock:
+                    self._described[layer["digest"]] = cached
+        extras = {}
+        for extra in manifest["layers"]:
+            kind = extra.get("mediaType", "").rsplit(".", 1)[-1]
+            if kind in ("template", "system", "params", "license") and extra.get("size", 0) < (1 << 20):
+                try:
+                    with open(self.store.blob_path(extra["digest"]), "rb") as f:
+                        extras[kind] = f.read().decode("utf-8", "replace")
+                except OSError:
+                    continue
+        return manifest, layer, cached[0], cached[1], extras
+
     def models(self):
         data = []
         for ref in self.store.models():
@@ -645,8 +757,14 @@ class Node:
         return data
 
     def chat(self, req):
-        """Run a validated chat request; a dict, or an iterator of chunks when streaming."""
+        """Run a validated chat request; a dict, or an iterator of chunks when streaming. A
+        `timings` dict in the request is filled with load, prompt and generation times."""
+        started = time.monotonic()
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
+        timings = req.get("timings")
+        if timings is not None:
+            timings["load"] = time.monotonic() - started
+            _perf_reset(entry.llm)
         try:
             messages, tools_on, gram = req["messages"], False, None
             if req["tools"] and req["tool_choice"] != "none":
@@ -674,6 +792,8 @@ class Node:
         except BaseException:
             entry.release()
             raise
+        if timings is not None:
+            timings.update(_perf(entry.llm))
         entry.release()
         self.metrics.inc("llmnode_generated_tokens_total", result["usage"]["completion_tokens"])
         if req["stream"]:
@@ -681,6 +801,8 @@ class Node:
         return result
 
     def _sampling(self, req, budget):
+        if req.get("ctx_limit"):
+            budget = min(budget, req["ctx_limit"] - (self.settings.n_ctx - budget - CONTEXT_MARGIN))
         if budget < 1:
             raise ContextTooLong("The prompt does not leave room for an answer in the "
                                  "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)
@@ -725,6 +847,8 @@ class Node:
                 chunk["model"] = req["model"]
                 last = chunk
                 yield chunk
+            if req.get("timings") is not None:
+                req["timings"].update(_perf(entry.llm))
         finally:
             entry.release()
         self.metrics.inc("llmnode_generated_tokens_total", counter.n)
@@ -837,6 +961,20 @@ def _check_tokens(llm, tokens, what, limit=None):
         raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)" % (what, vocab - 1))
 
 
+def _perf_reset(llm):
+    import llama_cpp
+
+    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+
+
+def _perf(llm):
+    """Seconds llama.cpp spent on the prompt and on generating, since the last reset."""
+    import llama_cpp
+
+    data = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    return {"prompt_eval": data.t_p_eval_ms / 1000.0, "eval": data.t_eval_ms / 1000.0}
+
+
 class _TokenCounter:
     """A llama.cpp logits processor that only counts: it runs once per generated token."""
 
@@ -850,17 +988,21 @@ class _TokenCounter:
 
 SAMPLING = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
             "top_k", "min_p", "repeat_penalty")
+KEEP = "keep_alive"
 
 
 class _Call:
     """A function run on its own thread; `result()` waits for it (with a deadline)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, name="verify-on-load"):
         self._fn = fn
         self._done = threading.Event()
         self._result = self._error = None
         self.elapsed = 0.0
-        threading.Thread(target=self._run, daemon=True, name="verify-on-load").start()
+        threading.Thread(target=self._run, daemon=True, name=name).start()
+
+    def done(self):
+        return self._done.is_set()
 
     def _run(self):
         started = time.monotonic()
@@ -1182,12 +1324,17 @@ def validate_embeddings(req):
 ###############################################################################
 
 def error_response(err):
-    """Set the status and headers of an error and return its OpenAI-shaped body."""
+    """Set the status and headers of an error and return its body: OpenAI's shape, or Ollama's
+    `{"error": "..."}` under /api/."""
     bottle.response.status = err.status
     bottle.response.content_type = "application/json"
     if err.retry_after:
         bottle.response.set_header("Retry-After", str(err.retry_after))
-    return json.dumps(err.body())
+    return json.dumps(error_body(err, bottle.request.path))
+
+
+def error_body(err, path):
+    return {"error": err.message} if path.startswith("/api/") else err.body()
 
 
 def make_app(node):
@@ -1208,7 +1355,7 @@ def guarded(app, api_key, metrics):
             given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
             if not hmac.compare_digest(given, expected):
                 err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY>")
-                body = json.dumps(err.body()).encode()
+                body = json.dumps(error_body(err, environ.get("PATH_INFO", ""))).encode()
                 counting_start_response("401 Unauthorized", [
                     ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                     ("WWW-Authenticate", 'Bearer realm="llmnode"')])
@@ -1327,6 +1474,8 @@ def routes(node):
                          for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": used, "total_tokens": used}}
 
+    ollama_routes(app, node, read_json, api)
+
     return app
 
 
@@ -1358,6 +1507,445 @@ def sse(chunks):
         if hasattr(chunks, "close"):
             chunks.close()
     yield "data: [DONE]\n\n"
+
+
+###############################################################################
+# Ollama dialect ##############################################################
+###############################################################################
+# A translation at the edge: each route turns Ollama's body into the OpenAI dialect's checked
+# request, runs the same Node call (guard, repair, pool, generation), and turns the answer
+# back. Errors are Ollama's `{"error": "..."}` with the same statuses.
+
+OLLAMA_VERSION = "0.12.0"  # the Ollama API level these routes follow
+# Options that only tune speed or memory: accepted, changing nothing in the answer.
+OLLAMA_HARMLESS_OPTIONS = ("numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread",
+                           "use_mmap", "use_mlock")
+OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
+                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+OLLAMA_CHAT_FIELDS = ("model", "messages", "tools", "format", "options", "stream", "keep_alive", "think")
+OLLAMA_GENERATE_FIELDS = ("model", "prompt", "suffix", "system", "template", "context", "stream", "raw",
+                          "format", "options", "keep_alive", "images", "think")
+FOREVER = "9999-12-31T23:59:59Z"
+
+
+def rfc3339(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+def ollama_keep_alive(body):
+    if "keep_alive" not in body or body["keep_alive"] is None:
+        return KEEP_DEFAULT
+    try:
+        return conf.parse_keep_alive(body["keep_alive"])
+    except ValueError:
+        raise InvalidRequest("'keep_alive' must be a duration such as 5m, 30s, -1 or 0") from None
+
+
+def ollama_options(body, defaults, n_ctx):
+    """Ollama's `options` (over the model's params layer) as the OpenAI dialect's fields."""
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'options' must be an object")
+    merged = dict(defaults, **options)
+    out = {}
+    for key, value in merged.items():
+        if key in OLLAMA_OPTIONS:
+            out[OLLAMA_OPTIONS[key]] = value
+        elif key == "num_predict":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequest("'options.num_predict' must be an integer")
+            out["max_tokens"] = value if value > 0 else None  # -1 and -2: until the context ends
+        elif key == "num_ctx":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n_ctx:
+                raise UnsupportedParameter("'options.num_ctx' above the node's context (%d, "
+                                           "LLM_CTX_SIZE) is not supported" % n_ctx)
+        elif key not in OLLAMA_HARMLESS_OPTIONS and key in options:
+            raise UnsupportedParameter("'options.%s' is not supported by this node" % key)
+    for key in ("top_k", "min_p", "repeat_penalty"):
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], (int, float))
+                           or out[key] < 0):
+            raise InvalidRequest("'options.%s' must be a non-negative number" % key)
+    ctx = merged.get("num_ctx") if "num_ctx" in options else None
+    return out, ctx
+
+
+def ollama_params_layer(extras):
+    """The model's params layer (Ollama's JSON of default options), or {}."""
+    try:
+        params = json.loads(extras.get("params") or "{}")
+    except ValueError:
+        return {}
+    return {k: v for k, v in params.items() if k in OLLAMA_OPTIONS or k in ("num_predict", "num_ctx")} \
+        if isinstance(params, dict) else {}
+
+
+def ollama_format(body):
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    raise InvalidRequest("'format' must be \"json\" or a JSON schema object")
+
+
+def ollama_tool_calls(message):
+    """OpenAI tool calls (arguments as a JSON string) as Ollama's (arguments as an object)."""
+    return [{"function": {"name": c["function"]["name"],
+                          "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+            for c in message.get("tool_calls") or []]
+
+
+def ollama_messages(messages):
+    """Ollama's messages as the OpenAI dialect's (tool calls with JSON-string arguments)."""
+    if not isinstance(messages, list):
+        raise InvalidRequest("'messages' must be an array")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest("'messages[%d]' must be an object" % i)
+        if m.get("images"):
+            raise UnsupportedParameter("'messages[%d].images' is not supported: no vision models" % i)
+        if m.get("thinking"):
+            raise UnsupportedParameter("'messages[%d].thinking' is not supported" % i)
+        clean = {k: v for k, v in m.items() if k in ("role", "content")}
+        if m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise InvalidRequest("'messages[%d].tool_calls' must be an array" % i)
+            clean["tool_calls"] = [
+                {"id": "call_%d_%d" % (i, k), "type": "function",
+                 "function": {"name": (c.get("function") or {}).get("name"),
+                              "arguments": json.dumps((c.get("function") or {}).get("arguments", {}))}}
+                for k, c in enumerate(m["tool_calls"]) if isinstance(c, dict)]
+        if m.get("role") == "tool":
+            clean["tool_call_id"] = m.get("tool_name") or m.get("tool_call_id") or "call"
+        out.append(clean)
+    return out
+
+
+def ollama_final(model, timings, usage, started, done_reason, **extra):
+    total = time.monotonic() - started
+    return dict({"model": model, "created_at": rfc3339(time.time()), "done": True,
+                 "done_reason": done_reason, "total_duration": int(total * 1e9),
+                 "load_duration": int(timings.get("load", 0) * 1e9),
+                 "prompt_eval_count": usage["prompt_tokens"],
+                 "prompt_eval_duration": int(timings.get("prompt_eval", 0) * 1e9),
+                 "eval_count": usage["completion_tokens"],
+                 "eval_duration": int(timings.get("eval", 0) * 1e9)}, **extra)
+
+
+def ndjson(events, path):
+    """One JSON object a line; an error after the 200 is sent becomes an `{"error": ...}` line,
+    which the ollama client raises."""
+    try:
+        for event in events:
+            yield json.dumps(event) + "\n"
+    except LLMNodeError as e:
+        yield json.dumps(error_body(e, path)) + "\n"
+    except Exception as e:
+        log.exception("stream failed")
+        yield json.dumps({"error": "Stream failed: %s" % e}) + "\n"
+    finally:
+        if hasattr(events, "close"):
+            events.close()
+
+
+def ollama_routes(app, node, read_json, api):
+    """Ollama's API on the node's app: the same guard, repair, pool and generation."""
+
+    def body_of(fields=None):
+        body = read_json()
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object")
+        if "model" not in body and isinstance(body.get("name"), str):
+            body["model"] = body.pop("name")  # older clients
+        if fields is not None:
+            refuse_unknown(body, fields)
+        return body
+
+    def stream_flag(body):
+        return _bool(body, "stream", True)
+
+    def load_only(body, key):
+        """A request with no prompt loads the model (or, with keep_alive 0, unloads it)."""
+        keep = ollama_keep_alive(body)
+        model = _model(body)
+        entry = node.load(model, keep)
+        path = entry.path
+        entry.release()
+        reason = "load"
+        if keep == 0:
+            node.pool.drop(path)
+            reason = "unload"
+        event = {"model": model, "created_at": rfc3339(time.time()), "done": True,
+                 "done_reason": reason}
+        event[key] = {"role": "assistant", "content": ""} if key == "message" else ""
+        return event
+
+    def generation(body, messages, key, raw_prompt=None):
+        model = _model(body)
+        _manifest, _layer, _meta, _details, extras = node.describe(names.parse(model))
+        options, ctx = ollama_options(body, ollama_params_layer(extras), node.settings.n_ctx)
+        if raw_prompt is None and extras.get("system") and not any(
+                m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": extras["system"]}] + messages
+        stream = stream_flag(body)
+        openai_body = dict({k: v for k, v in options.items() if k != "max_tokens"}, model=model,
+                           stream=stream, max_tokens=options.get("max_tokens"))
+        fmt = ollama_format(body)
+        if fmt is not None:
+            openai_body["response_format"] = fmt
+        if stream:
+            openai_body["stream_options"] = {"include_usage": True}
+        if body.get("tools"):  # the ollama client sends [] for none
+            openai_body["tools"] = body["tools"]
+        timings, started = {}, time.monotonic()
+        if raw_prompt is not None:
+            req = validate_completion(dict(openai_body, prompt=raw_prompt), node.settings.n_ctx)
+            req["format"], req["format_schema"] = _response_format(openai_body)
+            req["max_tokens"] = openai_body["max_tokens"]  # Ollama's default: until the context ends
+        else:
+            req = validate_chat(dict(openai_body, messages=messages), node.settings.n_ctx)
+        req.update(keep_alive=ollama_keep_alive(body), timings=timings, ctx_limit=ctx)
+        result = node.complete(req) if raw_prompt is not None else node.chat(req)
+        if not stream:
+            choice = result["choices"][0]
+            if key == "message":
+                message = {"role": "assistant", "content": choice["message"]["content"] or ""}
+                if choice["message"].get("tool_calls"):
+                    message["tool_calls"] = ollama_tool_calls(choice["message"])
+                reason = "stop" if choice["finish_reason"] == "tool_calls" else choice["finish_reason"]
+                return ollama_final(model, timings, result["usage"], started, reason, message=message)
+            return ollama_final(model, timings, result["usage"], started, choice["finish_reason"],
+                                response=choice.get("text", choice.get("message", {}).get("content", "")))
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson(_ollama_chunks(result, model, key, timings, started), bottle.request.path)
+
+    @app.get("/api/version")
+    @api
+    def version():
+        return {"version": OLLAMA_VERSION}
+
+    @app.get("/api/tags")
+    @api
+    def tags():
+        models = []
+        for ref in node.store.models():
+            try:
+                manifest, layer, _meta, details, _extras = node.describe(ref)
+                raw = node.store.read_manifest_raw(ref)
+            except LLMNodeError:
+                continue
+            mtime = os.stat(node.store.manifest_path(ref)).st_mtime
+            size = sum(la.get("size", 0) for la in manifest["layers"])
+            models.append({"name": str(ref), "model": str(ref), "modified_at": rfc3339(mtime),
+                           "size": size, "digest": hashlib.sha256(raw).hexdigest(),
+                           "details": details})
+        return {"models": models}
+
+    @app.post("/api/show")
+    @api
+    def show():
+        body = body_of(("model", "verbose", "system", "template", "options"))
+        ref = names.parse(_model(body))
+        manifest, layer, meta, details, extras = node.describe(ref)
+        params = ollama_params_layer(extras)
+        parameters = "\n".join("%-30s %s" % (k, json.dumps(x) if isinstance(x, str) else x)
+                               for k, v in params.items() for x in (v if isinstance(v, list) else [v]))
+        template = extras.get("template") or meta.get("tokenizer.chat_template", "")
+        modelfile = "# Modelfile generated by llmnode\nFROM %s\n" % node.store.blob_path(layer["digest"])
+        if extras.get("template"):
+            modelfile += 'TEMPLATE """%s"""\n' % extras["template"]
+        if extras.get("system"):
+            modelfile += 'SYSTEM """%s"""\n' % extras["system"]
+        modelfile += "".join("PARAMETER %s\n" % line for line in parameters.splitlines())
+        answer = {"modelfile": modelfile, "parameters": parameters, "template": template,
+                  "details": details, "model_info": meta, "capabilities": ["completion", "tools"],
+                  "modified_at": rfc3339(os.stat(node.store.manifest_path(ref)).st_mtime)}
+        if extras.get("license") or meta.get("general.license"):
+            answer["license"] = extras.get("license") or meta["general.license"]
+        if extras.get("system"):
+            answer["system"] = extras["system"]
+        return answer
+
+    @app.get("/api/ps")
+    @api
+    def ps():
+        by_digest = {}
+        for ref in node.store.models():
+            try:
+                layer = model_layer(node.store.read_manifest(ref))
+            except LLMNodeError:
+                continue
+            by_digest.setdefault(node.store.blob_path(layer["digest"]), []).append(ref)
+        models = []
+        for path, size, _loaded_at, expires in node.pool.running():
+            for ref in by_digest.get(path, []):
+                _m, _l, _meta, details, _e = node.describe(ref)
+                raw = node.store.read_manifest_raw(ref)
+                models.append({"name": str(ref), "model": str(ref), "size": size, "size_vram": 0,
+                               "digest": hashlib.sha256(raw).hexdigest(), "details": details,
+                               "expires_at": FOREVER if expires is None else rfc3339(expires),
+                               "context_length": node.settings.n_ctx})
+        return {"models": models}
+
+    @app.post("/api/chat")
+    @api
+    def chat():
+        body = body_of(OLLAMA_CHAT_FIELDS)
+        refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
+        messages = ollama_messages(body.get("messages") or [])
+        if not messages:
+            return load_only(body, "message")
+        return generation(body, messages, "message")
+
+    @app.post("/api/generate")
+    @api
+    def generate():
+        body = body_of(OLLAMA_GENERATE_FIELDS)
+        refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
+        refuse(body, "images", lambda v: not v, "no vision models")
+        refuse(body, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
+        refuse(body, "context", lambda v: not v, "pass the conversation as /api/chat messages")
+        refuse(body, "template", lambda v: v == "", "the model's own chat template (from its GGUF) "
+               "is used; Go templates are not rendered")
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidRequest("'prompt' must be a string")
+        if not prompt:
+            return load_only(body, "response")
+        system = body.get("system")
+        if system is not None and not isinstance(system, str):
+            raise InvalidRequest("'system' must be a string")
+        if _bool(body, "raw"):
+            return generation(body, None, "response", raw_prompt=prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": prompt}]
+        return generation(body, messages, "response")
+
+    def embed_inputs(body, inputs):
+        refuse(body, "dimensions", lambda v: False, "embeddings have the model's own size")
+        ollama_options(body, {}, node.settings.n_ctx)
+        req = validate_embeddings({"model": _model(body), "input": inputs})
+        req["keep_alive"] = ollama_keep_alive(body)
+        started = time.monotonic()
+        vectors, used = node.embed(req)
+        return vectors, used, started
+
+    @app.post("/api/embed")
+    @api
+    def embed():
+        body = body_of(("model", "input", "truncate", "options", "keep_alive", "dimensions"))
+        refuse(body, "truncate", lambda v: v is True, "inputs longer than the context are refused, "
+               "not truncated")
+        vectors, used, started = embed_inputs(body, body.get("input"))
+        return {"model": body["model"], "embeddings": vectors,
+                "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
+                "prompt_eval_count": used}
+
+    @app.post("/api/embeddings")
+    @api
+    def embeddings_legacy():
+        body = body_of(("model", "prompt", "options", "keep_alive"))
+        vectors, _used, _started = embed_inputs(body, body.get("prompt"))
+        return {"embedding": vectors[0]}
+
+    @app.post("/api/pull")
+    @api
+    def pull():
+        body = body_of(("model", "insecure", "stream"))
+        ref = names.parse(_model(body))
+        refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
+               "LLM_INSECURE_REGISTRIES")
+        events = queue.Queue()
+        call = _Call(lambda: node.repairs.pull(ref, report=events.put), name="api-pull")
+        if not stream_flag(body):
+            call.result(node.settings.repair_timeout_secs * 4)
+            return {"status": "success"}
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson(_pull_events(node, call, events), bottle.request.path)
+
+    @app.delete("/api/delete")
+    @api
+    def delete():
+        body = body_of(("model",))
+        ref = names.parse(_model(body))
+        layer = model_layer(node.store.read_manifest(ref))
+        node.pool.drop(node.store.blob_path(layer["digest"]))
+        for digest in node.store.delete_manifest(ref):
+            try:
+                os.unlink(node.store.blob_path(digest))
+            except FileNotFoundError:
+                pass
+            node.guard.records.forget_blob(digest)
+        node.guard.records.forget_manifest(ref)
+        log.info("deleted model %s", ref)
+        return {}
+
+    @app.post("/api/copy")
+    @api
+    def copy():
+        body = body_of(("source", "destination"))
+        for key in ("source", "destination"):
+            if not isinstance(body.get(key), str) or not body[key]:
+                raise InvalidRequest("'%s' is required and must be a model name" % key)
+        source, destination = names.parse(body["source"]), names.parse(body["destination"])
+        raw = node.store.read_manifest_raw(source)
+        node.store.write_manifest(destination, raw)
+        node.guard.records.record_manifest(destination, hashlib.sha256(raw).hexdigest())
+        return {}
+
+
+def _ollama_chunks(chunks, model, key, timings, started):
+    """The OpenAI dialect's stream as Ollama's NDJSON objects, ending in the final one."""
+    reason, usage = "stop", {"prompt_tokens": 0, "completion_tokens": 0}
+    for chunk in chunks:
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices", []):
+            if choice.get("finish_reason"):
+                reason = "stop" if choice["finish_reason"] == "tool_calls" else choice["finish_reason"]
+            if key == "message":
+                delta = choice.get("delta") or {}
+                if not delta.get("content") and not delta.get("tool_calls"):
+                    continue
+                message = {"role": "assistant", "content": delta.get("content") or ""}
+                if delta.get("tool_calls"):
+                    message["tool_calls"] = ollama_tool_calls(delta)
+                yield {"model": model, "created_at": rfc3339(time.time()), "message": message,
+                       "done": False}
+            else:
+                text = choice.get("text")
+                if text is None:
+                    text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield {"model": model, "created_at": rfc3339(time.time()), "response": text,
+                           "done": False}
+    last = {"role": "assistant", "content": ""} if key == "message" else ""
+    yield ollama_final(model, timings, usage, started, reason, **{key: last})
+
+
+def _pull_events(node, call, events):
+    """The pull's steps as they happen, with byte progress of the blob being fetched."""
+    current = None
+    while True:
+        try:
+            event = events.get(timeout=0.25)
+        except queue.Empty:
+            if call.done():
+                call.result(0)  # raises the pull's error, if any
+                return
+            if current is not None:
+                done = node.repairs.progress_of(current["digest"])
+                if done is not None:
+                    yield dict(current, completed=done)
+            continue
+        current = event if "digest" in event else None
+        yield event
+        if event.get("status") == "success":
+            return
 
 
 ###############################################################################
@@ -1408,7 +1996,7 @@ def create_server(node, host, port, threads):
                 err = InvalidRequest("%s: %s" % (e.reason, e.body))
                 err.status = e.code
             node.metrics.inc("llmnode_requests_total", status=str(err.status))
-            body = json.dumps(err.body()).encode()
+            body = json.dumps(error_body(err, self.request.path or "")).encode()
             self.status = "%d %s" % (e.code, e.reason)
             self.response_headers.append(("Content-Type", "application/json"))
             self.set_close_on_finish()

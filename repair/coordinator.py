@@ -255,16 +255,26 @@ class RepairCoordinator:
                 results.append((layer, e.reason))
         return results
 
-    def pull(self, ref):
+    def pull(self, ref, report=None):
         """Fetch a model's manifest by its tag and every blob the store lacks or holds
         corrupted, then install the manifest and pin it; (manifest, digests fetched, the pin
-        it replaced if the tag moved)."""
+        it replaced if the tag moved). `report(event)` hears each step, in Ollama's statuses."""
+        report = report or (lambda event: None)
+        report({"status": "pulling manifest"})
         raw = call_with_retries(lambda: self.client.get_manifest(ref), self.retry)
         manifest = parse_manifest(raw)
-        fetched = [layer["digest"] for layer, gguf in checked_layers(manifest)
-                   if self.check_layer(ref, layer, gguf=gguf, pulling=True)]
+        fetched = []
+        for layer, gguf in checked_layers(manifest):
+            status = {"status": "pulling %s" % layer["digest"][7:19], "digest": layer["digest"],
+                      "total": layer["size"]}
+            report(dict(status, completed=0))
+            if self.check_layer(ref, layer, gguf=gguf, pulling=True):
+                fetched.append(layer["digest"])
+            report(dict(status, completed=layer["size"]))
+        report({"status": "verifying sha256 digest"})
         new = hashlib.sha256(raw).hexdigest()
         old = self.guard.records.manifest_digest(ref)
+        report({"status": "writing manifest"})
         self.store.write_manifest(ref, raw)
         self.guard.records.record_manifest(ref, new)
         self._manifests.pop(str(ref), None)
@@ -274,7 +284,13 @@ class RepairCoordinator:
                      "manifest", ref, old, new)
         log.info("pulled %s (%d of %d blobs downloaded)", ref, len(fetched),
                  len(checked_layers(manifest)))
+        report({"status": "success"})
         return manifest, fetched, moved
+
+    def progress_of(self, digest):
+        """Bytes of a blob downloaded so far, if it is being downloaded now."""
+        active = self._active.get(digest)
+        return active.state.done if active is not None else None
 
     def _download(self, ref, layer, deadline, bad_chunks=None, gguf=False):
         """Fetch a blob again, holding its cross-process lock for the whole write and install:

@@ -101,6 +101,23 @@ class Store:
         """The parsed manifest of a model; ModelNotFound if there is none."""
         return parse_manifest(self.read_manifest_raw(ref))
 
+    def delete_manifest(self, ref):
+        """Remove a model's manifest; the digests of its blobs that no other manifest uses
+        (which the caller may delete)."""
+        manifest = self.read_manifest(ref)
+        os.unlink(self.manifest_path(ref))
+        fsync_dir(os.path.dirname(self.manifest_path(ref)))
+        used = set()
+        for other in self.models():
+            try:
+                # Every digest the bytes name, parsed or not: a blob a damaged manifest still
+                # needs is never taken from it.
+                used.update(re.findall(r"sha256:[0-9a-f]{64}", self.read_manifest_raw(other).decode(
+                    "utf-8", "replace")))
+            except LLMNodeError:
+                continue
+        return [layer["digest"] for layer in blob_layers(manifest) if layer["digest"] not in used]
+
     def has_manifest(self, ref):
         return os.path.isfile(self.manifest_path(ref))
 
