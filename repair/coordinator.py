@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from repair.download import DownloadState, disk_free, fetch_blob
+from repair.download import DownloadState, disk_free, fetch_blob, patch_blob
 from repair.errors import (
     DigestMismatch,
     DownloadError,
@@ -19,7 +19,6 @@ from repair.errors import (
 )
 from repair.locks import FileLock
 from repair.metrics import Metrics
-from repair.patch import patch_blob
 from repair.progress import LoggingProgress
 from repair.retry import call_with_retries
 from repair.singleflight import SingleFlight

@@ -1,44 +1,54 @@
-"""Blob download: chunks streamed into a partial file, hashed as written, resumed, then installed."""
+"""The byte pipeline: a blob's bytes for some ranges, from the registry client's checked iterator,
+written at their offsets into this writer's partial file, hashed, then installed.
+
+Three uses, one pipeline: a plain download is one range (resumed from the partial file's
+prefix), a parallel download is N ranges over N connections (resumed from the parts record),
+and a range repair is the damaged chunks (each checked against the chunk table). The deadline
+and the byte counts wrap the chunk iterator; ENOSPC becomes InsufficientStorage in one place.
+"""
 
 import errno
 import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-import requests
-
 from repair import parts
-from repair.chunks import ChunkHasher
+from repair.chunks import ChunkHasher, chunk_range
 from repair.errors import (
     BadRange,
     DigestMismatch,
     DownloadError,
     InsufficientStorage,
     NetworkError,
-    RegistryHTTPError,
     RepairTimeout,
 )
-from repair.registry import check_content_range
+from repair.registry import RangesUnsupported
 from repair.retry import call_with_retries
 from repair.store import digest_hex, fsync_dir
-from repair.verify import CHUNK
+from repair.verify import sha256_file
+
+log = logging.getLogger("llmnode.download")
 
 # Network reads: at least 64 KiB, so progress and /health move smoothly on small blobs, and up
 # to 1 MiB on large ones, where per-read Python overhead would otherwise show against curl.
 NET_CHUNK = 64 << 10
 NET_CHUNK_MAX = 1 << 20
+# Room left on the disk after a download, so a repair never fills it to the last byte.
+DISK_RESERVE = 1 << 20
+HASH_BLOCK = 1 << 20
 
 
 def net_chunk(size):
     return min(NET_CHUNK_MAX, max(NET_CHUNK, size // 256))
 
-log = logging.getLogger("llmnode.download")
 
-# Room left on the disk after a download, so a repair never fills it to the last byte.
-DISK_RESERVE = 1 << 20
+def disk_free(path):
+    return shutil.disk_usage(path).free
 
 
 @dataclass
@@ -53,10 +63,6 @@ class DownloadState:
     chunk_digests: list = None
 
 
-def disk_free(path):
-    return shutil.disk_usage(path).free
-
-
 class _NullProgress:
     def update(self, n):
         pass
@@ -65,166 +71,401 @@ class _NullProgress:
         pass
 
 
+# -- the stages every range goes through ------------------------------------------------------
+
+def until(chunks, deadline, clock):
+    """The chunks, until the repair's deadline passes."""
+    for chunk in chunks:
+        yield chunk
+        if deadline is not None and clock() > deadline:
+            raise RepairTimeout()
+
+
+@contextmanager
+def disk_errors():
+    """A full disk (or quota) is InsufficientStorage wherever the pipeline writes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage() from e
+        raise
+
+
+def write_range(fd, chunks, offset, counted):
+    """Write each chunk at its offset, from `offset` on; `counted(chunk)` after each write.
+    Returns the offset after the last byte."""
+    with disk_errors():
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            counted(chunk)
+    return offset
+
+
+class Partial:
+    """This writer's partial file of one blob (under `.llmnode/partial/`, held under the blob's
+    lock by the caller) and its parts record."""
+
+    def __init__(self, store, digest, size):
+        self.store, self.digest, self.size = store, digest, size
+        self.hexdigest = digest_hex(digest)
+        self.path = store.partial_path(digest)
+        self.final = store.blob_path(digest)
+        self.record = parts.record_path(self.path)
+
+    def prefix(self):
+        """Bytes in the file; a file longer than the blob is dropped."""
+        try:
+            have = os.path.getsize(self.path)
+        except FileNotFoundError:
+            return 0
+        if have > self.size:
+            os.unlink(self.path)
+            return 0
+        return have
+
+    def open(self):
+        with disk_errors():
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def discard(self):
+        for path in (self.path, self.record):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def install(self):
+        """Rename the verified file to its digest's name (the caller holds the blob's lock)."""
+        if self.size == 0 and not os.path.exists(self.path):
+            open(self.path, "wb").close()
+        os.replace(self.path, self.final)
+        fsync_dir(self.store.blobs_dir)
+
+
+# -- plain and parallel downloads -------------------------------------------------------------
+
 def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=None,
                sleep=time.sleep, free_space=disk_free, deadline=None, clock=time.monotonic,
                connections=1, part_min=parts.PART_MIN):
     """Download one layer into the store; return its DownloadState once installed. A blob of
     at least two parts of `part_min` bytes comes over up to `connections` connections."""
-    digest, size = layer["digest"], layer["size"]
-    hexdigest = digest_hex(digest)
     store.ensure_dirs()
-    state = state or DownloadState(digest, size)
-    job = _Job(client, store, ref, digest, hexdigest, size, state,
-               progress or _NullProgress(), deadline, clock)
-    bounds = parts.plan(size, connections, part_min)
-    runner = parts.ParallelJob(job, connections, bounds, net_chunk(size)) if bounds else job
-    runner.resume()
-    need = size - runner.have + DISK_RESERVE
-    if free_space(store.blobs_dir) < need:
+    state = state or DownloadState(layer["digest"], layer["size"])
+    job = _Download(client, ref, Partial(store, layer["digest"], layer["size"]), state,
+                    progress or _NullProgress(), deadline, clock,
+                    parts.plan(layer["size"], connections, part_min), connections)
+    job.resume()
+    if free_space(store.blobs_dir) < layer["size"] - job.have + DISK_RESERVE:
         raise InsufficientStorage()
 
     def attempt():
-        nonlocal runner
         state.attempts += 1
         try:
-            try:
-                return runner.run()
-            except parts.RangesUnsupported:
-                log.info("registry ignored a Range request for %s; downloading it over one "
-                         "connection", digest)
-                runner = job
-                job.restart()
-                job.resume()
-                return job.run()
+            job.run()
         except (DigestMismatch, BadRange):
             # Whatever is in the partial file is suspect now: the next try starts from zero.
-            runner.discard()
+            job.discard()
             raise
 
     def on_retry(exc, policy, delay):
         log.warning("download of %s failed (%s); retry %d/%d in %.1fs",
-                    digest, exc, policy.attempt, policy.total - 1, delay)
+                    layer["digest"], exc, policy.attempt, policy.total - 1, delay)
 
     try:
         call_with_retries(attempt, retry, sleep, on_retry)
     except BaseException:
-        job.chunks.abandon()
-        runner.chunks.abandon()
+        job.chunks.abandon()  # its helper thread ends with the attempt
         raise
-    state.chunk_digests = runner.chunks.digests()
-    job.install()
+    state.chunk_digests = job.chunk_digests
+    job.partial.install()
     return state
 
 
-class _Job:
-    """One blob's partial file and the running hash of exactly the bytes in it."""
+class _Download:
+    """One blob's ranges into its partial file, and the hashes of exactly the bytes in it."""
 
-    def __init__(self, client, store, ref, digest, hexdigest, size, state, progress, deadline, clock):
-        self.client, self.store, self.ref = client, store, ref
-        self.digest, self.hexdigest, self.size = digest, hexdigest, size
+    def __init__(self, client, ref, partial, state, progress, deadline, clock, bounds, connections):
+        self.client, self.ref, self.partial = client, ref, partial
         self.state, self.progress = state, progress
         self.deadline, self.clock = deadline, clock
-        self.final = store.blob_path(digest)
-        self.partial = store.partial_path(digest)
+        self.bounds, self.connections = bounds, connections
+        self.parts = None  # [Part] while split into parts; None for one prefix
+        self.have = 0
         self.hasher = hashlib.sha256()
         self.chunks = ChunkHasher()
-        self.have = 0
+        self.chunk_digests = None
+        # Guards the parts' `done`, `state` and `progress` while connections write.
+        self._lock = threading.Condition()
 
-    def prefix(self):
-        """Bytes in the partial file; one longer than the blob is dropped."""
-        try:
-            have = os.path.getsize(self.partial)
-        except FileNotFoundError:
-            return 0
-        if have > self.size:
-            os.unlink(self.partial)
-            return 0
-        return have
+    def counted(self, part=None):
+        def count(chunk):
+            with self._lock:
+                if part is not None:
+                    part.done += len(chunk)
+                self.state.done += len(chunk)
+                self.state.received += len(chunk)
+                self.progress.update(len(chunk))
+                self._lock.notify_all()
+        return count
 
     def resume(self):
-        """Hash the prefix an earlier attempt left, so only the rest is fetched."""
-        parts.collapse_record(self.partial, self.size)
-        have = self.prefix()
-        if have:
-            with open(self.partial, "rb") as f:
-                left = have
+        """Pick up what an earlier attempt (or process) left: the parts record, else a prefix."""
+        self.parts = parts.read_record(self.partial.path, self.partial.size) if self.bounds else None
+        if self.bounds and self.parts is None:
+            prefix = self.partial.prefix()
+            self.parts = [parts.Part(s, e, min(e - s, max(0, prefix - s))) for s, e in self.bounds]
+        if self.parts is not None:
+            self.have = sum(p.done for p in self.parts)
+        else:
+            self._collapse()
+        if self.have:
+            log.info("resuming %s from byte %d of %d", self.partial.digest, self.have, self.partial.size)
+        self.state.done = self.have
+        self.progress.update(self.have)
+
+    def _collapse(self):
+        """One connection from here: keep the contiguous prefix, hashed once as it stands."""
+        parts.collapse_record(self.partial.path, self.partial.size)
+        self.parts = None
+        self.have = self.partial.prefix()
+        self._restart_hashes()
+        if self.have:
+            with open(self.partial.path, "rb") as f:
+                left = self.have
                 while left:
-                    chunk = f.read(min(CHUNK, left))
-                    if not chunk:
+                    block = f.read(min(HASH_BLOCK, left))
+                    if not block:
                         break
-                    self.hasher.update(chunk)
-                    self.chunks.update(chunk)
-                    left -= len(chunk)
-            log.info("resuming %s from byte %d of %d", self.digest, have, self.size)
-        self.have = have
-        self.state.done = have
-        self.progress.update(have)
+                    self.hasher.update(block)
+                    self.chunks.update(block)
+                    left -= len(block)
+        with self._lock:
+            self.state.done = self.have
+
+    def _restart_hashes(self):
+        self.chunks.abandon()
+        self.hasher, self.chunks = hashlib.sha256(), ChunkHasher()
 
     def discard(self):
-        try:
-            os.unlink(self.partial)
-        except FileNotFoundError:
-            pass
-        self.restart()
-
-    def restart(self):
-        self.hasher = hashlib.sha256()
-        self.chunks.abandon()
-        self.chunks = ChunkHasher()
+        self.partial.discard()
+        self._restart_hashes()
         self.have = 0
+        self.parts = [parts.Part(s, e) for s, e in self.bounds] if self.bounds else None
         self.state.done = 0
         self.progress.reset()
 
     def run(self):
-        if self.have == self.size and self.size > 0:
-            return self.finish()
-        resp = self.client.open_blob(self.ref, self.digest, start=self.have)
-        with resp:
-            if self.have and resp.status_code == 200:
-                log.info("registry ignored the Range request for %s; starting from zero", self.digest)
-                self.restart()
-            elif self.have:
-                check_content_range(resp, self.have)
-            elif resp.status_code != 200:
-                raise RegistryHTTPError(resp.status_code, resp.url)
-            self.stream(resp)
-        return self.finish()
+        if self.parts is not None:
+            try:
+                return self._run_parts()
+            except RangesUnsupported:
+                log.info("registry ignored a Range request for %s; downloading it over one "
+                         "connection", self.partial.digest)
+                self._collapse()
+        return self._run_one()
 
-    def stream(self, resp):
+    def _run_one(self):
+        size = self.partial.size
+        if self.have < size:
+            chunks = self.client.blob_bytes(self.ref, self.partial.digest, start=self.have, total=size,
+                                            chunk=net_chunk(size), whole_ok=True)
+            fd = self.partial.open()
+            try:
+                with disk_errors():
+                    os.ftruncate(fd, self.have)
+                self.have = write_range(fd, until(self._hashed(chunks), self.deadline, self.clock),
+                                        self.have, self.counted())
+                with disk_errors():
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._finish(self.hasher.hexdigest())
+
+    def _hashed(self, chunks):
+        for chunk in chunks:
+            self.hasher.update(chunk)
+            self.chunks.update(chunk)
+            yield chunk
+
+    def _finish(self, actual):
+        digests = self.chunks.digests()
+        if actual != self.partial.hexdigest:
+            raise DigestMismatch(self.partial.digest, actual)
+        self.chunk_digests = digests
+
+    def _run_parts(self):
+        """Each part over the next free connection; one thread hashes the contiguous written
+        prefix as it grows (the parts arrive out of order); another syncs the data and then
+        records the parts, every second and when a part completes."""
+        self._restart_hashes()
+        hasher = hashlib.sha256()
+        stop, wake = threading.Event(), threading.Event()
+        errors = []
+        todo = [p for p in self.parts if not p.complete]
+        fd = self.partial.open()
+
+        def fail(error):
+            with self._lock:
+                errors.append(error)
+                stop.set()
+                self._lock.notify_all()
+
+        def work():
+            while not stop.is_set():
+                with self._lock:
+                    part = todo.pop(0) if todo else None
+                if part is None:
+                    return
+                start = part.start + part.done
+                chunks = self.client.blob_bytes(self.ref, self.partial.digest, start=start,
+                                                end=part.end - 1, chunk=net_chunk(self.partial.size))
+                write_range(fd, until(_stoppable(chunks, stop), self.deadline, self.clock), start,
+                            self.counted(part))
+                if not stop.is_set() and not part.complete:
+                    raise NetworkError("bytes %d-%d of %s ended at byte %d" % (
+                        start, part.end - 1, self.partial.digest, part.start + part.done))
+                wake.set()
+
+        def sync():
+            while not stop.is_set():
+                wake.wait(parts.SAVE_EVERY)
+                wake.clear()
+                if stop.is_set():
+                    return
+                self._save(fd)
+
+        def hash_prefix():
+            buf = bytearray(HASH_BLOCK)
+            view, pos = memoryview(buf), 0
+            while pos < self.partial.size:
+                with self._lock:
+                    while parts.frontier(self.parts) <= pos and not stop.is_set():
+                        self._lock.wait()
+                    limit = parts.frontier(self.parts)
+                if limit <= pos:
+                    return
+                while pos < limit:
+                    n = os.preadv(fd, [view[:min(len(buf), limit - pos)]], pos)
+                    if n <= 0:
+                        raise DownloadError("partial file shorter than its parts say", cause="store error")
+                    hasher.update(view[:n])
+                    self.chunks.update(view[:n])
+                    pos += n
+
         try:
-            with open(self.partial, "ab") as f:
-                f.truncate(self.have)
-                for chunk in resp.iter_content(net_chunk(self.size)):
-                    if self.have + len(chunk) > self.size:
-                        raise DownloadError("more than the %d bytes the manifest gives" % self.size,
-                                            cause="size mismatch")
-                    f.write(chunk)
-                    self.hasher.update(chunk)
-                    self.chunks.update(chunk)
-                    self.have += len(chunk)
-                    self.state.done = self.have
-                    self.state.received += len(chunk)
-                    self.progress.update(len(chunk))
-                    if self.deadline is not None and self.clock() > self.deadline:
-                        raise RepairTimeout()
-                f.flush()
-                os.fsync(f.fileno())
-        except requests.RequestException as e:
-            raise NetworkError("reading %s at byte %d: %s" % (self.digest, self.have, e)) from e
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage() from e
-            raise
+            # A record before any byte is written: a partial file with parts always has one, so
+            # it is never taken for a plain prefix (its holes would read as data).
+            self._save(fd)
+            hashing = _Thread(hash_prefix, fail)
+            syncing = _Thread(sync, fail)
+            workers = [_Thread(work, fail) for _ in range(min(self.connections, len(todo)))]
+            for w in workers:
+                w.join()
+            stop.set()  # the workers are done: stop the record thread
+            wake.set()
+            syncing.join()
+            if not errors:
+                with disk_errors():
+                    os.fsync(fd)
+            with self._lock:
+                self._lock.notify_all()
+            hashing.join()
+            if errors:
+                try:
+                    self._save(fd)
+                except OSError as e:
+                    log.warning("could not record the parts of %s (%s); a retry refetches them",
+                                self.partial.digest, e)
+                ranges_ignored = [e for e in errors if isinstance(e, RangesUnsupported)]
+                raise ranges_ignored[0] if ranges_ignored else errors[0]
+        finally:
+            os.close(fd)
+        self._finish(hasher.hexdigest())
+        try:
+            os.unlink(self.partial.record)
+        except FileNotFoundError:
+            pass
 
-    def finish(self):
-        if self.have < self.size:
-            raise NetworkError("body ended at byte %d of %d" % (self.have, self.size))
-        actual = self.hasher.hexdigest()
-        if actual != self.hexdigest:
-            raise DigestMismatch(self.digest, actual)
+    def _save(self, fd):
+        """Record each part's progress; the data is synced first, so the record never claims
+        bytes the disk lacks."""
+        with self._lock:
+            snapshot = [p.as_list() for p in self.parts]
+        with disk_errors():
+            os.fdatasync(fd)
+            parts.write_record(self.partial.path, self.partial.size, snapshot)
 
-    def install(self):
-        if self.size == 0 and not os.path.exists(self.partial):
-            open(self.partial, "wb").close()
-        os.replace(self.partial, self.final)
-        fsync_dir(self.store.blobs_dir)
+
+def _stoppable(chunks, stop):
+    for chunk in chunks:
+        if stop.is_set():
+            return
+        yield chunk
+
+
+class _Thread(threading.Thread):
+    """A thread that hands what its target raised to `fail`."""
+
+    def __init__(self, target, fail):
+        super().__init__(daemon=True, name="download-part")
+        self._target_fn, self._fail = target, fail
+        self.start()
+
+    def run(self):
+        try:
+            self._target_fn()
+        except BaseException as e:  # noqa: B036 - handed to the attempt
+            self._fail(e)
+
+
+# -- range repair -----------------------------------------------------------------------------
+
+def patch_blob(client, store, ref, layer, table, bad, state, deadline=None, clock=time.monotonic,
+               retry=None, sleep=time.sleep):
+    """Replace the damaged chunks `bad` of a blob with the registry's bytes, in place, each
+    checked against the chunk table before it is written; the blob counts as good only once
+    its whole-file digest matches again (the table stays valid)."""
+    partial = Partial(store, layer["digest"], layer["size"])
+    # From here until the whole digest matches, nothing sits under the digest's name.
+    os.replace(partial.final, partial.path)
+    try:
+        fd = partial.open()
+        try:
+            for index in bad:
+                offset, length = chunk_range(index, layer["size"])
+
+                def fetch(offset=offset, length=length):
+                    return b"".join(until(client.blob_bytes(ref, layer["digest"], start=offset,
+                                                            end=offset + length - 1), deadline, clock))
+
+                data = call_with_retries(fetch, retry, sleep)
+                # Wrong bytes from the registry are not retried here: the full download decides.
+                actual = hashlib.sha256(data).digest()
+                if actual != table[index]:
+                    raise DigestMismatch("%s chunk %d" % (layer["digest"], index), actual.hex())
+                write_range(fd, [data], offset, _count(state))
+            with disk_errors():
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        # The whole-file digest is the authority: the chunks kept were read by the check that
+        # found the damage, not since.
+        whole = sha256_file(partial.path)
+        if "sha256:" + whole != layer["digest"]:
+            raise DigestMismatch(layer["digest"], whole)
+    except BaseException:
+        # Back where it was (no better, no worse: only verified chunks were written).
+        os.replace(partial.path, partial.final)
+        raise
+    partial.install()
+
+
+def _count(state):
+    def count(chunk):
+        state.received += len(chunk)
+        state.done += len(chunk)
+    return count

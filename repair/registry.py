@@ -1,6 +1,7 @@
 """Registry client: the OCI distribution API for manifests and blobs, over requests."""
 
 import base64
+import logging
 import re
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -18,6 +19,12 @@ MANIFEST_ACCEPT = ", ".join((
 MAX_REDIRECTS = 10
 MAX_MANIFEST_BYTES = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+log = logging.getLogger("llmnode.download")
+
+
+class RangesUnsupported(Exception):
+    """The registry answered a ranged request with the whole blob."""
 
 
 class RegistryClient:
@@ -70,6 +77,46 @@ class RegistryClient:
             except requests.RequestException as e:
                 raise NetworkError("reading %s: %s" % (url, e)) from e
         return bytes(raw)
+
+    def blob_bytes(self, ref, digest, start=0, end=None, total=None, chunk=1 << 20, whole_ok=False):
+        """Bytes `start`..`end` (inclusive; to the end of a `total`-byte blob when `end` is None)
+        of a blob, as an iterator of chunks. The one place a blob response is checked: status,
+        Content-Range, length (short or long bodies), and `requests` errors become ours.
+
+        A registry that answers a range with the whole blob (200): with `whole_ok` the bytes
+        before `start` are skipped; otherwise RangesUnsupported, so a caller splitting a blob
+        into parts can fall back to one connection."""
+        last = end if end is not None else total - 1
+        want = last - start + 1
+        resp = self.open_blob(ref, digest, start=start, end=end)
+        with resp:
+            skip = 0
+            if resp.status_code == 206:
+                check_content_range(resp, start, end)
+            elif resp.status_code != 200:
+                raise RegistryHTTPError(resp.status_code, resp.url)
+            elif start or end is not None:
+                if not whole_ok:
+                    raise RangesUnsupported()
+                log.info("registry ignored a Range request for %s; skipping %d bytes", digest, start)
+                skip = start
+            got = 0
+            try:
+                for piece in resp.iter_content(chunk):
+                    if skip:
+                        cut = min(skip, len(piece))
+                        piece, skip = piece[cut:], skip - cut
+                        if not piece:
+                            continue
+                    if got + len(piece) > want:
+                        raise DownloadError("more than the %d bytes asked for from byte %d of %s"
+                                            % (want, start, digest), cause="size mismatch")
+                    got += len(piece)
+                    yield piece
+            except requests.RequestException as e:
+                raise NetworkError("reading %s at byte %d: %s" % (digest, start + got, e)) from e
+        if got < want:
+            raise NetworkError("body of %s ended at byte %d of %d" % (digest, start + got, last + 1))
 
     def open_blob(self, ref, digest, start=0, end=None):
         """A streaming response for a blob, from byte `start` (to `end`, inclusive) on; the

@@ -212,7 +212,7 @@ class _Exploding:
     def get_manifest(self, ref, digest=None):
         return self.real.get_manifest(ref, digest)
 
-    def open_blob(self, *args, **kwargs):
+    def blob_bytes(self, *args, **kwargs):
         raise ZeroDivisionError("a bug")
 
 
