@@ -20,14 +20,16 @@ def free_port():
 class Distribution:
     """`docker-registry serve` on a free loopback port, storing under `root`."""
 
-    def __init__(self, root):
+    def __init__(self, root, proxy_url=None):
+        """With `proxy_url` it is a pull-through cache of that registry (`proxy.remoteurl`)."""
         binary = shutil.which("docker-registry")
         assert binary, "docker-registry is not installed (apt-get install -y docker-registry)"
         port = free_port()
         config = root / "registry.yml"
         config.write_text(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-            "    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%d\n" % (root / "data", port))
+            "    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%d\n" % (root / "data", port)
+            + ("proxy:\n  remoteurl: %s\n" % proxy_url if proxy_url else ""))
         self.proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         self.url = "http://127.0.0.1:%d" % port

@@ -111,9 +111,30 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_HEAD(self):
+        """What a pull-through cache asks first: the manifest's digest, or a blob's size."""
+        reg = self.owner
+        reg.record(self)
+        m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", self.path)
+        raw = None
+        if m and m.group(2) == "manifests":
+            raw = reg.manifests.get((m.group(1), m.group(3))) or \
+                reg.manifests_by_digest.get((m.group(1), m.group(3)))
+        elif m:
+            raw = reg.blobs.get(m.group(3))
+        self.send_response(200 if raw is not None else 404)
+        if raw is not None:
+            self.send_header("Docker-Content-Digest", digest_of(raw))
+            self.send_header("Content-Type", MANIFEST_TYPE if m.group(2) == "manifests"
+                             else "application/octet-stream")
+        self.send_header("Content-Length", str(len(raw or b"")))
+        self.end_headers()
+
     def do_GET(self):
         reg = self.owner
         reg.record(self)
+        if self.path == "/v2/":
+            return self.send_json(200, {})
         if self.path.startswith("/token"):
             return self.send_json(200, {"token": TOKEN})
         m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", self.path)
@@ -227,6 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
     def send_bytes(self, status, body, content_type):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if content_type == MANIFEST_TYPE:
+            self.send_header("Docker-Content-Digest", digest_of(body))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
