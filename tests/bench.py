@@ -254,12 +254,13 @@ def wait_until_up(url, proc, timeout=120):
 
 
 def _client_loop(args):
-    url, body, count = args
+    url, body, count = args[:3]
+    path = args[3] if len(args) > 3 else "/v1/chat/completions"
     times = []
     with requests.Session() as s:
         for _ in range(count):
             started = time.perf_counter()
-            r = s.post(url + "/v1/chat/completions", json=body, timeout=120)
+            r = s.post(url + path, json=body, timeout=120)
             r.raise_for_status()
             times.append(time.perf_counter() - started)
     return times
@@ -269,15 +270,15 @@ def _ready(_):
     return os.getpid()
 
 
-def load(url, model, max_tokens, clients, per_client):
+def load(url, model, max_tokens, clients, per_client, body=None, path="/v1/chat/completions"):
     """(requests per second, p50 s, p99 s) for `clients` concurrent request loops, each in its
     own process: client threads sharing one GIL would add their own waits to the tail."""
-    body = {"model": model, "max_tokens": max_tokens, "seed": 1, "temperature": 0,
-            "messages": [{"role": "user", "content": "Hello there"}]}
+    body = body or {"model": model, "max_tokens": max_tokens, "seed": 1, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Hello there"}]}
     with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("fork")) as pool:
         list(pool.map(_ready, range(clients)))  # the client processes exist before the clock starts
         started = time.perf_counter()
-        runs = list(pool.map(_client_loop, [(url, body, per_client)] * clients))
+        runs = list(pool.map(_client_loop, [(url, body, per_client, path)] * clients))
         elapsed = time.perf_counter() - started
     latencies = sorted(t for ts in runs for t in ts)
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
@@ -374,6 +375,81 @@ def bench_guard(env, p50):
           % ("d. guard (manifest + stat check) per request", cost * 1e6, 100 * cost / p50))
 
 
+def bench_api(work, rounds, threads=2):
+    """On the real model (SmolLM2): json_schema-constrained chat and embeddings against
+    `python -m llama_cpp.server`, and Ollama's /api/chat against /v1/chat/completions."""
+    from tests.conftest import smollm2_path
+
+    print("\n== f. the API on SmolLM2: llmnode vs python -m llama_cpp.server")
+    gguf = smollm2_path()
+    data = Path(gguf).read_bytes()
+    digest = digest_of(data)
+    store = Store(str(work / "apistore"))
+    store.ensure_dirs()
+    shutil.copyfile(gguf, store.blob_path(digest))
+    config = b"{}"
+    Path(store.blob_path(digest_of(config))).write_bytes(config)
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
+                "layers": [{"mediaType": MODEL_TYPE, "digest": digest, "size": len(data)}]}
+    store.write_manifest(names.parse("smol:1"), json.dumps(manifest).encode())
+    env = {"LLM_MODELS_DIR": store.root, "LLM_CPU_THREADS": str(threads), "LLM_CTX_SIZE": "1024"}
+    ours = Served(env)
+    refs = {}
+    for kind, extra in (("chat", []), ("embed", ["--embedding", "true"])):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
+                                 str(threads), "--n_ctx", "1024", "--port", str(port), "--host",
+                                 "127.0.0.1"] + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        refs[kind] = ("http://127.0.0.1:%d" % port, proc)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["name", "country"]}
+    ask = [{"role": "user", "content": "Describe Paris as JSON."}]
+    base = {"max_tokens": 32, "seed": 1, "temperature": 0, "messages": ask}
+    try:
+        for url, proc in [(ours.url, ours.proc)] + list(refs.values()):
+            if not wait_until_up(url, proc):
+                print("a server did not start: API comparison not run")
+                return
+        med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
+        cases = [
+            ("json_schema chat, 32 tokens", "/v1/chat/completions",
+             dict(base, model="smol:1", response_format={"type": "json_schema", "json_schema": {
+                 "name": "city", "schema": schema}})),
+            ("embeddings, one sentence", "/v1/embeddings",
+             {"model": "smol:1", "input": "The quick brown fox jumps over the lazy dog."}),
+        ]
+        for name, path, body in cases:
+            ref_url = refs["embed" if "embeddings" in path else "chat"][0]
+            ref_body = dict(body, model=gguf)
+            if "response_format" in body:
+                ref_body["response_format"] = {"type": "json_object", "schema": schema}
+            load(ours.url, None, 0, 2, 2, body=body, path=path)
+            load(ref_url, None, 0, 2, 2, body=ref_body, path=path)
+            a, b = [], []
+            for _ in range(rounds):
+                a.append(load(ours.url, None, 0, 2, 10, body=body, path=path))
+                b.append(load(ref_url, None, 0, 2, 10, body=ref_body, path=path))
+            report("%s: throughput, ref llama_cpp.server" % name, med(a, 0), med(b, 0), "rps", ">= 1.0",
+                   ratio=med(a, 0) / med(b, 0))
+            report("%s: p50 latency" % name, med(a, 1), med(b, 1), "s", "<= 1.0")
+            report("%s: p99 latency" % name, med(a, 2), med(b, 2), "s", "<= 1.0")
+        ollama_body = {"model": "smol:1", "messages": ask, "stream": False,
+                       "options": {"num_predict": 32, "seed": 1, "temperature": 0}}
+        openai_body = dict(base, model="smol:1")
+        a, b = [], []
+        for _ in range(rounds):
+            a.append(load(ours.url, None, 0, 1, 15, body=ollama_body, path="/api/chat"))
+            b.append(load(ours.url, None, 0, 1, 15, body=openai_body))
+        report("/api/chat vs /v1/chat/completions p50 (same node, same model)", med(a, 1), med(b, 1),
+               "s", "<= 1.02")
+    finally:
+        for _url, proc in refs.values():
+            proc.terminate()
+            proc.wait(timeout=10)
+        ours.close()
+
+
 def drop_page_cache():
     """Empty the page cache (root on Linux); False where the machine does not allow it."""
     os.sync()
@@ -451,9 +527,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
-    parser.add_argument("--only", choices=["verify", "repair", "serving", "load"], action="append")
+    parser.add_argument("--only", choices=["verify", "repair", "serving", "load", "api"], action="append")
     args = parser.parse_args(argv)
-    only = set(args.only or ["verify", "repair", "serving", "load"])
+    only = set(args.only or ["verify", "repair", "serving", "load", "api"])
     work = Path(tempfile.mkdtemp(prefix="llmnode-bench-", dir=os.environ.get("BENCH_DIR")))
     print("llmnode benchmark: %d cores, blob %d MiB, %d rounds, work dir %s"
           % (os.cpu_count(), args.size_mib, args.rounds, work))
@@ -469,6 +545,8 @@ def main(argv=None):
             bench_serving(work, args.rounds)
         if "load" in only:
             bench_load(work, args.rounds)
+        if "api" in only:
+            bench_api(work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n== summary (ratio: ours / reference unless noted)")
