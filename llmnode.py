@@ -170,14 +170,15 @@ def grammar(schema=None):
     once per schema."""
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
-    key = json.dumps(schema, sort_keys=True) if schema is not None else ""
+    key = json.dumps(schema) if schema is not None else ""
     with _GRAMMARS_LOCK:
         text = _GRAMMARS.get(key)
         if text is not None:
             _GRAMMARS.move_to_end(key)
     if text is None:
         try:
-            text = JSON_GBNF if schema is None else json_schema_to_gbnf(key)
+            # From the schema as given: its property order is the order of the answer's keys.
+            text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(schema))
         except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
             raise InvalidRequest("The JSON schema cannot be turned into a grammar: %s" % e) from e
         with _GRAMMARS_LOCK:
@@ -341,6 +342,122 @@ def human_number(n):
             value = n / size
             return ("%d%s" % (value, unit)) if value == int(value) else ("%.*f%s" % (digits, value, unit))
     return str(n)
+
+
+class ComputeThread:
+    """The one thread that runs llama.cpp's compute (loads, generations, embeddings) for the
+    whole process. llama.cpp here is built with OpenMP: every OS thread that computes gets a
+    team of worker threads, and an idle team keeps spinning on the cores, so a generation run
+    from waitress's many threads ran a third slower than from one (measured on SmolLM2, 2
+    cores). Each model's FairLock lets one generation of it in at a time, so the queue holds
+    at most one job per loaded model: no request waits behind another model's queue."""
+
+    # How long a caller waits for its job (a long generation on a large model included).
+    WAIT_SECS = 3600
+
+    def __init__(self):
+        self._jobs = queue.Queue()
+        self._thread = None
+        # Guards _thread (started on first use).
+        self._lock = threading.Lock()
+
+    def _start(self):
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
+                self._thread.start()
+
+    def _loop(self):
+        while True:
+            job = self._jobs.get()
+            job()
+
+    def run(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the compute thread; its result, or its exception raised."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        self._start()
+        done, box = threading.Event(), {}
+
+        def job():
+            try:
+                box["result"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: B036 - handed to the caller
+                box["error"] = e
+            done.set()
+
+        self._jobs.put(job)
+        if not done.wait(self.WAIT_SECS):
+            raise ModelBusy("The model did not finish within %ds" % self.WAIT_SECS)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def stream(self, make):
+        """Iterate the generator `make()` returns on the compute thread, handing its items to the
+        caller as they come; closing the returned iterator stops the generation."""
+        self._start()
+        items, stop = queue.Queue(), threading.Event()
+        end = object()
+
+        def job():
+            try:
+                generator = make()
+                try:
+                    for item in generator:
+                        items.put(item)
+                        if stop.is_set():
+                            break
+                finally:
+                    generator.close()
+                items.put(end)
+            except BaseException as e:  # noqa: B036 - handed to the caller
+                items.put(e)
+
+        self._jobs.put(job)
+        return _Handoff(items, stop, end, self.WAIT_SECS)
+
+
+class _Handoff:
+    """The caller's side of a stream run on the compute thread."""
+
+    def __init__(self, items, stop, end, wait):
+        self._items, self._stop, self._end, self._wait = items, stop, end, wait
+        self._finished = False  # the compute job has ended (its end marker or error taken)
+
+    def __iter__(self):
+        return self
+
+    def _take(self):
+        item = self._items.get(timeout=self._wait)
+        if item is self._end or isinstance(item, BaseException):
+            self._finished = True
+        return item
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        try:
+            item = self._take()
+        except queue.Empty:
+            self._stop.set()
+            raise ModelBusy("The model did not finish within %ds" % self._wait) from None
+        if item is self._end:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        """Stop the generation and wait until it has left the model (so the model can be
+        released, and freed, safely)."""
+        self._stop.set()
+        while not self._finished:
+            try:
+                self._take()
+            except queue.Empty:
+                log.error("a stopped generation did not end within %ds", self._wait)
+                return
 
 
 class FairLock:
@@ -620,7 +737,9 @@ class Node:
                                          max_waiters=settings.max_repair_waiters,
                                          connections=settings.download_connections,
                                          metrics=self.metrics)
-        self.loader = loader or (lambda path: load_llama(path, settings))
+        self.compute = ComputeThread()
+        raw_loader = loader or (lambda path: load_llama(path, settings))
+        self.loader = lambda path: self.compute.run(raw_loader, path)
         self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive)
         # Set once every LLM_PRELOAD model is verified and loaded (/ready); `preload_errors`
         # says why not, while it is not.
@@ -776,13 +895,16 @@ class Node:
             params = self._sampling(req, budget)
             if req["stream"] and not tools_on:
                 counter = _TokenCounter()
-                chunks = entry.llm.create_chat_completion(
+                chunks = self.compute.stream(lambda: entry.llm.create_chat_completion(
                     messages=messages, stream=True, grammar=gram,
-                    logits_processor=[counter] if req["include_usage"] else None, **params)
+                    logits_processor=[counter] if req["include_usage"] else None, **params))
                 # Prompt errors surface at the first chunk: take it before the 200 is sent.
-                first = next(chunks, None)
-                return self._stream(entry, itertools.chain([first] if first else [], chunks), req,
-                                    counter, prompt_tokens)
+                try:
+                    first = next(chunks, None)
+                except BaseException:
+                    chunks.close()
+                    raise
+                return self._stream(entry, chunks, first, req, counter, prompt_tokens)
             result = self._chat_choices(entry, messages, gram, tools_on, params, req)
         except ValueError as e:
             entry.release()
@@ -817,8 +939,8 @@ class Node:
         for i in range(req["n"]):
             if i and "seed" in params:
                 params = dict(params, seed=(params["seed"] + i) % (2 ** 32))
-            result = entry.llm.create_chat_completion(messages=messages, stream=False, grammar=gram,
-                                                      **params)
+            result = self.compute.run(entry.llm.create_chat_completion, messages=messages,
+                                      stream=False, grammar=gram, **params)
             choice = result["choices"][0]
             text = choice["message"].get("content") or ""
             message, finish = {"role": "assistant", "content": text}, choice["finish_reason"]
@@ -840,16 +962,17 @@ class Node:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
-    def _stream(self, entry, chunks, req, counter, prompt_tokens):
+    def _stream(self, entry, handoff, first, req, counter, prompt_tokens):
         last = None
         try:
-            for chunk in chunks:
+            for chunk in itertools.chain([first] if first else [], handoff):
                 chunk["model"] = req["model"]
                 last = chunk
                 yield chunk
             if req.get("timings") is not None:
                 req["timings"].update(_perf(entry.llm))
         finally:
+            handoff.close()  # the generation has left the model before the model is released
             entry.release()
         self.metrics.inc("llmnode_generated_tokens_total", counter.n)
         if req["include_usage"] and last is not None:
@@ -893,8 +1016,8 @@ class Node:
                 return self._stream_completions(entry, prompts, budgets, req, gram, counter)
             choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-                result = entry.llm.create_completion(prompt, echo=req["echo"], grammar=gram,
-                                                     **self._sampling(req, budget))
+                result = self.compute.run(entry.llm.create_completion, prompt, echo=req["echo"],
+                                          grammar=gram, **self._sampling(req, budget))
                 choice = dict(result["choices"][0], index=i)
                 choices.append(choice)
                 for k in usage:
@@ -911,19 +1034,24 @@ class Node:
                 "model": req["model"], "choices": choices, "usage": usage}
 
     def _stream_completions(self, entry, prompts, budgets, req, gram, counter):
-        last, prompt_tokens = None, 0
+        last, prompt_tokens, handoff = None, 0, None
         try:
             for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
                 prompt_tokens += entry.llm.n_ctx() - budget - CONTEXT_MARGIN
-                for chunk in entry.llm.create_completion(prompt, echo=req["echo"], stream=True,
-                                                         grammar=gram, logits_processor=[counter],
-                                                         **self._sampling(req, budget)):
+                params = self._sampling(req, budget)
+                handoff = self.compute.stream(
+                    lambda prompt=prompt, params=params: entry.llm.create_completion(
+                        prompt, echo=req["echo"], stream=True, grammar=gram, logits_processor=[counter],
+                        **params))
+                for chunk in handoff:
                     chunk["model"] = req["model"]
                     for choice in chunk["choices"]:
                         choice["index"] = i
                     last = chunk
                     yield chunk
         finally:
+            if handoff is not None:
+                handoff.close()
             entry.release()
         self.metrics.inc("llmnode_generated_tokens_total", counter.n)
         if req["include_usage"] and last is not None:
@@ -942,7 +1070,7 @@ class Node:
                 tokens = item if isinstance(item, list) else entry.llm.tokenize(
                     item.encode("utf-8"), add_bos=True, special=False)
                 _check_tokens(entry.llm, tokens, "input", limit=entry.llm.n_batch)
-                vectors.append(embed_tokens(entry.llm, tokens))
+                vectors.append(self.compute.run(embed_tokens, entry.llm, tokens))
                 used += len(tokens)
         finally:
             entry.release()

@@ -285,21 +285,26 @@ def load(url, model, max_tokens, clients, per_client, body=None, path="/v1/chat/
     return len(latencies) / elapsed, p(0.50), p(0.99)
 
 
-def bench_serving(work, rounds, threads=2):
-    print("\n== c/d. serving the tiny model: llmnode vs python -m llama_cpp.server")
-    gguf = write_tiny_gguf(work / "tiny.gguf")
-    data = gguf.read_bytes()
+def store_with(root, name, gguf):
+    """A store holding one model: the GGUF at `gguf` under `name`."""
+    data = Path(gguf).read_bytes()
     digest = digest_of(data)
-    store = Store(str(work / "servestore"))
+    store = Store(str(root))
     store.ensure_dirs()
     shutil.copyfile(gguf, store.blob_path(digest))
     config = b"{}"
-    with open(store.blob_path(digest_of(config)), "wb") as f:
-        f.write(config)
+    Path(store.blob_path(digest_of(config))).write_bytes(config)
     manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
                 "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
                 "layers": [{"mediaType": MODEL_TYPE, "digest": digest, "size": len(data)}]}
-    store.write_manifest(names.parse("tiny:1"), json.dumps(manifest).encode())
+    store.write_manifest(names.parse(name), json.dumps(manifest).encode())
+    return store
+
+
+def bench_serving(work, rounds, threads=2):
+    print("\n== c/d. serving the tiny model: llmnode vs python -m llama_cpp.server")
+    gguf = write_tiny_gguf(work / "tiny.gguf")
+    store = store_with(work / "servestore", "tiny:1", gguf)
     env = {"LLM_MODELS_DIR": store.root, "LLM_CPU_THREADS": str(threads), "LLM_CTX_SIZE": "512"}
     on = Served(env)
     port = free_port()
@@ -382,17 +387,7 @@ def bench_api(work, rounds, threads=2):
 
     print("\n== f. the API on SmolLM2: llmnode vs python -m llama_cpp.server")
     gguf = smollm2_path()
-    data = Path(gguf).read_bytes()
-    digest = digest_of(data)
-    store = Store(str(work / "apistore"))
-    store.ensure_dirs()
-    shutil.copyfile(gguf, store.blob_path(digest))
-    config = b"{}"
-    Path(store.blob_path(digest_of(config))).write_bytes(config)
-    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-                "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
-                "layers": [{"mediaType": MODEL_TYPE, "digest": digest, "size": len(data)}]}
-    store.write_manifest(names.parse("smol:1"), json.dumps(manifest).encode())
+    store = store_with(work / "apistore", "smol:1", gguf)
     env = {"LLM_MODELS_DIR": store.root, "LLM_CPU_THREADS": str(threads), "LLM_CTX_SIZE": "1024"}
     ours = Served(env)
     refs = {}

@@ -321,3 +321,66 @@ def test_an_unreadable_blob_counts_as_corrupted(pulled, registry):
         node.guard.verify(dict(layer, size=os.stat(blob).st_size), gguf=True)
     assert raised.value.reason.startswith("unreadable: ")
     os.rmdir(blob)
+
+
+# -- the compute thread: one OpenMP team for the whole process -----------------------------------
+
+def test_compute_jobs_run_on_one_thread_whatever_thread_asks():
+    compute = llmnode.ComputeThread()
+    seen = []
+    callers = [threading.Thread(target=lambda: seen.append(compute.run(threading.get_ident)))
+               for _ in range(5)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(30)
+    assert len(seen) == 5 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):
+        compute.run(lambda: 1 / 0)
+    assert compute.run(lambda: "still serving") == "still serving"
+
+
+def test_a_closed_stream_has_left_the_model_when_close_returns():
+    compute = llmnode.ComputeThread()
+    events = []
+
+    def generation():
+        try:
+            for i in range(10 ** 7):
+                events.append(i)
+                yield i
+        finally:
+            events.append("closed")
+
+    handoff = compute.stream(generation)
+    assert next(handoff) == 0
+    handoff.close()
+    assert events[-1] == "closed" and len(events) < 10 ** 7
+    handoff.close()  # twice is harmless
+
+
+def test_the_node_loads_and_generates_on_the_compute_thread(pulled, registry):
+    from tests.conftest import Served, settings_for
+    settings = settings_for(pulled, registry.url)
+    threads = []
+
+    def loader(path):
+        threads.append(("load", threading.current_thread().name))
+        llm = llmnode.load_llama(path, settings)
+        real = llm.create_chat_completion
+
+        def generate(*args, **kwargs):
+            threads.append(("generate", threading.current_thread().name))
+            return real(*args, **kwargs)
+
+        llm.create_chat_completion = generate
+        return llm
+
+    s = Served(llmnode.Node(settings, loader=loader))
+    try:
+        body = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for stream in (False, True, False):
+            assert s.post("/v1/chat/completions", dict(body, stream=stream)).status_code == 200
+    finally:
+        s.close()
+    assert threads == [("load", "llama-compute")] + [("generate", "llama-compute")] * 3

@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -24,21 +23,10 @@ from repair.store import Store, model_layer
 from tests.conftest import MODEL, ROOT, node_env, run_cli, settings_for
 from tests.fakeregistry import MODEL_TYPE
 from tests.test_autorepair import blob_of
+from tests.test_faults import assert_no_blob_under_a_wrong_digest
 from tests.tinymodel import write_tiny_gguf
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "test"}], "max_tokens": 2}
-
-
-def assert_every_blob_hashes_to_its_name(models_dir):
-    blobs = os.path.join(models_dir, "blobs")
-    checked = 0
-    for name in os.listdir(blobs):
-        m = re.fullmatch(r"sha256-([0-9a-f]{64})", name)
-        if m:
-            with open(os.path.join(blobs, name), "rb") as f:
-                assert hashlib.sha256(f.read()).hexdigest() == m.group(1), name
-            checked += 1
-    return checked
 
 
 def test_the_serving_node_and_the_repair_command_repair_one_blob_together(
@@ -63,7 +51,7 @@ def test_the_serving_node_and_the_repair_command_repair_one_blob_together(
         assert r.status_code == 200, r.text
         assert command.returncode == 0, err
         assert ("repaired" in out or "intact" in out), out
-        assert assert_every_blob_hashes_to_its_name(pulled) == 2
+        assert assert_no_blob_under_a_wrong_digest(pulled) == 2
         waits += "installed by another writer" in err + node.log()
         # However the two met, the blob came over the wire at most twice (range repair or whole).
         assert registry.bytes_served[layer["digest"]] - before <= 2 * layer["size"]
@@ -95,7 +83,7 @@ def test_two_threads_and_a_command_repair_one_blob(pulled, registry, serve):
         _, err = command.communicate(timeout=120)
         assert results == [200, 200]
         assert command.returncode == 0, err
-        assert assert_every_blob_hashes_to_its_name(pulled) == 2
+        assert assert_no_blob_under_a_wrong_digest(pulled) == 2
 
 
 def test_an_ollama_partial_beside_our_blob_is_neither_deleted_nor_taken_as_data(pulled, registry, serve):
@@ -111,7 +99,7 @@ def test_an_ollama_partial_beside_our_blob_is_neither_deleted_nor_taken_as_data(
     with open(blob, "wb") as f:
         f.write(b"corrupted\n")
     assert s.post("/v1/chat/completions", CHAT).status_code == 200
-    assert assert_every_blob_hashes_to_its_name(pulled) == 2
+    assert assert_no_blob_under_a_wrong_digest(pulled) == 2
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
     assert open(theirs, "rb").read() == b"\0" * layer["size"]
     assert not s.node.store.partial_path(layer["digest"]).startswith(s.node.store.blobs_dir)
@@ -272,4 +260,4 @@ def test_a_registry_with_extra_layers_is_pulled_whole(registry, models_dir):
     assert result.returncode == 0, result.stderr
     manifest = Store(models_dir).read_manifest(names.parse("extra:1"))
     assert MODEL_TYPE in [la["mediaType"] for la in manifest["layers"]]
-    assert assert_every_blob_hashes_to_its_name(models_dir) == 3
+    assert assert_no_blob_under_a_wrong_digest(models_dir) == 3
