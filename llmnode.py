@@ -774,7 +774,9 @@ class Node:
         from a blob that failed its check are dropped and the repaired blob is loaded (and
         verified) again."""
         for _attempt in range(3):
-            check = _Call(lambda: self.repairs.check_layer(ref, layer, gguf=True))
+            # The load keeps one core busy: the check takes the others (at least one).
+            check = _Call(lambda: self.repairs.check_layer(
+                ref, layer, gguf=True, workers=max(1, (os.cpu_count() or 1) - 1)))
             started = time.monotonic()
             llm, load_error = None, None
             try:
