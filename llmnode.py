@@ -165,12 +165,12 @@ def check_schema(schema, where):
             check_schema(item, where)
 
 
-def grammar(schema=None):
+def grammar(schema=None, wrap=None):
     """A llama.cpp grammar for JSON matching `schema` (any JSON value when None), compiled
-    once per schema."""
+    once per schema; `wrap` = (before, after): literal text around the JSON."""
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
-    key = json.dumps(schema) if schema is not None else ""
+    key = (json.dumps(wrap) if wrap else "") + (json.dumps(schema) if schema is not None else "")
     with _GRAMMARS_LOCK:
         text = _GRAMMARS.get(key)
         if text is not None:
@@ -179,6 +179,9 @@ def grammar(schema=None):
         try:
             # From the schema as given: its property order is the order of the answer's keys.
             text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(schema))
+            if wrap:
+                text = re.sub(r"^root ::=", "wrapped-json ::=", text, flags=re.M)
+                text = "root ::= %s wrapped-json %s\n%s" % (json.dumps(wrap[0]), json.dumps(wrap[1]), text)
         except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
             raise InvalidRequest("The JSON schema cannot be turned into a grammar: %s" % e) from e
         with _GRAMMARS_LOCK:
@@ -226,7 +229,7 @@ def with_tools(messages, tools, schema):
 def parse_tool_answer(text):
     """(tool call {"name", "arguments"} or None, plain text) from a constrained answer."""
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, strict=False)
     except ValueError:
         return None, text
     if isinstance(doc, dict) and isinstance(doc.get("tool_call"), dict):
@@ -235,6 +238,42 @@ def parse_tool_answer(text):
         answer = doc["response"]
         return None, answer if isinstance(answer, str) else json.dumps(answer)
     return None, text
+
+
+def renders_tools(formatter):
+    """Whether a chat template renders tools itself in the Hermes/Qwen way (`<tool_call>`
+    blocks): such models get their tools, calls and results through their own template."""
+    template = getattr(formatter, "template", "") or ""
+    return "tools" in template and "<tool_call>" in template
+
+
+def native_tool_grammar(tools, choice):
+    """A grammar for one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block of
+    one of `tools` (or the one named)."""
+    calls = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+              "required": ["name", "arguments"]}
+             for t in tools if choice == "required" or t["name"] == choice]
+    return grammar(calls[0] if len(calls) == 1 else {"anyOf": calls},
+                   wrap=("<tool_call>\n", "\n</tool_call>"))
+
+
+def parse_native_calls(text, tools):
+    """([{"name", "arguments"}] from the `<tool_call>` blocks of an answer, the rest of it)."""
+    known = {t["name"] for t in tools}
+    calls = []
+    for block in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
+        try:
+            # Raw control characters inside strings are let through (byte-vocabulary models
+            # produce them under a grammar); json.dumps escapes them on the way out.
+            call = json.loads(block, strict=False)
+        except ValueError:
+            continue
+        if (isinstance(call, dict) and call.get("name") in known
+                and isinstance(call.get("arguments", {}), dict)):
+            calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+    if not calls:
+        return [], text
+    return calls, re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text, flags=re.S).strip()
 
 
 # -- embeddings -------------------------------------------------------------------------------
@@ -887,13 +926,20 @@ class Node:
             timings["load"] = time.monotonic() - started
             _perf_reset(entry.llm)
         try:
-            messages, tools_on, gram = req["messages"], False, None
-            if req["tools"] and req["tool_choice"] != "none":
+            messages, tools_on, gram, native = req["messages"], False, None, None
+            if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
+                native = self._native_prompt(entry, req)
+                tools_on = True
+                if req["tool_choice"] != "auto":
+                    gram = native_tool_grammar(req["tools"], req["tool_choice"])
+                budget = entry.llm.n_ctx() - len(native[0]) - CONTEXT_MARGIN
+            elif req["tools"] and req["tool_choice"] != "none":
                 schema = tool_call_schema(req["tools"], req["tool_choice"], req["format_schema"])
                 messages, tools_on, gram = with_tools(messages, req["tools"], schema), True, grammar(schema)
             elif req["format"] is not None:
                 gram = grammar(req["format_schema"])
-            budget, prompt_tokens = completion_budget(entry.llm, entry.formatter, messages)
+            if native is None:
+                budget, prompt_tokens = completion_budget(entry.llm, entry.formatter, messages)
             params = self._sampling(req, budget)
             if req["stream"] and not tools_on:
                 counter = _TokenCounter()
@@ -907,7 +953,7 @@ class Node:
                     chunks.close()
                     raise
                 return self._stream(entry, chunks, first, req, counter, prompt_tokens)
-            result = self._chat_choices(entry, messages, gram, tools_on, params, req)
+            result = self._chat_choices(entry, messages, gram, tools_on, params, req, native)
         except ValueError as e:
             entry.release()
             if "exceed context window" in str(e):
@@ -936,31 +982,52 @@ class Node:
         params["max_tokens"] = min(req["max_tokens"] or budget, budget)
         return params
 
-    def _chat_choices(self, entry, messages, gram, tools_on, params, req):
+    def _native_prompt(self, entry, req):
+        """(prompt tokens, stop strings) of a chat whose tools, calls and results the model's
+        own template renders."""
+        tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                    "parameters": t["parameters"]}} for t in req["tools"]]
+        rendered = entry.formatter(messages=req["native_messages"], tools=tools)
+        tokens = entry.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
+                                    special=True)
+        stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
+        return tokens, stop
+
+    def _chat_choices(self, entry, messages, gram, tools_on, params, req, native=None):
         choices, completion_tokens, result = [], 0, None
         for i in range(req["n"]):
             if i and "seed" in params:
                 params = dict(params, seed=(params["seed"] + i) % (2 ** 32))
-            result = self.compute.run(entry.llm.create_chat_completion, messages=messages,
-                                      stream=False, grammar=gram, **params)
-            choice = result["choices"][0]
-            text = choice["message"].get("content") or ""
-            message, finish = {"role": "assistant", "content": text}, choice["finish_reason"]
+            if native is not None:
+                tokens, stop = native
+                result = self.compute.run(entry.llm.create_completion, tokens, grammar=gram,
+                                          **dict(params, stop=(params.get("stop") or []) + stop))
+                text, finish = result["choices"][0]["text"], result["choices"][0]["finish_reason"]
+                calls, plain = parse_native_calls(text, req["tools"])
+            else:
+                result = self.compute.run(entry.llm.create_chat_completion, messages=messages,
+                                          stream=False, grammar=gram, **params)
+                choice = result["choices"][0]
+                text, finish = choice["message"].get("content") or "", choice["finish_reason"]
+                if tools_on:
+                    call, plain = parse_tool_answer(text)
+                    calls = [call] if call is not None else []
+            message = {"role": "assistant", "content": text}
             if tools_on:
-                call, plain = parse_tool_answer(text)
-                if call is not None:
-                    message = {"role": "assistant", "content": None, "tool_calls": [{
+                if calls:
+                    message = {"role": "assistant", "content": plain or None, "tool_calls": [{
                         "id": "call_%s" % os.urandom(12).hex(), "type": "function",
                         "function": {"name": call["name"],
-                                     "arguments": json.dumps(call.get("arguments", {}))}}]}
+                                     "arguments": json.dumps(call.get("arguments", {}))}}
+                        for call in calls]}
                     finish = "tool_calls"
                 else:
                     message["content"] = plain
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
             completion_tokens += result["usage"]["completion_tokens"]
         prompt_tokens = result["usage"]["prompt_tokens"]
-        return {"id": result["id"], "object": "chat.completion", "created": result["created"],
-                "model": req["model"], "choices": choices,
+        return {"id": result["id"].replace("cmpl-", "chatcmpl-", 1), "object": "chat.completion",
+                "created": result["created"], "model": req["model"], "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -1342,8 +1409,9 @@ def _tools(req):
 
 
 def _history_message(i, m):
-    """A chat message as the template renders it: tool calls and tool results as the JSON of
-    the generic tool format."""
+    """(the message for any template: tool calls and results as the generic format's JSON,
+    the message for a template that renders tools itself: structured, as Hugging Face's
+    templates take it)."""
     role = "system" if m["role"] == "developer" else m["role"]
     if role == "assistant" and m.get("tool_calls"):
         calls = m["tool_calls"]
@@ -1360,13 +1428,21 @@ def _history_message(i, m):
                 raise InvalidRequest("'messages[%d].tool_calls' arguments must be JSON" % i) from None
             rendered.append({"tool_call": {"name": c["function"]["name"], "arguments": args}})
         text = "\n".join(json.dumps(r) for r in rendered)
-        return {"role": "assistant", "content": (_content(i, m) + "\n" + text).strip()}
+        native = {"role": "assistant", "content": _content(i, m), "tool_calls": [
+            {"id": c.get("id") or "call_%d" % k, "type": "function",
+             "function": {"name": r["tool_call"]["name"], "arguments": r["tool_call"]["arguments"]}}
+            for k, (c, r) in enumerate(zip(calls, rendered, strict=True))]}
+        return {"role": "assistant", "content": (_content(i, m) + "\n" + text).strip()}, native
     if role == "tool":
         if not isinstance(m.get("tool_call_id"), str):
             raise InvalidRequest("'messages[%d].tool_call_id' is required for a tool message" % i)
+        native = {"role": "tool", "content": _content(i, m), "tool_call_id": m["tool_call_id"]}
+        if isinstance(m.get("name"), str):
+            native["name"] = m["name"]
         return {"role": "tool", "content": json.dumps({"tool_response": {
-            "tool_call_id": m["tool_call_id"], "content": _content(i, m)}})}
-    return {"role": role, "content": _content(i, m)}
+            "tool_call_id": m["tool_call_id"], "content": _content(i, m)}})}, native
+    plain = {"role": role, "content": _content(i, m)}
+    return plain, plain
 
 
 def validate_chat(req, n_ctx):
@@ -1375,11 +1451,13 @@ def validate_chat(req, n_ctx):
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array")
-    clean = []
+    clean, native = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise InvalidRequest("'messages[%d].role' must be one of %s" % (i, ", ".join(ROLES)))
-        clean.append(_history_message(i, m))
+        generic, structured = _history_message(i, m)
+        clean.append(generic)
+        native.append(structured)
     refuse_unknown(req, CHAT_FIELDS)
     refuse(req, "logprobs", lambda v: v is False, "token log probabilities need llama.cpp's "
            "all-token logits, which would slow every generation")
@@ -1393,7 +1471,8 @@ def validate_chat(req, n_ctx):
         max_tokens = req.get("max_completion_tokens")
     fmt, schema = _response_format(req)
     tools, choice = _tools(req)
-    return dict(fields, model=model, messages=clean, format=fmt, format_schema=schema, tools=tools,
+    return dict(fields, model=model, messages=clean, native_messages=native, format=fmt,
+                format_schema=schema, tools=tools,
                 tool_choice=choice,
                 max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx))
 

@@ -43,7 +43,7 @@ def _kv(key, vtype, value):
     return _s(key) + struct.pack("<I", vtype) + payload
 
 
-def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2):
+def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CHAT_TEMPLATE):
     """A llama-architecture GGUF with a byte vocabulary and random weights (about 460 KB)."""
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)]
@@ -67,7 +67,7 @@ def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2):
         _kv("tokenizer.ggml.unknown_token_id", _U32, 0),
         _kv("tokenizer.ggml.add_bos_token", _BOOL, True),
         _kv("llama.vocab_size", _U32, n_vocab),
-        _kv("tokenizer.chat_template", _STR, CHAT_TEMPLATE),
+        _kv("tokenizer.chat_template", _STR, chat_template),
     ]
 
     def w(*shape):
