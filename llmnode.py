@@ -1026,7 +1026,9 @@ class Node:
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
             completion_tokens += result["usage"]["completion_tokens"]
         prompt_tokens = result["usage"]["prompt_tokens"]
-        return {"id": result["id"].replace("cmpl-", "chatcmpl-", 1), "object": "chat.completion",
+        # A native-tools answer comes from create_completion, whose ids are "cmpl-...".
+        chat_id = "chat" + result["id"] if result["id"].startswith("cmpl-") else result["id"]
+        return {"id": chat_id, "object": "chat.completion",
                 "created": result["created"], "model": req["model"], "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}

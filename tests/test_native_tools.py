@@ -75,6 +75,7 @@ def test_a_forced_call_goes_through_the_template_and_comes_back_as_tool_calls(no
         calls = [c for ch in chunks for d in ch["choices"] for c in d["delta"].get("tool_calls") or []]
         finish = [d["finish_reason"] for ch in chunks for d in ch["choices"] if d["finish_reason"]]
     else:
+        assert r.json()["id"].startswith("chatcmpl-") and not r.json()["id"].startswith("chatchat")
         calls = r.json()["choices"][0]["message"].get("tool_calls", [])
         finish = [r.json()["choices"][0]["finish_reason"]]
     assert finish == ["tool_calls"], (r.text, node.prompts[-1:])
