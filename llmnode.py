@@ -1187,7 +1187,6 @@ class _TokenCounter:
 
 SAMPLING = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
             "top_k", "min_p", "repeat_penalty")
-KEEP = "keep_alive"
 
 
 class _Call:
