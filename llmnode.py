@@ -5,6 +5,7 @@ registry client, downloads and repair live in the `repair` package.
 """
 
 import argparse
+import base64
 import hashlib
 import hmac
 import itertools
@@ -13,6 +14,7 @@ import logging
 import os
 import queue
 import re
+import struct
 import sys
 import threading
 import time
@@ -326,8 +328,6 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
 def read_gguf_metadata(path, max_array=5):
     """(key -> value of a GGUF's metadata, parameter count). Arrays longer than `max_array`
     (vocabularies) come back empty, as Ollama's /api/show gives them."""
-    import struct
-
     with open(path, "rb") as f:
         def take(fmt):
             size = struct.calcsize(fmt)
@@ -1699,9 +1699,6 @@ def encode_vector(vector, encoding):
     """A vector as a JSON list of floats, or base64 of its little-endian float32s (OpenAI's)."""
     if encoding == "float":
         return vector
-    import base64
-    import struct
-
     return base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
 
 
