@@ -285,6 +285,7 @@ def embed_tokens(llm, tokens):
     into embeddings mode for the call, so a model's weights are in memory once): the pooling the
     GGUF names, or the mean over the tokens for a chat model (which names none)."""
     import llama_cpp
+    import numpy as np
 
     ctx = llm._ctx.ctx
     n_embd = llm.n_embd()
@@ -295,14 +296,10 @@ def embed_tokens(llm, tokens):
         llm._batch.add_sequence(tokens, 0, True)
         llm._ctx.decode(llm._batch)
         if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            import numpy as np
-
             rows = np.array([llama_cpp.llama_get_embeddings_ith(ctx, i)[:n_embd]
                              for i in range(len(tokens))], dtype=np.float64)
             vector = rows.mean(axis=0)
         else:
-            import numpy as np
-
             vector = np.array(llama_cpp.llama_get_embeddings_seq(ctx, 0)[:n_embd], dtype=np.float64)
     finally:
         llama_cpp.llama_set_embeddings(ctx, False)
@@ -784,7 +781,9 @@ class Node:
         # says why not, while it is not.
         self.ready = threading.Event()
         self.preload_errors = {}
-        # Guards _described (weights digest -> (GGUF metadata, details)).
+        # Guards _described: weights digest -> (GGUF metadata, details); template, system,
+        # params or license layer digest -> its text. Read once: a blob never changes under
+        # its digest (Ollama-dialect requests would otherwise read them per request).
         self._describe_lock = threading.Lock()
         self._described = {}
         if not settings.preload:
@@ -799,10 +798,12 @@ class Node:
         path = self.store.blob_path(layer["digest"])
         if self.settings.verify_on_load:
             # In memory, a model is used while its file is unchanged. A changed file is checked
-            # (and repaired) first, every request for it waiting on that one check; then any
-            # load, which reads the file again, is verified alongside.
+            # (and repaired) in full first, every request for it waiting on that one check; the
+            # load right after reads bytes just hashed, so they are not hashed a second time.
+            # Any other load is verified alongside.
             if not self.guard.unchanged(layer):
                 self.repairs.ensure(ref, on_change=self.pool.drop)
+                return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
             return self.pool.acquire(path, lambda: self._load_verified(ref, layer, path), keep_alive)
         self.repairs.ensure(ref, on_change=self.pool.drop)
         return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
@@ -901,11 +902,17 @@ class Node:
         for extra in manifest["layers"]:
             kind = extra.get("mediaType", "").rsplit(".", 1)[-1]
             if kind in ("template", "system", "params", "license") and extra.get("size", 0) < (1 << 20):
-                try:
-                    with open(self.store.blob_path(extra["digest"]), "rb") as f:
-                        extras[kind] = f.read().decode("utf-8", "replace")
-                except OSError:
-                    continue
+                with self._describe_lock:
+                    text = self._described.get(extra["digest"])
+                if text is None:
+                    try:
+                        with open(self.store.blob_path(extra["digest"]), "rb") as f:
+                            text = f.read().decode("utf-8", "replace")
+                    except OSError:
+                        continue
+                    with self._describe_lock:
+                        self._described[extra["digest"]] = text
+                extras[kind] = text
         return manifest, layer, cached[0], cached[1], extras
 
     def models(self):
