@@ -4,7 +4,6 @@ or offline on a tiny generated one, with a throwaway registry and store."""
 import glob
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -15,11 +14,13 @@ import tempfile
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import requests
 
-log = logging.getLogger("llmnode.demo")
+from repair import names
 
 MODEL_TYPE = "application/vnd.ollama.image.model"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
@@ -39,16 +40,18 @@ DAMAGED_TENSOR = "blk.0.ffn_gate.weight"
 DAMAGED_BYTES = 16
 
 
+@dataclass(frozen=True)
 class DemoModel:
-    """A model the demo tells its story on: its name in the store, its GGUF bytes, the question asked
-    at temperature 0, and a line about it."""
+    """A model the demo tells its story on."""
 
-    def __init__(self, name, weights, question, about):
-        self.name, self.weights, self.question, self.about = name, weights, question, about
+    name: str  # in the store
+    weights: bytes  # the GGUF file
+    question: str  # asked at temperature 0
+    about: str  # a line for the reader
 
 
 ###############################################################################
-# The tiny model (offline) ####################################################
+# GGUF: the tiny model, and where a file's tensors are ########################
 ###############################################################################
 
 # GGUF value types used below.
@@ -318,8 +321,6 @@ def run_demo(settings, start, out=print):
     """Pull, serve, damage, ask again: the repair happens inside the request. `start(settings)`
     serves a node (llmnode's, passed in: this package never imports the surface) and returns
     (node, base url, stop). Exit status 0 when every repaired answer equals the first."""
-    from repair import names
-
     model = pick_model(out)
     ref = names.parse(model.name)
     workdir = tempfile.mkdtemp(prefix="llmnode-demo-")
@@ -333,8 +334,8 @@ def run_demo(settings, start, out=print):
 
     try:
         registry_url = "http://127.0.0.1:%d" % registry.server_address[1]
-        # The demo's own store and registry; the repair and every load's check on whatever the
-        # environment says, and the model unloaded after each answer so each one is a fresh load.
+        # The demo's own store and registry; the repair and every load's check on, whatever the
+        # environment says; the model unloaded after each answer, so no node keeps it in memory.
         values = dict(vars(settings), models_dir=os.path.join(workdir, "models"), registry_url=registry_url,
                       n_ctx=512, threads=8, auto_repair=True, verify_on_load=True, keep_alive=0.0,
                       api_key=None, preload=())
@@ -406,10 +407,10 @@ def _sha256_file(path):
 
 def _ask(base, body, out):
     """POST the chat request; print and return the answer's text."""
-    import requests
-
     started = time.monotonic()
     r = requests.post(base + "/v1/chat/completions", json=body, timeout=600)
+    if not r.ok:
+        out("   HTTP %d: %s" % (r.status_code, r.text[:300]))
     r.raise_for_status()
     answer = r.json()["choices"][0]["message"]["content"]
     out("   HTTP %d in %.2fs, answer: %s" % (r.status_code, time.monotonic() - started, json.dumps(answer)))
