@@ -20,6 +20,7 @@ from repair.errors import (
 from repair.locks import FileLock
 from repair.metrics import Metrics
 from repair.progress import LoggingProgress
+from repair.registry import RangesUnsupported
 from repair.retry import call_with_retries
 from repair.singleflight import SingleFlight
 from repair.store import ManifestInvalid, checked_layers, model_layer, parse_manifest
@@ -326,9 +327,10 @@ class RepairCoordinator:
                 self.metrics.inc("llmnode_download_bytes_total", state.received)
                 self.guard.record_installed(layer)
                 return
-            except (LLMNodeError, OSError) as e:
+            except (LLMNodeError, OSError, RangesUnsupported) as e:
                 self.metrics.inc("llmnode_download_bytes_total", state.received)
-                log.warning("model %s: range repair failed (%s); downloading the whole blob", ref, e)
+                why = "the registry ignored a Range request" if isinstance(e, RangesUnsupported) else e
+                log.warning("model %s: range repair failed (%s); downloading the whole blob", ref, why)
                 state = DownloadState(layer["digest"], layer["size"])
                 self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         try:

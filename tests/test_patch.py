@@ -72,3 +72,11 @@ def test_a_truncated_blob_is_downloaded_whole(big):
     assert repairs.ensure(REF).repaired
     assert intact(store, layer)
     assert registry.bytes_served[layer["digest"]] - served == layer["size"]
+
+
+def test_a_registry_that_ignores_ranges_leads_to_a_full_download(big):
+    registry, store, repairs, layer = big
+    damage(store, layer, 3 * CHUNK_SIZE + 100)
+    registry.ignore_range = True
+    assert repairs.ensure(REF).repaired
+    assert intact(store, layer)
