@@ -5,15 +5,13 @@ import os
 import re
 import signal
 import threading
-import time
 
 import pytest
 import requests
 
 from repair.download import NET_CHUNK
 from repair.store import Store
-from tests.conftest import node_env
-from tests.test_autorepair import blob_of
+from tests.conftest import blob_of, node_env, wait_for
 
 POINTS = [1, 40_000, 70_000, 100_000, 140_000, 200_000, 260_000, 300_000, 350_000, 400_000,
           440_000, 469_000]
@@ -26,13 +24,6 @@ def stray_files(models_dir):
     for d, _, files in os.walk(models_dir):
         found += [os.path.join(d, f) for f in files if ".tmp-" in f or f.endswith("-partial")]
     return found
-
-
-def wait_for(predicate, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("cut", POINTS)

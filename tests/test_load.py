@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import node_env, run_cli
-from tests.test_autorepair import blob_of
+from tests.conftest import blob_of, node_env, run_cli
 from tests.tinymodel import write_tiny_gguf
 
 N = 50
