@@ -363,7 +363,9 @@ class RepairCoordinator:
         held = []
         try:
             for digest in digests:
-                held.append(FileLock(self.store.lock_path(digest), clock=self.clock).acquire(deadline))
+                held.append(FileLock(self.store.lock_path(digest), clock=self.clock).acquire(
+                    deadline, on_wait=lambda d=digest: log.info(
+                        "delete of model %s waits for blob %s being installed", ref, d)))
             with self.records.changing() as data:
                 self.store.remove_manifest(ref)
                 data["manifests"].pop(str(ref), None)
