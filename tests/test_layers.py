@@ -99,7 +99,8 @@ def test_verify_exits_1_on_a_rotten_layer(styled, models_dir, kind):
 def test_the_scrubber_repairs_a_rotten_layer(styled, registry, models_dir, kind):
     layer, path = rot_layer(models_dir, kind)
     node = llmnode.Node(settings_for(models_dir, registry.url))
-    assert Scrubber(node.store, node.repairs, interval=3600).run_once() == [(STYLED, layer["digest"], "repaired")]
+    findings = Scrubber(node.store, node.repairs, interval=3600).run_once()
+    assert findings == [(STYLED, layer["digest"], "repaired")]
     assert intact(path, layer)
 
 

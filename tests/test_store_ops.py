@@ -41,7 +41,7 @@ def test_deleting_a_model_while_another_sharing_its_weights_is_pulled_keeps_them
             # B's pull has checked the shared weights and is fetching its own layer when A goes.
             registry.gate = threading.Event()
         pulled = []
-        puller = threading.Thread(target=lambda: pulled.append(pull(node.url, "b:1")))
+        puller = threading.Thread(target=lambda into=pulled: into.append(pull(node.url, "b:1")))
         puller.start()
         try:
             if gated:
@@ -59,7 +59,8 @@ def test_deleting_a_model_while_another_sharing_its_weights_is_pulled_keeps_them
         assert [str(ref) for ref in Store(models_dir).models()] == ["b:1"]
         verify = run_cli("verify", env=env)
         assert verify.returncode == 0, verify.stdout
-        assert requests.delete(node.url + "/api/delete", json={"model": "b:1"}, timeout=120).status_code == 200
+        r = requests.delete(node.url + "/api/delete", json={"model": "b:1"}, timeout=120)
+        assert r.status_code == 200, r.text
     assert os.listdir(os.path.join(models_dir, "blobs")) == []
     assert os.listdir(os.path.join(models_dir, ".llmnode", "chunks")) == []
     records = VerifiedRecords(models_dir).snapshot()
@@ -131,6 +132,7 @@ def test_copy_pins_the_copy_and_a_delete_of_the_source_keeps_the_shared_blobs(pu
     assert r.status_code == 200, r.text
     records = VerifiedRecords(pulled)
     assert records.manifest_digest("mine:1") == records.manifest_digest("gpt-oss:7b") is not None
-    assert requests.delete(node.url + "/api/delete", json={"model": "gpt-oss:7b"}, timeout=30).status_code == 200
+    r = requests.delete(node.url + "/api/delete", json={"model": "gpt-oss:7b"}, timeout=30)
+    assert r.status_code == 200, r.text
     assert missing_blobs(pulled) == []
     assert run_cli("verify", "mine:1", env=node_env(pulled, registry.url)).returncode == 0
