@@ -6,6 +6,7 @@ registry client, downloads and repair live in the `repair` package.
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -25,16 +26,19 @@ import bottle
 import conf
 from repair import names
 from repair.coordinator import RepairCoordinator
-from repair.errors import (
+from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtime's, from here)
+    ContextTooLong,
     InvalidRequest,
     LLMNodeError,
     MethodNotAllowed,
+    ModelBusy,
     ModelLoadFailed,
     ModelNotFound,
     PayloadTooLarge,
     RepairTimeout,
     RouteNotFound,
     Unauthorized,
+    UnsupportedParameter,
 )
 from repair.guard import IntegrityGuard
 from repair.metrics import Metrics
@@ -80,23 +84,6 @@ def configure_logging(log_file=None, level=logging.INFO):
 ###############################################################################
 # Runtime #####################################################################
 ###############################################################################
-
-class ModelBusy(LLMNodeError):
-    status = 503
-    type = "server_error"
-    code = "model_busy"
-    retry_after = 5
-
-
-class ContextTooLong(InvalidRequest):
-    code = "context_length_exceeded"
-
-
-class UnsupportedParameter(InvalidRequest):
-    """A parameter that would change the answer and that the node does not honour."""
-
-    code = "unsupported_parameter"
-
 
 def load_llama(path, settings):
     """Load a GGUF with llama.cpp; its chat template comes from the file."""
@@ -781,9 +768,8 @@ class Node:
         # says why not, while it is not.
         self.ready = threading.Event()
         self.preload_errors = {}
-        # Guards _described: weights digest -> (GGUF metadata, details); template, system,
-        # params or license layer digest -> its text. Read once: a blob never changes under
-        # its digest (Ollama-dialect requests would otherwise read them per request).
+        # Guards _described: weights digest -> (stat stamp, GGUF metadata, details) of weights
+        # read after their check; a file with another stamp is read again.
         self._describe_lock = threading.Lock()
         self._described = {}
         if not settings.preload:
@@ -874,46 +860,44 @@ class Node:
         if not self.preload_errors:
             self.ready.set()
 
-    def describe(self, ref):
+    def describe(self, ref, check_weights=True):
         """What Ollama's API says of a model: (manifest, weights layer, GGUF metadata, details,
-        the text of its template/system/params/license layers). The GGUF is read once per
-        digest (a blob never changes under its digest)."""
+        kind -> text of its template/system/params/license layers). Every layer is checked
+        (and repaired) before it is read: the texts against their digests, the weights by the
+        guard (a full check if they changed since the last one). With `check_weights` false,
+        the metadata of weights that changed since their last check is left out, not read."""
         manifest = self.repairs.manifest(ref)
         layer = model_layer(manifest)
-        with self._describe_lock:
-            cached = self._described.get(layer["digest"])
-        if cached is None:
+        path = self.store.blob_path(layer["digest"])
+        extras = self.repairs.layer_texts(ref, manifest)
+        meta, params, stamp = {}, 0, None
+        if check_weights:
+            self.repairs.ensure(ref, on_change=self.pool.drop)
+        if check_weights or self.guard.unchanged(layer):
             try:
-                meta, params = read_gguf_metadata(self.store.blob_path(layer["digest"]))
+                st = os.stat(path)
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            except OSError:
+                pass
+            with self._describe_lock:
+                cached = self._described.get(layer["digest"])
+            if stamp is not None and cached is not None and cached[0] == stamp:
+                return manifest, layer, cached[1], cached[2], extras
+            try:
+                meta, params = read_gguf_metadata(path)
             except (OSError, ValueError):
-                meta, params = {}, 0  # a damaged blob: the details come back once it is repaired
-            arch = meta.get("general.architecture", "")
-            details = {"parent_model": "", "format": "gguf", "family": arch,
-                       "families": [arch] if arch else None,
-                       "parameter_size": (human_number(params) if params
-                                          else meta.get("general.size_label", "")),
-                       "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
-            meta = dict(meta, **{"general.parameter_count": params})
-            cached = (meta, details)
-            if params:
-                with self._describe_lock:
-                    self._described[layer["digest"]] = cached
-        extras = {}
-        for extra in manifest["layers"]:
-            kind = extra.get("mediaType", "").rsplit(".", 1)[-1]
-            if kind in ("template", "system", "params", "license") and extra.get("size", 0) < (1 << 20):
-                with self._describe_lock:
-                    text = self._described.get(extra["digest"])
-                if text is None:
-                    try:
-                        with open(self.store.blob_path(extra["digest"]), "rb") as f:
-                            text = f.read().decode("utf-8", "replace")
-                    except OSError:
-                        continue
-                    with self._describe_lock:
-                        self._described[extra["digest"]] = text
-                extras[kind] = text
-        return manifest, layer, cached[0], cached[1], extras
+                stamp = None  # removed or replaced since its check: not kept
+        arch = meta.get("general.architecture", "")
+        details = {"parent_model": "", "format": "gguf", "family": arch,
+                   "families": [arch] if arch else None,
+                   "parameter_size": (human_number(params) if params
+                                      else meta.get("general.size_label", "")),
+                   "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
+        meta = dict(meta, **{"general.parameter_count": params})
+        if stamp is not None:
+            with self._describe_lock:
+                self._described[layer["digest"]] = (stamp, meta, details)
+        return manifest, layer, meta, details, extras
 
     def models(self):
         data = []
@@ -1948,7 +1932,8 @@ def ollama_routes(app, node, read_json, api):
         models = []
         for ref in node.store.models():
             try:
-                manifest, layer, _meta, details, _extras = node.describe(ref)
+                # A listing hashes nothing large: details come from weights as last checked.
+                manifest, layer, _meta, details, _extras = node.describe(ref, check_weights=False)
                 raw = node.store.read_manifest_raw(ref)
             except LLMNodeError:
                 continue
@@ -1997,7 +1982,7 @@ def ollama_routes(app, node, read_json, api):
         models = []
         for path, size, _loaded_at, expires in node.pool.running():
             for ref in by_digest.get(path, []):
-                _m, _l, _meta, details, _e = node.describe(ref)
+                _m, _l, _meta, details, _e = node.describe(ref, check_weights=False)
                 raw = node.store.read_manifest_raw(ref)
                 models.append({"name": str(ref), "model": str(ref), "size": size, "size_vram": 0,
                                "digest": hashlib.sha256(raw).hexdigest(), "details": details,
@@ -2086,16 +2071,8 @@ def ollama_routes(app, node, read_json, api):
     def delete():
         body = body_of(("model",))
         ref = names.parse(_model(body))
-        layer = model_layer(node.store.read_manifest(ref))
-        node.pool.drop(node.store.blob_path(layer["digest"]))
-        for digest in node.store.delete_manifest(ref):
-            try:
-                os.unlink(node.store.blob_path(digest))
-            except FileNotFoundError:
-                pass
-            node.guard.records.forget_blob(digest)
-        node.guard.records.forget_manifest(ref)
-        log.info("deleted model %s", ref)
+        for digest in node.repairs.delete(ref):
+            node.pool.drop(node.store.blob_path(digest))
         return {}
 
     @app.post("/api/copy")
@@ -2105,10 +2082,7 @@ def ollama_routes(app, node, read_json, api):
         for key in ("source", "destination"):
             if not isinstance(body.get(key), str) or not body[key]:
                 raise InvalidRequest("'%s' is required and must be a model name" % key)
-        source, destination = names.parse(body["source"]), names.parse(body["destination"])
-        raw = node.store.read_manifest_raw(source)
-        node.store.write_manifest(destination, raw)
-        node.guard.records.record_manifest(destination, hashlib.sha256(raw).hexdigest())
+        node.repairs.copy(names.parse(body["source"]), names.parse(body["destination"]))
         return {}
 
 
@@ -2141,8 +2115,18 @@ def _ollama_chunks(chunks, model, key, timings, started):
     yield ollama_final(model, timings, usage, started, reason, **{key: last})
 
 
+def ollama_pull_status(event):
+    """A pull's step in Ollama's words."""
+    if event.step == "blob":
+        return {"status": "pulling %s" % event.digest[7:19], "digest": event.digest,
+                "total": event.total, "completed": event.completed}
+    return {"status": {"manifest": "pulling manifest", "verify": "verifying sha256 digest",
+                       "write": "writing manifest", "done": "success"}[event.step]}
+
+
 def _pull_events(node, call, events):
-    """The pull's steps as they happen, with byte progress of the blob being fetched."""
+    """The pull's steps as they happen, in Ollama's words, with byte progress of the blob
+    being fetched."""
     current = None
     while True:
         try:
@@ -2152,13 +2136,13 @@ def _pull_events(node, call, events):
                 call.result(0)  # raises the pull's error, if any
                 return
             if current is not None:
-                done = node.repairs.progress_of(current["digest"])
+                done = node.repairs.progress_of(current.digest)
                 if done is not None:
-                    yield dict(current, completed=done)
+                    yield ollama_pull_status(dataclasses.replace(current, completed=done))
             continue
-        current = event if "digest" in event else None
-        yield event
-        if event.get("status") == "success":
+        current = event if event.step == "blob" else None
+        yield ollama_pull_status(event)
+        if event.step == "done":
             return
 
 

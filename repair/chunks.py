@@ -143,3 +143,9 @@ class ChunkTables:
         if len(raw) != DIGEST_LEN * chunk_count(size, chunk_size):
             return None
         return [raw[i:i + DIGEST_LEN] for i in range(0, len(raw), DIGEST_LEN)]
+
+    def remove(self, digest):
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            pass

@@ -1,4 +1,5 @@
-"""The repair coordinator: guard a model before use, and repair it once however many requests wait."""
+"""The repair coordinator: guard a model's blobs before use and repair each once however many
+requests wait; the store operations (pull, delete, copy) that change which blobs a model names."""
 
 import hashlib
 import logging
@@ -12,19 +13,29 @@ from repair.errors import (
     DigestMismatch,
     DownloadError,
     LLMNodeError,
+    ManifestInvalid,
     ModelCorrupted,
     ModelNotFound,
+    RangesUnsupported,
     RepairBusy,
     RepairTimeout,
 )
 from repair.locks import FileLock
 from repair.metrics import Metrics
-from repair.progress import LoggingProgress
-from repair.registry import RangesUnsupported
+from repair.progress import LoggingProgress, PullEvent
+from repair.records import claimed_by_pulls
 from repair.retry import call_with_retries
 from repair.singleflight import SingleFlight
-from repair.store import ManifestInvalid, checked_layers, model_layer, parse_manifest
-from repair.verify import BlobCorrupted
+from repair.store import (
+    checked_layers,
+    layer_kind,
+    model_layer,
+    named_in,
+    parse_manifest,
+    pid_alive,
+    text_layers,
+)
+from repair.verify import read_checked
 
 log = logging.getLogger("llmnode.repair")
 
@@ -53,6 +64,7 @@ class RepairCoordinator:
         self.store = store
         self.client = client
         self.guard = guard
+        self.records = guard.records
         self.auto_repair = auto_repair
         self.timeout_secs = timeout_secs
         self.clock = clock
@@ -70,9 +82,11 @@ class RepairCoordinator:
         # Guards _waiting (digest -> requests waiting on its check or repair).
         self._lock = threading.Lock()
         self._waiting = {}
-        # str(ref) -> (stat stamp, manifest) of manifests read and checked; a rewrite changes
-        # the stamp (ctime moves on any write), so a changed file is read and checked again.
+        # str(ref) -> (stat stamp, manifest) of manifests read and checked, and digest ->
+        # (stat stamp, bytes) of small layers read and checked: any write to a file (even one
+        # that puts its times back) moves its ctime, so a changed file is read and checked again.
         self._manifests = {}
+        self._layers = {}
 
     def active(self):
         """Repairs in progress, for /health."""
@@ -125,16 +139,16 @@ class RepairCoordinator:
         try:
             raw = self.store.read_manifest_raw(ref)
             manifest = parse_manifest(raw)
-            known = self.guard.records.manifest_digest(ref)
+            known = self.records.manifest_digest(ref)
             actual = hashlib.sha256(raw).hexdigest()
             if known is None:
-                self.guard.records.record_manifest(ref, actual)
+                self._pin_first_use(ref, actual)
             elif known != actual:
                 raise ManifestInvalid("manifest of %s changed since it was pulled" % ref)
             self._manifests[str(ref)] = (stamp, manifest)
             return manifest
         except ModelNotFound:
-            if self.guard.records.manifest_digest(ref) is None:
+            if self.records.manifest_digest(ref) is None:
                 raise
             problem = "manifest missing"
         except ManifestInvalid as e:
@@ -142,6 +156,45 @@ class RepairCoordinator:
         log.warning("%s: %s", ref, problem)
         flight, _ = self.manifest_flights.submit(str(ref), lambda: self._repair_manifest(ref))
         return self._wait(flight)
+
+    def _pin_first_use(self, ref, hexdigest):
+        """Pin a manifest no pull pinned (a store Ollama wrote) at its first use, unless a delete
+        removed it meanwhile: a pin without a manifest would bring a deleted model back."""
+        with self.records.changing() as data:
+            if data["manifests"].get(str(ref)) is not None or not os.path.exists(
+                    self.store.manifest_path(ref)):
+                data["unchanged"] = True
+                return
+            data["manifests"][str(ref)] = hexdigest
+
+    def layer_bytes(self, ref, layer):
+        """The bytes of a small layer (template, system, params, license, config), checked
+        against its digest each time they are read from disk; an unchanged file (same stat
+        stamp) is not read again. A bad layer is repaired first, as the weights are."""
+        digest = layer["digest"]
+        path = self.store.blob_path(digest)
+        cached = self._layers.get(digest)
+        if cached is not None and cached[0] is not None and cached[0] == _stamp(path):
+            return cached[1]
+        for attempt in range(2):
+            stamp = _stamp(path)
+            try:
+                data = read_checked(path, digest, layer["size"])
+            except ModelCorrupted:
+                if attempt:
+                    raise
+                # The same full check, single-flight repair, log lines and errors as the weights.
+                self.check_layer(ref, layer)
+                continue
+            self._layers[digest] = (stamp, data)
+            return data
+
+    def layer_texts(self, ref, manifest=None):
+        """kind -> verified text of each of the model's template, system, params and license
+        layers (repaired first if need be)."""
+        manifest = manifest or self.manifest(ref)
+        return {kind: self.layer_bytes(ref, layer).decode("utf-8", "replace")
+                for kind, layer in text_layers(manifest)}
 
     def _wait(self, flight):
         try:
@@ -154,14 +207,14 @@ class RepairCoordinator:
         try:
             self.guard.verify(layer, gguf=gguf, workers=workers)
             return False
-        except BlobCorrupted as e:
+        except ModelCorrupted as e:
             if not (pulling and e.reason == "missing"):
                 log.warning("model %s: blob %s is corrupted: %s", ref, layer["digest"], e.reason)
             if not self.auto_repair and not pulling:
-                raise ModelCorrupted(
+                raise ModelCorrupted(e.path, e.reason, message=(
                     "Model '%s' is corrupted (%s) and auto-repair is disabled "
                     "(LLM_AUTO_REPAIR=false); run `python llmnode.py repair %s`"
-                    % (ref, e.reason, ref)) from e
+                    % (ref, e.reason, ref))) from e
             bad = e.bad_chunks
             fresh = pulling and e.reason == "missing"
         self._repair(ref, lambda deadline: self._download(ref, layer, deadline, bad, gguf), layer,
@@ -170,12 +223,12 @@ class RepairCoordinator:
 
     def _repair_manifest(self, ref):
         if not self.auto_repair:
-            raise ModelCorrupted("Model '%s' has a missing or unusable manifest and auto-repair "
-                                 "is disabled (LLM_AUTO_REPAIR=false); run `python llmnode.py "
-                                 "repair %s`" % (ref, ref))
+            raise ModelCorrupted(self.store.manifest_path(ref), "missing or unusable", message=(
+                "Model '%s' has a missing or unusable manifest and auto-repair is disabled "
+                "(LLM_AUTO_REPAIR=false); run `python llmnode.py repair %s`" % (ref, ref)))
 
         def fetch(_deadline):
-            pin = self.guard.records.manifest_digest(ref)
+            pin = self.records.manifest_digest(ref)
             if pin is None:
                 # A store pulled by another tool (Ollama) has no pin: the tag is used once, and
                 # what it gives is pinned from now on.
@@ -188,8 +241,11 @@ class RepairCoordinator:
                 if actual != pin:
                     raise DigestMismatch("sha256:" + pin, actual)
             manifest = parse_manifest(raw)
-            self.store.write_manifest(ref, raw)
-            self.guard.records.record_manifest(ref, hashlib.sha256(raw).hexdigest())
+            with self.records.changing() as data:
+                if pin is not None and data["manifests"].get(str(ref)) != pin:
+                    raise ModelNotFound(str(ref))  # deleted (or pulled anew) meanwhile
+                self.store.write_manifest(ref, raw)
+                data["manifests"][str(ref)] = hashlib.sha256(raw).hexdigest()
             return manifest
 
         return self._repair(ref, fetch, None)
@@ -230,14 +286,12 @@ class RepairCoordinator:
     # One path for every caller that checks or fetches whole models: requests (above), the
     # scrubber, and the pull, repair and verify commands.
 
-    def check_model(self, ref, stop=None):
+    def check_model(self, ref):
         """Full check of a model's manifest and every blob, each repaired if it is corrupted
         or missing; the digests repaired."""
         manifest = self.manifest(ref)
         repaired = []
         for layer, gguf in checked_layers(manifest):
-            if stop is not None and stop.is_set():
-                break
             if self.check_layer(ref, layer, gguf=gguf):
                 repaired.append(layer["digest"])
         return repaired
@@ -253,41 +307,101 @@ class RepairCoordinator:
             try:
                 self.guard.verify(layer, gguf=gguf)
                 results.append((layer, None))
-            except BlobCorrupted as e:
+            except ModelCorrupted as e:
                 results.append((layer, e.reason))
         return results
 
     def pull(self, ref, report=None):
         """Fetch a model's manifest by its tag and every blob the store lacks or holds
         corrupted, then install the manifest and pin it; (manifest, digests fetched, the pin
-        it replaced if the tag moved). `report(event)` hears each step, in Ollama's statuses."""
+        it replaced if the tag moved). `report(PullEvent)` hears each step. The blobs are
+        claimed in the records before the first is checked, so a delete of another model
+        that shares one keeps it until this pull's manifest names it."""
         report = report or (lambda event: None)
-        report({"status": "pulling manifest"})
+        report(PullEvent("manifest"))
         raw = call_with_retries(lambda: self.client.get_manifest(ref), self.retry)
         manifest = parse_manifest(raw)
-        fetched = []
-        for layer, gguf in checked_layers(manifest):
-            status = {"status": "pulling %s" % layer["digest"][7:19], "digest": layer["digest"],
-                      "total": layer["size"]}
-            report(dict(status, completed=0))
-            if self.check_layer(ref, layer, gguf=gguf, pulling=True):
-                fetched.append(layer["digest"])
-            report(dict(status, completed=layer["size"]))
-        report({"status": "verifying sha256 digest"})
-        new = hashlib.sha256(raw).hexdigest()
-        old = self.guard.records.manifest_digest(ref)
-        report({"status": "writing manifest"})
-        self.store.write_manifest(ref, raw)
-        self.guard.records.record_manifest(ref, new)
+        layers = checked_layers(manifest)
+        claim = self.records.begin_pull([layer["digest"] for layer, _ in layers])
+        try:
+            fetched = []
+            for layer, gguf in layers:
+                report(PullEvent("blob", layer["digest"], layer["size"], 0))
+                if self.check_layer(ref, layer, gguf=gguf, pulling=True):
+                    fetched.append(layer["digest"])
+                report(PullEvent("blob", layer["digest"], layer["size"], layer["size"]))
+            report(PullEvent("verify"))
+            new = hashlib.sha256(raw).hexdigest()
+            report(PullEvent("write"))
+            with self.records.changing() as data:
+                old = data["manifests"].get(str(ref))
+                self.store.write_manifest(ref, raw)
+                data["manifests"][str(ref)] = new
+                data["pulls"].pop(claim, None)
+        except BaseException:
+            self.records.end_pull(claim)
+            raise
         self._manifests.pop(str(ref), None)
         moved = old if old is not None and old != new else None
         if moved:
             log.info("model %s: the tag moved from sha256:%s to sha256:%s; now pinned to the new "
                      "manifest", ref, old, new)
-        log.info("pulled %s (%d of %d blobs downloaded)", ref, len(fetched),
-                 len(checked_layers(manifest)))
-        report({"status": "success"})
+        log.info("pulled %s (%d of %d blobs downloaded)", ref, len(fetched), len(layers))
+        report(PullEvent("done"))
         return manifest, fetched, moved
+
+    def delete(self, ref):
+        """Remove a model: its manifest and pin, and the blobs no other manifest names and no
+        pull has claimed, with their chunk tables and records; the digests removed.
+
+        It takes the lock of each of the model's blobs first, so it waits for a repair that is
+        installing one of them (the repair's result is then removed with the rest); a repair
+        that starts after it finds its blob named by no model and installs nothing."""
+        raw = self.store.read_manifest_raw(ref)
+        digests = sorted(named_in(raw))
+        deadline = self.clock() + self.timeout_secs
+        self.store.ensure_dirs()
+        held = []
+        try:
+            for digest in digests:
+                held.append(FileLock(self.store.lock_path(digest), clock=self.clock).acquire(
+                    deadline, on_wait=lambda d=digest: log.info(
+                        "delete of model %s waits for blob %s being installed", ref, d)))
+            with self.records.changing() as data:
+                self.store.remove_manifest(ref)
+                data["manifests"].pop(str(ref), None)
+                data["pulls"] = {k: p for k, p in data["pulls"].items() if pid_alive(p["pid"])}
+                used = self.store.named_digests() | claimed_by_pulls(data)
+                removed = [d for d in digests if d not in used]
+                for digest in removed:
+                    self.store.remove_blob(digest)
+                    self.guard.tables.remove(digest)
+                    data["blobs"].pop(digest, None)
+                    data["tables"].pop(digest, None)
+        except FileNotFoundError:
+            raise ModelNotFound(str(ref)) from None  # another delete removed it first
+        finally:
+            for lock in held:
+                lock.release()
+        self._manifests.pop(str(ref), None)
+        for digest in removed:
+            self._layers.pop(digest, None)
+        log.info("deleted model %s (%d blob(s) no other model uses removed)", ref, len(removed))
+        return removed
+
+    def copy(self, source, destination):
+        """Name the source's manifest (checked against its pin, repaired if need be) under
+        `destination` too, pinned alike; one step to a delete of the source."""
+        self.manifest(source)
+        with self.records.changing() as data:
+            raw = self.store.read_manifest_raw(source)
+            pin = hashlib.sha256(raw).hexdigest()
+            if data["manifests"].get(str(source)) not in (None, pin):
+                raise ManifestInvalid("manifest of %s changed since it was pulled" % source)
+            self.store.write_manifest(destination, raw)
+            data["manifests"][str(destination)] = pin
+        self._manifests.pop(str(destination), None)
+        log.info("copied model %s to %s", source, destination)
 
     def progress_of(self, digest):
         """Bytes of a blob downloaded so far, if it is being downloaded now."""
@@ -301,12 +415,15 @@ class RepairCoordinator:
         self.store.ensure_dirs()
         lock.acquire(deadline)
         try:
+            # A delete holds this lock while it decides; a blob it removed is not brought back.
+            if layer["digest"] not in self.store.named_digests() | claimed_by_pulls(self.records.snapshot()):
+                raise ModelNotFound(str(ref))
             if lock.waited:
                 try:
                     self.guard.verify(layer, gguf=gguf)
                     log.info("model %s: blob %s was installed by another writer", ref, layer["digest"])
                     return
-                except BlobCorrupted as e:
+                except ModelCorrupted as e:
                     bad_chunks = e.bad_chunks
             self._download_locked(ref, layer, deadline, bad_chunks)
         finally:
@@ -334,7 +451,7 @@ class RepairCoordinator:
                 state = DownloadState(layer["digest"], layer["size"])
                 self._active[layer["digest"]] = ActiveRepair(str(ref), state)
         try:
-            kind = layer.get("mediaType", "blob").rsplit(".", 1)[-1]
+            kind = layer_kind(layer) or "blob"
             label = str(ref) if kind == "model" else "%s (%s)" % (ref, kind)
             with self.progress(label, layer["size"]) as bar:
                 fetch_blob(self.client, self.store, ref, layer, state=state, progress=bar,

@@ -25,9 +25,9 @@ from repair.errors import (
     DownloadError,
     InsufficientStorage,
     NetworkError,
+    RangesUnsupported,
     RepairTimeout,
 )
-from repair.registry import RangesUnsupported
 from repair.retry import call_with_retries
 from repair.store import digest_hex, fsync_dir
 from repair.verify import sha256_file

@@ -1,10 +1,18 @@
-"""One error hierarchy; each error knows its HTTP status and its OpenAI error type and code."""
+"""One error hierarchy: each error knows its HTTP status, its OpenAI `type` and `code`, and a
+dialect-neutral `kind` that each dialect maps to its own error shape in one place.
+
+Kinds: invalid_request, unauthorized, not_found, too_large, overloaded, corrupted,
+repair_failed, storage_full, timeout, server_error.
+"""
+
+import os
 
 
 class LLMNodeError(Exception):
     """Root of every error llmnode reports to a client or an operator."""
 
     status = 500
+    kind = "server_error"
     type = "server_error"
     code = "internal_error"
     retry_after = None
@@ -17,11 +25,13 @@ class LLMNodeError(Exception):
         return "Internal server error"
 
     def body(self):
+        """The OpenAI dialect's error body."""
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
 
 class InvalidRequest(LLMNodeError):
     status = 400
+    kind = "invalid_request"
     type = "invalid_request_error"
     code = "invalid_request"
 
@@ -30,20 +40,33 @@ class InvalidModelName(InvalidRequest):
     code = "invalid_model_name"
 
 
+class ContextTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A parameter that would change the answer and that the node does not honour."""
+
+    code = "unsupported_parameter"
+
+
 class Unauthorized(LLMNodeError):
     status = 401
+    kind = "unauthorized"
     type = "invalid_request_error"
     code = "unauthorized"
 
 
 class RouteNotFound(LLMNodeError):
     status = 404
+    kind = "not_found"
     type = "invalid_request_error"
     code = "not_found"
 
 
 class ModelNotFound(LLMNodeError):
     status = 404
+    kind = "not_found"
     type = "invalid_request_error"
     code = "model_not_found"
 
@@ -57,12 +80,14 @@ class ModelNotFound(LLMNodeError):
 
 class MethodNotAllowed(LLMNodeError):
     status = 405
+    kind = "invalid_request"
     type = "invalid_request_error"
     code = "method_not_allowed"
 
 
 class PayloadTooLarge(LLMNodeError):
     status = 413
+    kind = "too_large"
     type = "invalid_request_error"
     code = "request_too_large"
 
@@ -71,19 +96,44 @@ class ModelLoadFailed(LLMNodeError):
     code = "model_load_failed"
 
 
-class ModelCorrupted(LLMNodeError):
-    """The model's blob failed its check and auto-repair is off."""
+class ModelBusy(LLMNodeError):
+    """Every place in memory, or the model itself, stayed busy past the request's wait."""
 
     status = 503
+    kind = "overloaded"
+    code = "model_busy"
+    retry_after = 5
+
+
+class ManifestInvalid(LLMNodeError):
+    """A manifest in the store or from a registry that is not a usable model manifest."""
+
+    code = "manifest_invalid"
+
+
+class ModelCorrupted(LLMNodeError):
+    """A blob (or manifest) failed its check: `reason` says how (missing, size, header, digest),
+    `bad_chunks` which chunk indices differ when a chunk table says, else None. A client sees
+    it, naming the model, only when auto-repair is off."""
+
+    status = 503
+    kind = "corrupted"
     type = "model_corrupted"
     code = "model_corrupted"
     retry_after = 60
+
+    def __init__(self, path, reason, bad_chunks=None, message=None):
+        self.path = path
+        self.reason = reason
+        self.bad_chunks = bad_chunks
+        super().__init__(message or "%s: %s" % (os.path.basename(path), reason))
 
 
 class DownloadError(LLMNodeError):
     """Fetching from a registry failed; `cause` is the short reason after the colon."""
 
     status = 503
+    kind = "repair_failed"
     type = "repair_failed"
     code = "model_repair_error"
     retry_after = 30
@@ -128,8 +178,16 @@ class BadRange(DownloadError):
     cause = "bad range response"
 
 
+class RangesUnsupported(DownloadError):
+    """The registry answered a ranged request with the whole blob; a parallel download falls
+    back to one connection."""
+
+    cause = "registry ignored a range request"
+
+
 class InsufficientStorage(LLMNodeError):
     status = 507
+    kind = "storage_full"
     type = "storage_full"
     code = "insufficient_storage"
 
@@ -139,6 +197,7 @@ class InsufficientStorage(LLMNodeError):
 
 class RepairTimeout(LLMNodeError):
     status = 504
+    kind = "timeout"
     type = "repair_timeout"
     code = "gateway_timeout"
 
@@ -150,6 +209,7 @@ class RepairBusy(LLMNodeError):
     """Too many requests already wait on repairs; this one is turned away rather than queued."""
 
     status = 503
+    kind = "overloaded"
     type = "repair_busy"
     code = "model_under_repair"
     retry_after = 10

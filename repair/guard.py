@@ -4,20 +4,20 @@ import os
 import time
 
 from repair.chunks import ChunkTables, bad_chunks, hash_file
+from repair.errors import ModelCorrupted
 from repair.metrics import Metrics
 from repair.records import VerifiedRecords
-from repair.verify import BlobCorrupted, check_digest, check_present
+from repair.verify import check_digest, check_present
 
 
 class IntegrityGuard:
     """Decides whether a blob can be used as is, and records each successful full check."""
 
-    def __init__(self, store, records=None, metrics=None, clock=time.monotonic):
+    def __init__(self, store, metrics=None):
         self.store = store
-        self.records = records or VerifiedRecords(store.root)
+        self.records = VerifiedRecords(store.root)
         self.tables = ChunkTables(store.root)
         self.metrics = metrics or Metrics()
-        self.clock = clock
 
     def unchanged(self, layer):
         """Cheap: the blob exists and its size, mtime and inode are as last verified."""
@@ -30,17 +30,17 @@ class IntegrityGuard:
     def verify(self, layer, gguf=False, workers=None):
         """Full check: size, GGUF header, then the chunk table on `workers` threads (all cores
         by default) if the blob has one, else the whole-file sha256 (which writes the table).
-        Raise BlobCorrupted or record."""
+        Raise ModelCorrupted or record."""
         digest, size = layer["digest"], layer["size"]
         path = self.store.blob_path(digest)
-        started = self.clock()
+        started = time.monotonic()
         try:
             st = check_present(path, size, gguf=gguf)
             table = self.tables.load(digest, size, self.records.table_sha(digest))
             if table:
                 bad = bad_chunks(path, table, size, workers=workers)
                 if bad:
-                    raise BlobCorrupted(path, "sha256 mismatch in %d of %d chunks (chunk table)"
+                    raise ModelCorrupted(path, "sha256 mismatch in %d of %d chunks (chunk table)"
                                         % (len(bad), len(table)), bad_chunks=bad)
             else:
                 whole, chunk_digests = hash_file(path)
@@ -50,14 +50,14 @@ class IntegrityGuard:
             # A disk that cannot read the blob (EIO) holds no usable copy of it.
             self.metrics.inc("llmnode_corrupted_blobs_found_total")
             self.records.forget_blob(layer["digest"])
-            raise BlobCorrupted(path, "unreadable: %s" % e) from e
-        except BlobCorrupted as e:
+            raise ModelCorrupted(path, "unreadable: %s" % e) from e
+        except ModelCorrupted as e:
             if e.reason != "missing":
                 self.metrics.inc("llmnode_corrupted_blobs_found_total")
             self.records.forget_blob(layer["digest"])
             raise
         finally:
-            self.metrics.inc("llmnode_verify_seconds_total", self.clock() - started)
+            self.metrics.inc("llmnode_verify_seconds_total", time.monotonic() - started)
         self.records.record_blob(digest, st)
 
     def table(self, layer):

@@ -25,7 +25,8 @@ class FileLock:
         self._fd = None
         self.waited = False  # whether another holder made this one wait
 
-    def acquire(self, deadline=None):
+    def acquire(self, deadline=None, on_wait=None):
+        """Take the lock; `on_wait()` runs once if another holder makes this one wait."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -34,6 +35,8 @@ class FileLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if not self.waited and on_wait is not None:
+                        on_wait()
                     self.waited = True
                     if deadline is not None and self.clock() + POLL_SECS > deadline:
                         raise RepairTimeout() from None

@@ -1,11 +1,25 @@
-"""Download progress: a tqdm bar on a terminal, or tqdm routed into `logging` every 10%."""
+"""Progress: a pull's steps as events, and each download's bytes as a tqdm bar on a terminal or
+tqdm routed into `logging` every 10%."""
 
 import logging
 import sys
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
 log = logging.getLogger("llmnode.repair")
+
+
+@dataclass(frozen=True)
+class PullEvent:
+    """One step of a pull, for a dialect to render: `manifest` (fetching it), `blob` (one layer:
+    `completed` of `total` bytes), `verify` (every blob checked), `write` (installing the
+    manifest), `done`."""
+
+    step: str
+    digest: str = None
+    total: int = None
+    completed: int = None
 
 
 class _Discard:
@@ -46,7 +60,6 @@ def terminal_bar(label, total):
                 file=sys.stderr, leave=True)
 
 
-def progress_for(label, total, terminal=None):
+def progress_for(label, total):
     """A bar when stderr is a terminal, log lines otherwise."""
-    terminal = sys.stderr.isatty() if terminal is None else terminal
-    return terminal_bar(label, total) if terminal else LoggingProgress(label, total)
+    return terminal_bar(label, total) if sys.stderr.isatty() else LoggingProgress(label, total)

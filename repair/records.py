@@ -5,9 +5,10 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 from repair.locks import FileLock
-from repair.store import write_atomically
+from repair.store import pid_alive, write_atomically
 
 RECORDS_DIR = ".llmnode"
 
@@ -15,12 +16,13 @@ log = logging.getLogger("llmnode.records")
 
 
 def _empty():
-    return {"blobs": {}, "manifests": {}, "tables": {}}
+    return {"blobs": {}, "manifests": {}, "tables": {}, "pulls": {}}
 
 
 class VerifiedRecords:
     """Blob digest -> (size, mtime_ns, inode) at its last full check; blob digest -> sha256 of
-    its chunk table; model -> manifest sha256 (its pin).
+    its chunk table; model -> manifest sha256 (its pin); pull -> (pid, the digests it is
+    installing), so a delete never takes a blob a pull's manifest will name.
 
     Every process on a store shares one file: each change is made under an flock on
     `verified.lock`, to the file as it is on disk then, and written atomically, so no
@@ -43,7 +45,7 @@ class VerifiedRecords:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
-    def _snapshot(self):
+    def snapshot(self):
         """The records as on disk now (re-read only when the file's stat changed)."""
         stamp = self._stat()
         cached_stamp, data = self._cache
@@ -63,6 +65,7 @@ class VerifiedRecords:
             data = json.loads(raw)
             if isinstance(data.get("blobs"), dict) and isinstance(data.get("manifests"), dict):
                 data.setdefault("tables", {})
+                data.setdefault("pulls", {})
                 return data
             problem = "not a records object"
         except (ValueError, AttributeError) as e:
@@ -78,17 +81,28 @@ class VerifiedRecords:
                   "store", self.path, problem, aside)
         return _empty()
 
-    def _update(self, change):
-        """Apply `change(data)` to the records as on disk, under the cross-process lock."""
+    @contextmanager
+    def changing(self):
+        """The records as on disk, under the cross-process lock, to change in place; written
+        when the block ends without an error (unless it sets `data["unchanged"]`). The store
+        operations (delete, copy, a pull's last step) run inside it, so each is one step to
+        every other writer. Not reentrant: inside it, change `data`, not these methods."""
         with self._write_lock, FileLock(self._file_lock_path):
-            data = json.loads(json.dumps(self._snapshot()))
-            if change(data) is False:
+            data = json.loads(json.dumps(self.snapshot()))
+            yield data
+            if data.pop("unchanged", False):
                 return
             write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
             self._cache = (self._stat(), data)
 
+    def _update(self, change):
+        """Apply `change(data)` to the records as on disk, under the cross-process lock."""
+        with self.changing() as data:
+            if change(data) is False:
+                data["unchanged"] = True
+
     def _get(self, section, key):
-        return self._snapshot()[section].get(key)
+        return self.snapshot()[section].get(key)
 
     def blob_unchanged(self, digest, st):
         """Whether a stat result matches the blob as it was when last verified."""
@@ -113,12 +127,17 @@ class VerifiedRecords:
     def manifest_digest(self, ref):
         return self._get("manifests", str(ref))
 
-    def record_manifest(self, ref, hexdigest):
-        def change(data):
-            if data["manifests"].get(str(ref)) == hexdigest:
-                return False
-            data["manifests"][str(ref)] = hexdigest
-        self._update(change)
+    def begin_pull(self, digests):
+        """Mark `digests` as being installed by this process's pull; the pull's key."""
+        key = "%d-%s" % (os.getpid(), os.urandom(6).hex())
+        self._update(lambda data: data["pulls"].__setitem__(key, {"pid": os.getpid(),
+                                                                 "digests": sorted(digests)}))
+        return key
 
-    def forget_manifest(self, ref):
-        self._update(lambda data: data["manifests"].pop(str(ref), None) is not None)
+    def end_pull(self, key):
+        self._update(lambda data: data["pulls"].pop(key, None) is not None)
+
+
+def claimed_by_pulls(data):
+    """Digests that pulls of live processes are installing (a killed pull's claim ends with it)."""
+    return {d for pull in data["pulls"].values() if pid_alive(pull["pid"]) for d in pull["digests"]}

@@ -8,7 +8,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 
 from conf import is_loopback
-from repair.errors import BadRange, DownloadError, NetworkError, RegistryHTTPError
+from repair.errors import BadRange, DownloadError, NetworkError, RangesUnsupported, RegistryHTTPError
 from repair.names import DEFAULT_HOST
 from repair.retry import parse_retry_after
 
@@ -21,10 +21,6 @@ MAX_MANIFEST_BYTES = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 log = logging.getLogger("llmnode.download")
-
-
-class RangesUnsupported(Exception):
-    """The registry answered a ranged request with the whole blob."""
 
 
 class RegistryClient:

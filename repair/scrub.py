@@ -3,6 +3,7 @@
 import logging
 import os
 import threading
+import time
 
 from repair.errors import LLMNodeError
 from repair.metrics import Metrics
@@ -11,9 +12,11 @@ log = logging.getLogger("llmnode.scrub")
 
 
 class Scrubber:
-    """Every `interval` seconds, a full check of every blob of every model, at low CPU priority,
-    through the repair coordinator (one check per blob however many ask; a corrupted or
-    unreadable blob is repaired or reported). No failure ends the scrubber."""
+    """Every `interval` seconds, a full check of every model's manifest and every blob it
+    names (weights, template, system, params, license, projector, config), at low CPU
+    priority, through the repair coordinator (one check per blob however many ask; a
+    corrupted or unreadable blob is repaired or reported). No failure ends the scrubber; it
+    runs on a daemon thread for the life of the process."""
 
     def __init__(self, store, coordinator, interval, metrics=None):
         self.store = store
@@ -21,23 +24,18 @@ class Scrubber:
         self.interval = interval
         self.metrics = metrics or Metrics()
         self.passes = 0
-        self._stop = threading.Event()
-        self._thread = None
 
     def start(self):
-        self._thread = threading.Thread(target=self._loop, name="scrub", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._loop, name="scrub", daemon=True).start()
         return self
-
-    def stop(self):
-        self._stop.set()
 
     def _loop(self):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError:
             pass
-        while not self._stop.wait(self.interval):
+        while True:
+            time.sleep(self.interval)
             try:
                 self.run_once()
             except Exception:
@@ -49,10 +47,8 @@ class Scrubber:
         that was not intact."""
         findings = []
         for ref in self.store.models():
-            if self._stop.is_set():
-                break
             try:
-                repaired = self.coordinator.check_model(ref, stop=self._stop)
+                repaired = self.coordinator.check_model(ref)
                 findings += [(str(ref), digest, "repaired") for digest in repaired]
             except LLMNodeError as e:
                 log.error("scrub: model %s not repaired: %s", ref, e)

@@ -43,7 +43,6 @@ class SingleFlight:
         # Guards _flights (key -> Flight still running).
         self._lock = threading.Lock()
         self._flights = {}
-        self.started = 0
 
     def submit(self, key, job):
         """The running Flight for `key`, starting `job` if there is none; (flight, started)."""
@@ -52,7 +51,6 @@ class SingleFlight:
             if flight is not None:
                 return flight, False
             flight = self._flights[key] = Flight()
-            self.started += 1
         threading.Thread(target=self._run, args=(key, flight, job), daemon=True,
                          name="%s-%s" % (self.name, key)).start()
         return flight, True

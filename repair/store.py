@@ -6,16 +6,14 @@ import re
 import tempfile
 
 from repair import names
-from repair.errors import LLMNodeError, ModelNotFound
+from repair.errors import LLMNodeError, ManifestInvalid, ModelNotFound
 
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-
-
-class ManifestInvalid(LLMNodeError):
-    """A manifest in the store or from a registry that is not a usable model manifest."""
-
-    code = "manifest_invalid"
+_DIGEST_TEXT = re.compile(r"sha256:[0-9a-f]{64}")
+# The layers read whole as text (Ollama's), and the most of one that is read.
+TEXT_LAYERS = ("template", "system", "params", "license")
+TEXT_LAYER_MAX = 1 << 20
 
 
 def digest_hex(digest):
@@ -64,6 +62,22 @@ def checked_layers(manifest):
     return [(layer, layer is weights) for layer in blob_layers(manifest)]
 
 
+def named_in(raw):
+    """Every digest a manifest's bytes name, parsed or not."""
+    return set(_DIGEST_TEXT.findall(raw.decode("utf-8", "replace")))
+
+
+def layer_kind(layer):
+    """`model`, `template`, `params`, ... from Ollama's media type."""
+    return layer.get("mediaType", "").rsplit(".", 1)[-1]
+
+
+def text_layers(manifest):
+    """The (kind, layer) of each of a manifest's layers that an answer reads as text."""
+    return [(layer_kind(layer), layer) for layer in manifest["layers"]
+            if layer_kind(layer) in TEXT_LAYERS and layer.get("size", 0) <= TEXT_LAYER_MAX]
+
+
 class Store:
     """An Ollama-layout models directory."""
 
@@ -101,25 +115,26 @@ class Store:
         """The parsed manifest of a model; ModelNotFound if there is none."""
         return parse_manifest(self.read_manifest_raw(ref))
 
-    def delete_manifest(self, ref):
-        """Remove a model's manifest; the digests of its blobs that no other manifest uses
-        (which the caller may delete)."""
-        manifest = self.read_manifest(ref)
+    def remove_manifest(self, ref):
         os.unlink(self.manifest_path(ref))
         fsync_dir(os.path.dirname(self.manifest_path(ref)))
+
+    def remove_blob(self, digest):
+        try:
+            os.unlink(self.blob_path(digest))
+        except FileNotFoundError:
+            pass
+
+    def named_digests(self):
+        """Every digest the store's manifests name: in their bytes, parsed or not, so a blob
+        a damaged manifest still needs is never taken from it."""
         used = set()
-        for other in self.models():
+        for ref in self.models():
             try:
-                # Every digest the bytes name, parsed or not: a blob a damaged manifest still
-                # needs is never taken from it.
-                used.update(re.findall(r"sha256:[0-9a-f]{64}", self.read_manifest_raw(other).decode(
-                    "utf-8", "replace")))
+                used |= named_in(self.read_manifest_raw(ref))
             except LLMNodeError:
                 continue
-        return [layer["digest"] for layer in blob_layers(manifest) if layer["digest"] not in used]
-
-    def has_manifest(self, ref):
-        return os.path.isfile(self.manifest_path(ref))
+        return used
 
     def write_manifest(self, ref, raw):
         """Install manifest bytes atomically under the model's name."""
@@ -153,7 +168,7 @@ class Store:
         for d, _, files in os.walk(self.root):
             for f in files:
                 m = _TEMPORARY.search(f)
-                if m and not _alive(int(m.group(1))):
+                if m and not pid_alive(int(m.group(1))):
                     try:
                         os.unlink(os.path.join(d, f))
                     except FileNotFoundError:
@@ -170,7 +185,8 @@ class Store:
 _TEMPORARY = re.compile(r"\.tmp-(\d+)(-\w+)?$")
 
 
-def _alive(pid):
+def pid_alive(pid):
+    """Whether a process runs under `pid` (this one included)."""
     if pid == os.getpid():
         return True
     try:

@@ -3,25 +3,10 @@
 import hashlib
 import os
 
-from repair.errors import LLMNodeError
+from repair.errors import ModelCorrupted
 
 CHUNK = 1 << 20
 GGUF_MAGIC = b"GGUF"
-
-
-class BlobCorrupted(LLMNodeError):
-    """A blob failed its check; `reason` says how (missing, size, header, digest)."""
-
-    status = 503
-    type = "model_corrupted"
-    code = "model_corrupted"
-
-    def __init__(self, path, reason, bad_chunks=None):
-        self.path = path
-        self.reason = reason
-        # Chunk indices known to differ (from a chunk table); None when nothing says where.
-        self.bad_chunks = bad_chunks
-        super().__init__("%s: %s" % (os.path.basename(path), reason))
 
 
 def sha256_file(path, chunk=CHUNK):
@@ -39,20 +24,35 @@ def sha256_file(path, chunk=CHUNK):
 
 
 def check_present(path, size, gguf=False):
-    """The blob's stat; BlobCorrupted if it is missing, not `size` long, or not a GGUF file."""
+    """The blob's stat; ModelCorrupted if it is missing, not `size` long, or not a GGUF file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise BlobCorrupted(path, "missing") from None
+        raise ModelCorrupted(path, "missing") from None
     if st.st_size != size:
-        raise BlobCorrupted(path, "size %d, manifest says %d" % (st.st_size, size))
+        raise ModelCorrupted(path, "size %d, manifest says %d" % (st.st_size, size))
     if gguf:
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
-                raise BlobCorrupted(path, "not a GGUF file (bad header)")
+                raise ModelCorrupted(path, "not a GGUF file (bad header)")
     return st
+
+
+def read_checked(path, digest, size):
+    """The bytes of a small blob, read whole once and checked against its size and digest."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+    except FileNotFoundError:
+        raise ModelCorrupted(path, "missing") from None
+    except OSError as e:
+        raise ModelCorrupted(path, "unreadable: %s" % e) from e
+    if len(data) != size:
+        raise ModelCorrupted(path, "size %d, manifest says %d" % (len(data), size))
+    check_digest(path, digest, hashlib.sha256(data).hexdigest())
+    return data
 
 
 def check_digest(path, digest, actual_hex):
     if "sha256:" + actual_hex != digest:
-        raise BlobCorrupted(path, "sha256 mismatch: expected %s, got sha256:%s" % (digest, actual_hex))
+        raise ModelCorrupted(path, "sha256 mismatch: expected %s, got sha256:%s" % (digest, actual_hex))

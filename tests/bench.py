@@ -27,7 +27,6 @@ from repair.chunks import bad_chunks, hash_file  # noqa: E402
 from repair.coordinator import RepairCoordinator  # noqa: E402
 from repair.download import fetch_blob  # noqa: E402
 from repair.guard import IntegrityGuard  # noqa: E402
-from repair.pull import pull  # noqa: E402
 from repair.registry import RegistryClient  # noqa: E402
 from repair.store import Store  # noqa: E402
 from repair.verify import sha256_file  # noqa: E402
@@ -172,7 +171,7 @@ def bench_range_repair(dist, ref, layer, work, rate=50 << 20):
     client = RegistryClient("https://unused.example")
     guard = IntegrityGuard(store)
     full_started = time.perf_counter()
-    pull(client, store, guard, proxied, terminal=False, connections=DEFAULT_CONNECTIONS)
+    RepairCoordinator(store, client, guard, connections=DEFAULT_CONNECTIONS).pull(proxied)
     full = time.perf_counter() - full_started
     full_bytes = proxy.bytes_down
     repairs = RepairCoordinator(store, client, guard, connections=DEFAULT_CONNECTIONS)

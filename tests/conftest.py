@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny GGUF, a loopback registry, and a real node process."""
+"""Shared fixtures and helpers: a tiny GGUF, a loopback registry, a real node process, and the
+few ways a test damages, checks and waits on the store."""
 
+import hashlib
+import json
 import os
 import queue
 import re
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import pytest
@@ -14,12 +18,63 @@ import requests
 import conf
 import llmnode
 from repair import names
-from repair.pull import pull
+from repair.coordinator import RepairCoordinator
 from tests.fakeregistry import FakeRegistry
 from tests.tinymodel import write_tiny_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "gpt-oss:7b"
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def pull(client, store, guard, ref, **options):
+    """Pull a model into a store through a coordinator of its own, as the `pull` command does."""
+    return RepairCoordinator(store, client, guard, **options).pull(ref)[0]
+
+
+def blob_of(models_dir, model=("gpt-oss", "7b"), kind="model"):
+    """(layer, blob path) of a `library/` model's layer of one kind (`model`: the weights)."""
+    manifest = json.load(open(os.path.join(models_dir, "manifests", "registry.ollama.ai",
+                                           "library", *model)))
+    layer = next(la for la in manifest["layers"] if la["mediaType"].endswith("." + kind))
+    return layer, os.path.join(models_dir, "blobs", layer["digest"].replace(":", "-"))
+
+
+def intact(path, layer):
+    """Whether the file hashes to the layer's digest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest() == layer["digest"]
+
+
+def rot(path, n=64, at=None, keep_times=True):
+    """Invert `n` bytes from `at` (by default, the middle of the file). With `keep_times`, the
+    file's times are put back, as bit rot leaves them: size, mtime and inode all unchanged."""
+    st = os.stat(path)
+    at = max(0, st.st_size // 2 - n // 2) if at is None else at
+    with open(path, "r+b") as f:
+        f.seek(at)
+        original = f.read(n)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in original))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def wait_for(predicate, what, timeout=30):
+    """Poll `predicate` until it holds; fail naming `what` past the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+# -- fixtures -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -201,8 +256,8 @@ def serve(registry, models_dir):
     def start(**env):
         settings = settings_for(models_dir, registry.url, **env)
         node = llmnode.Node(settings)
-        if not node.store.has_manifest(names.parse("gpt-oss:7b")):
-            pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
+        if not os.path.exists(node.store.manifest_path(names.parse("gpt-oss:7b"))):
+            pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"))
         served = Served(node)
         servers.append(served)
         return served

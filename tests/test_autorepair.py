@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import subprocess
 import threading
 import time
@@ -10,18 +9,11 @@ import time
 import pytest
 import requests
 
-from tests.conftest import MODEL, node_env
+from tests.conftest import MODEL, blob_of, node_env
 
 CURL = ('curl -X POST {url}/v1/chat/completions \\\n'
         '  -H "Content-Type: application/json" \\\n'
         '  -d \'{{"model": "gpt-oss:7b", "messages": [{{"role": "user", "content": "test"}}]}}\'')
-
-
-def blob_of(models_dir):
-    manifest = json.load(open(os.path.join(models_dir, "manifests", "registry.ollama.ai",
-                                           "library", "gpt-oss", "7b")))
-    layer = next(la for la in manifest["layers"] if la["mediaType"].endswith(".model"))
-    return layer, os.path.join(models_dir, "blobs", layer["digest"].replace(":", "-"))
 
 
 def bodies(text):

@@ -4,9 +4,9 @@ import os
 import pytest
 
 from repair.chunks import ChunkHasher, ChunkTables, bad_chunks, chunk_count, chunk_range, hash_file
+from repair.errors import ModelCorrupted
 from repair.guard import IntegrityGuard
 from repair.store import Store
-from repair.verify import BlobCorrupted
 from tests.fakeregistry import digest_of
 
 CS = 64 << 10  # small chunks keep these tests fast; the code takes the size as a parameter
@@ -76,6 +76,6 @@ def test_the_guard_writes_a_table_then_checks_by_it(tmp_path):
     with open(path, "r+b") as f:
         f.seek(9 << 20)
         f.write(b"\xff" * 64)
-    with pytest.raises(BlobCorrupted) as err:
+    with pytest.raises(ModelCorrupted) as err:
         IntegrityGuard(store).verify(layer, gguf=True)
     assert err.value.bad_chunks == [1]

@@ -1,6 +1,5 @@
 """Auto-repair in process: a real waitress node, llama.cpp on the tiny model, a loopback registry."""
 
-import hashlib
 import json
 import os
 import threading
@@ -11,10 +10,9 @@ import requests
 
 import llmnode
 from repair import names
-from repair.pull import pull
 from repair.retry import Retry
 from repair.store import model_layer
-from tests.conftest import Served, settings_for
+from tests.conftest import Served, intact, pull, rot, settings_for
 
 CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}], "max_tokens": 4}
 
@@ -22,11 +20,6 @@ CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}]
 def weights(node):
     layer = model_layer(node.store.read_manifest(names.parse("gpt-oss:7b")))
     return layer, node.store.blob_path(layer["digest"])
-
-
-def intact(path, layer):
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.sha256(f.read()).hexdigest() == layer["digest"]
 
 
 def counting_loads(node):
@@ -41,22 +34,13 @@ def counting_loads(node):
     return loads
 
 
-def flip_middle(path, n=64):
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.seek(size // 2)
-        original = f.read(n)
-        f.seek(size // 2)
-        f.write(bytes(b ^ 0xFF for b in original))
-
-
 def test_silent_corruption_of_a_loaded_model_is_repaired_before_the_answer(serve, registry):
     s = serve()
     loads = counting_loads(s.node)
     layer, path = weights(s.node)
     assert s.post("/v1/chat/completions", CHAT).status_code == 200
     served = registry.bytes_served[layer["digest"]]
-    flip_middle(path)
+    rot(path, keep_times=False)
     r = s.post("/v1/chat/completions", CHAT)
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
     assert registry.bytes_served[layer["digest"]] == served + layer["size"]
@@ -142,7 +126,7 @@ def test_an_unreachable_registry_is_503_repair_failed(serve, registry, caplog):
     s = serve(LLM_REGISTRY_URL="http://127.0.0.1:9")
     s.node.repairs.retry = Retry(total=2)
     _, path = weights(s.node)
-    flip_middle(path)
+    rot(path, keep_times=False)
     r = s.post("/v1/chat/completions", CHAT)
     assert_spec_error(r, 503, "Model repair failed: network error", "repair_failed", "model_repair_error")
     assert int(r.headers["Retry-After"]) > 0
@@ -154,14 +138,12 @@ def test_a_slow_registry_past_the_timeout_is_504_and_the_next_attempt_resumes(se
     serve()
     s = serve(LLM_REPAIR_TIMEOUT_SECS="2", LLM_REGISTRY_TIMEOUT_SECS="1")
     layer, path = weights(s.node)
-    flip_middle(path)
+    rot(path, keep_times=False)
     registry.gate = threading.Event()
     try:
-        started = time.monotonic()
+        # The registry holds the body until the gate opens, so an answer at all is the timeout's.
         r = s.post("/v1/chat/completions", CHAT)
-        elapsed = time.monotonic() - started
         assert_spec_error(r, 504, "Model repair timed out", "repair_timeout", "gateway_timeout")
-        assert elapsed < 10
         # The attempt itself gives up at its own deadline, keeping what it received.
         deadline = time.monotonic() + 30
         while requests.get(s.url + "/health", timeout=5).json()["repairs"]:
@@ -183,7 +165,7 @@ def test_auto_repair_off_answers_model_corrupted_and_downloads_nothing(serve, re
     s = serve(LLM_AUTO_REPAIR="false")
     layer, path = weights(s.node)
     served = registry.bytes_served[layer["digest"]]
-    flip_middle(path)
+    rot(path, keep_times=False)
     r = s.post("/v1/chat/completions", CHAT)
     assert r.status_code == 503
     err = r.json()["error"]
@@ -197,9 +179,9 @@ def test_auto_repair_off_answers_model_corrupted_and_downloads_nothing(serve, re
 def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, mount_tmpfs):
     tmpfs = mount_tmpfs("2m")
     node = llmnode.Node(settings_for(tmpfs, registry.url))
-    pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"), terminal=False)
+    pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"))
     layer, path = weights(node)
-    flip_middle(path)
+    rot(path, keep_times=False)
     free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
     with open(os.path.join(tmpfs, "filler"), "wb") as f:
         f.write(b"\0" * (free - layer["size"] // 2))

@@ -2,9 +2,9 @@ import os
 
 import pytest
 
+from repair.errors import ModelCorrupted
 from repair.guard import IntegrityGuard
 from repair.store import Store
-from repair.verify import BlobCorrupted
 from tests.fakeregistry import digest_of
 
 
@@ -34,7 +34,7 @@ def test_a_changed_blob_is_no_longer_trusted(blob):
         f.seek(2000)
         f.write(b"\0" * 64)
     assert not guard.unchanged(layer)
-    with pytest.raises(BlobCorrupted, match="sha256 mismatch"):
+    with pytest.raises(ModelCorrupted, match="sha256 mismatch"):
         guard.verify(layer)
     assert not IntegrityGuard(store).unchanged(layer)
 
@@ -47,7 +47,7 @@ def test_a_changed_blob_is_no_longer_trusted(blob):
 def test_the_full_check_names_what_is_wrong(blob, damage, reason):
     store, layer = blob
     damage(store.blob_path(layer["digest"]))
-    with pytest.raises(BlobCorrupted, match=reason):
+    with pytest.raises(ModelCorrupted, match=reason):
         IntegrityGuard(store).verify(layer, gguf=True)
 
 
@@ -62,5 +62,5 @@ def test_a_flip_that_keeps_size_and_times_is_caught_only_by_the_digest(blob):
         f.write(b"\xff" * 64)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert guard.unchanged(layer)
-    with pytest.raises(BlobCorrupted, match="sha256 mismatch"):
+    with pytest.raises(ModelCorrupted, match="sha256 mismatch"):
         guard.verify(layer)

@@ -10,9 +10,9 @@ import conf
 import llmnode
 from repair import names
 from repair.guard import IntegrityGuard
-from repair.pull import pull
 from repair.registry import RegistryClient
 from repair.store import Store, model_layer
+from tests.conftest import pull
 from tests.fakeregistry import MODEL_TYPE, make_manifest
 from tests.tinymodel import write_tiny_gguf
 
@@ -208,15 +208,15 @@ def test_pull_keeps_intact_blobs_and_fetches_broken_ones(registry, models_dir):
     store, client = Store(models_dir), RegistryClient(registry.url)
     guard = IntegrityGuard(store)
     ref = names.parse("gpt-oss:7b")
-    pull(client, store, guard, ref, terminal=False)
+    pull(client, store, guard, ref)
     first = sum(registry.bytes_served.values())
-    pull(client, store, guard, ref, terminal=False)
+    pull(client, store, guard, ref)
     assert sum(registry.bytes_served.values()) == first
     weights = model_layer(store.read_manifest(ref))
     with open(store.blob_path(weights["digest"]), "r+b") as f:
         f.seek(1000)
         f.write(b"\xff" * 64)
-    pull(client, store, guard, ref, terminal=False)
+    pull(client, store, guard, ref)
     assert sum(registry.bytes_served.values()) == first + weights["size"]
 
 

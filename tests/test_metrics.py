@@ -3,7 +3,8 @@ import re
 import requests
 
 from repair.metrics import Metrics
-from tests.test_coordinator import CHAT, flip_middle, weights
+from tests.conftest import rot
+from tests.test_coordinator import CHAT, weights
 
 LINE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
 
@@ -22,7 +23,7 @@ def parse(text):
 def test_metrics_count_requests_repairs_bytes_and_verification(serve, registry):
     s = serve()
     layer, path = weights(s.node)
-    flip_middle(path)
+    rot(path, keep_times=False)
     assert s.post("/v1/chat/completions", CHAT).status_code == 200
     assert s.post("/v1/chat/completions", dict(CHAT, model="../x")).status_code == 400
     r = requests.get(s.url + "/metrics", timeout=5)

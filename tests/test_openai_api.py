@@ -320,5 +320,10 @@ def test_a_corrupted_model_is_repaired_under_the_new_endpoints(node, path, body)
     assert 'llmnode_endpoint_requests_total{endpoint="%s"}' % path in metrics
 
 
-def test_the_env_has_no_stray_files(node):
-    assert not [f for d, _, fs in os.walk(node.models_dir) for f in fs if ".tmp-" in f]
+def test_the_env_has_no_stray_files(node, client):
+    layer, blob = blob_of(node.models_dir)
+    with open(blob, "wb") as f:
+        f.write(b"corrupted\n")  # a repair: a partial file, atomic writes of records and tables
+    client.chat.completions.create(model="gpt-oss:7b", messages=ASK, max_tokens=2)
+    assert hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"][7:]
+    assert not [f for d, _, fs in os.walk(node.models_dir) for f in fs if ".tmp-" in f or "-partial" in f]

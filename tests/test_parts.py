@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from repair.download import DownloadState, fetch_blob
 from repair.errors import InsufficientStorage, RepairTimeout
 from repair.registry import RegistryClient
 from repair.store import Store
+from tests.conftest import wait_for
 from tests.fakeregistry import digest_of
 
 REF = names.parse("gpt-oss:7b")
@@ -40,13 +40,6 @@ def setup(registry, tmp_path, big):
 def blob_requests(registry):
     with registry.lock:
         return [headers for path, headers in registry.requests if "/blobs/" in path]
-
-
-def wait_for(predicate, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def no_sleep(_):

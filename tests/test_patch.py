@@ -1,6 +1,5 @@
 """Range repair on a blob of several chunks: only the damaged chunks cross the wire."""
 
-import hashlib
 import os
 
 import pytest
@@ -9,9 +8,9 @@ from repair import names
 from repair.chunks import CHUNK_SIZE
 from repair.coordinator import RepairCoordinator
 from repair.guard import IntegrityGuard
-from repair.pull import pull
 from repair.registry import RegistryClient
 from repair.store import Store, model_layer
+from tests.conftest import intact, pull
 from tests.fakeregistry import FakeRegistry
 
 REF = names.parse("big:1")
@@ -25,7 +24,7 @@ def big(tmp_path):
     store = Store(str(tmp_path / "models"))
     client = RegistryClient(registry.url)
     guard = IntegrityGuard(store)
-    pull(client, store, guard, REF, terminal=False)
+    pull(client, store, guard, REF)
     layer = model_layer(store.read_manifest(REF))
     yield registry, store, RepairCoordinator(store, client, guard), layer
     registry.stop()
@@ -37,17 +36,12 @@ def damage(store, layer, offset, n=64 << 10):
         f.write(os.urandom(n))
 
 
-def intact(store, layer):
-    with open(store.blob_path(layer["digest"]), "rb") as f:
-        return "sha256:" + hashlib.sha256(f.read()).hexdigest() == layer["digest"]
-
-
 def test_a_64k_corruption_is_repaired_by_fetching_at_most_two_chunks(big):
     registry, store, repairs, layer = big
     served = registry.bytes_served[layer["digest"]]
     damage(store, layer, 2 * CHUNK_SIZE - 32 * 1024)  # straddles chunks 1 and 2
     assert repairs.ensure(REF).repaired
-    assert intact(store, layer)
+    assert intact(store.blob_path(layer["digest"]), layer)
     assert registry.bytes_served[layer["digest"]] - served == 2 * CHUNK_SIZE
     ranges = [h.get("Range") for p, h in registry.requests if p.endswith(layer["digest"])][-2:]
     assert ranges == ["bytes=%d-%d" % (CHUNK_SIZE, 2 * CHUNK_SIZE - 1),
@@ -61,7 +55,7 @@ def test_a_registry_that_sends_wrong_chunk_bytes_leads_to_a_full_download(big):
     damage(store, layer, 3 * CHUNK_SIZE + 100)
     registry.faults = [("alter", 3 * CHUNK_SIZE + 5000)]
     assert repairs.ensure(REF).repaired
-    assert intact(store, layer)
+    assert intact(store.blob_path(layer["digest"]), layer)
     assert registry.bytes_served[layer["digest"]] - served == CHUNK_SIZE + layer["size"]
 
 
@@ -70,7 +64,7 @@ def test_a_truncated_blob_is_downloaded_whole(big):
     served = registry.bytes_served[layer["digest"]]
     os.truncate(store.blob_path(layer["digest"]), CHUNK_SIZE)
     assert repairs.ensure(REF).repaired
-    assert intact(store, layer)
+    assert intact(store.blob_path(layer["digest"]), layer)
     assert registry.bytes_served[layer["digest"]] - served == layer["size"]
 
 

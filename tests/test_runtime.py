@@ -2,7 +2,6 @@
 preload and readiness, the body limit, and a scrubber that survives a failing disk."""
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -14,10 +13,9 @@ import pytest
 import requests
 
 import llmnode
+from repair.errors import ModelCorrupted
 from repair.scrub import Scrubber
-from repair.verify import BlobCorrupted
-from tests.conftest import node_env, run_cli
-from tests.test_autorepair import blob_of
+from tests.conftest import blob_of, intact, node_env, rot, run_cli, wait_for
 
 SMOL = "smollm2:135m"
 QUESTION = {"model": SMOL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -42,29 +40,10 @@ def smol_blob(models_dir):
     return layer, os.path.join(models_dir, "blobs", layer["digest"].replace(":", "-"))
 
 
-def rot_in_place(path, n=4 << 20):
-    """n random bytes in the middle of the file, its times put back: what a failing disk leaves."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(st.st_size // 2 - n // 2)
-        f.write(os.urandom(n))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    after = os.stat(path)
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 def ask(node, body=QUESTION):
     r = requests.post(node.url + "/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
-
-
-def intact(path, layer):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest() == layer["digest"]
 
 
 def assert_repair_logged(log):
@@ -80,7 +59,7 @@ def test_bit_rot_across_a_restart_is_repaired_before_the_real_model_answers(smol
     answer = ask(node)
     node.stop()
     layer, blob = smol_blob(models_dir)
-    rot_in_place(blob)
+    rot(blob, n=4 << 20)
     # The rotten weights load and answer differently: only a digest check tells.
     unchecked = start_node(dict(smol_store, LLM_VERIFY_ON_LOAD="false"))
     assert ask(unchecked) != answer
@@ -99,7 +78,7 @@ def test_bit_rot_across_an_eviction_is_repaired_before_the_real_model_answers(sm
     ask(node, {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert "unloading model sha256-" in node.log()  # the real model left memory
     layer, blob = smol_blob(models_dir)
-    rot_in_place(blob)
+    rot(blob, n=4 << 20)
     assert ask(node) == answer
     assert intact(blob, layer)
     assert_repair_logged(node.log())
@@ -150,7 +129,7 @@ def test_never_more_models_in_memory_than_the_limit(fakes):
     got = []
     t = threading.Thread(target=lambda: got.append(pool.acquire("b", lambda: FakeLlm("b", fakes))))
     t.start()
-    t.join(0.3)
+    wait_for(lambda: pool.loaded() == [], "b marks a to leave memory")
     assert t.is_alive() and FakeLlm.live == 1  # b waits for a's generation, not beside it
     held.release()
     t.join(30)
@@ -165,7 +144,7 @@ def test_an_eviction_waits_with_a_deadline(fakes):
     with pytest.raises(llmnode.ModelBusy):
         pool.acquire("b", lambda: FakeLlm("b", fakes), wait=0.2)
     held.release()
-    assert pool.live() == 0 or pool.loaded() == []
+    assert pool.live() == 0 and pool.loaded() == []
     pool.acquire("b", lambda: FakeLlm("b", fakes), wait=5).release()
     assert FakeLlm.most == 1
 
@@ -211,14 +190,27 @@ def test_keep_alive_zero_unloads_after_the_request_and_minus_one_keeps(fakes):
     assert pool.loaded() == ["b"]
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_an_idle_model_leaves_after_its_keep_alive(fakes):
-    pool = llmnode.ModelPool(capacity=2, keep_alive=0.2)
+    clock = FakeClock()
+    pool = llmnode.ModelPool(capacity=2, keep_alive=300.0, clock=clock)
     entry = pool.acquire("a", lambda: FakeLlm("a", fakes))
     llm = entry.llm
     entry.release()
-    assert pool.loaded() == ["a"]
+    clock.now = 299.0
+    pool.acquire("b", lambda: FakeLlm("b", fakes)).release()  # a release wakes the reaper
+    assert pool.loaded() == ["a", "b"] and not llm.closed.is_set()
+    clock.now = 300.0
+    pool.acquire("b", lambda: FakeLlm("b", fakes)).release()
     assert llm.closed.wait(10)
-    assert pool.loaded() == [] and pool.live() == 0
+    assert pool.loaded() == ["b"] and pool.live() == 1
     again = pool.acquire("a", lambda: FakeLlm("a", fakes))
     again.release()
     assert fakes.count(("load", "a")) == 2
@@ -284,11 +276,11 @@ class _FailingDisk:
         self.real = real
         self.calls = []
 
-    def check_model(self, ref, stop=None):
+    def check_model(self, ref):
         self.calls.append(str(ref))
         if len(self.calls) == 1:
             raise OSError(errno.EIO, "Input/output error")
-        return self.real.check_model(ref, stop)
+        return self.real.check_model(ref)
 
 
 def test_the_scrubber_goes_on_after_a_failing_disk(registry, models_dir, caplog):
@@ -317,7 +309,7 @@ def test_an_unreadable_blob_counts_as_corrupted(pulled, registry):
     # A directory where the blob should be: opening it for reading fails like a bad disk does.
     os.unlink(blob)
     os.mkdir(blob)
-    with pytest.raises(BlobCorrupted) as raised:
+    with pytest.raises(ModelCorrupted) as raised:
         node.guard.verify(dict(layer, size=os.stat(blob).st_size), gguf=True)
     assert raised.value.reason.startswith("unreadable: ")
     os.rmdir(blob)

@@ -1,29 +1,16 @@
-import hashlib
-import os
 import time
 
 import llmnode
 from repair import names
-from repair.pull import pull
 from repair.scrub import Scrubber
 from repair.store import model_layer
-from tests.conftest import node_env, settings_for
-from tests.test_autorepair import blob_of
-
-
-def rot(path):
-    """Flip bytes mid-file and put the times back, as bit rot would leave them."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(st.st_size // 2)
-        f.write(b"\xff" * 64)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+from tests.conftest import blob_of, intact, node_env, pull, rot, settings_for
 
 
 def test_a_scrub_pass_finds_bit_rot_and_reports_it_when_repair_is_off(registry, models_dir):
     node = llmnode.Node(settings_for(models_dir, registry.url, LLM_AUTO_REPAIR="false"))
     ref = names.parse("gpt-oss:7b")
-    pull(node.client, node.store, node.guard, ref, terminal=False)
+    pull(node.client, node.store, node.guard, ref)
     layer = model_layer(node.store.read_manifest(ref))
     assert node.guard.unchanged(layer)
     scrub = Scrubber(node.store, node.repairs, interval=3600)
@@ -44,4 +31,4 @@ def test_the_background_scrub_repairs_bit_rot_without_a_request(pulled, registry
         assert time.monotonic() < deadline, node.log()
         time.sleep(0.05)
     assert "model gpt-oss:7b: blob %s is corrupted" % layer["digest"] in node.log()
-    assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
+    assert intact(blob, layer)

@@ -20,9 +20,8 @@ from repair.guard import IntegrityGuard
 from repair.records import VerifiedRecords
 from repair.registry import RegistryClient
 from repair.store import Store, model_layer
-from tests.conftest import MODEL, ROOT, node_env, run_cli, settings_for
+from tests.conftest import MODEL, ROOT, blob_of, node_env, run_cli, settings_for
 from tests.fakeregistry import MODEL_TYPE
-from tests.test_autorepair import blob_of
 from tests.test_faults import assert_no_blob_under_a_wrong_digest
 from tests.tinymodel import write_tiny_gguf
 
@@ -108,13 +107,13 @@ def test_an_ollama_partial_beside_our_blob_is_neither_deleted_nor_taken_as_data(
 def test_two_processes_recording_at_once_lose_no_entry(tmp_path):
     script = ("import sys\nfrom repair.records import VerifiedRecords\n"
               "r = VerifiedRecords(sys.argv[1])\n"
-              "for i in range(60):\n    r.record_manifest('%s-%d' % (sys.argv[2], i), '%064x' % i)\n")
+              "for i in range(60):\n    r.record_table('%s-%d' % (sys.argv[2], i), '%064x' % i)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), who], cwd=ROOT)
              for who in ("a", "b", "c")]
     for p in procs:
         assert p.wait(timeout=120) == 0
     data = json.load(open(tmp_path / ".llmnode" / "verified.json"))
-    assert len(data["manifests"]) == 180
+    assert len(data["tables"]) == 180
     assert not [f for f in os.listdir(tmp_path / ".llmnode") if ".tmp-" in f]
 
 
