@@ -6,6 +6,9 @@ registry client, downloads and repair live in the `repair` package.
 
 import argparse
 import base64
+import codecs
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import hmac
@@ -20,6 +23,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 
 import bottle
 
@@ -89,7 +93,9 @@ def load_llama(path, settings):
     """Load a GGUF with llama.cpp; its chat template comes from the file."""
     from llama_cpp import Llama
 
-    return Llama(model_path=path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+    # The Llama's own context only embeds (up to BATCH_TOKENS tokens); answers are decoded in
+    # the model's BatchedContext, made beside it.
+    return Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
                  use_mmap=settings.use_mmap, verbose=False)
 
 
@@ -111,19 +117,6 @@ def chat_formatter(llm):
 
     return Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
                                bos_token=text(llm.token_bos()))
-
-
-def completion_budget(llm, formatter, messages):
-    """(tokens the answer may use, tokens in the prompt): the context less the prompt, as the
-    model's template renders it."""
-    if formatter:
-        prompt = formatter(messages=messages)
-        used = len(llm.tokenize(prompt.prompt.encode("utf-8"), add_bos=not prompt.added_special,
-                                special=True))
-    else:
-        body = "\n".join(m["content"] for m in messages).encode("utf-8")
-        used = len(llm.tokenize(body, special=True)) + 16 * len(messages)
-    return llm.n_ctx() - used - CONTEXT_MARGIN, used
 
 
 # -- grammars: structured output and tool calls -----------------------------------------------
@@ -155,9 +148,9 @@ def check_schema(schema, where):
 
 
 def grammar(schema=None, wrap=None):
-    """A llama.cpp grammar for JSON matching `schema` (any JSON value when None), compiled
+    """llama.cpp grammar text for JSON matching `schema` (any JSON value when None), converted
     once per schema; `wrap` = (before, after): literal text around the JSON."""
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     key = (json.dumps(wrap) if wrap else "") + (json.dumps(schema) if schema is not None else "")
     with _GRAMMARS_LOCK:
@@ -177,7 +170,7 @@ def grammar(schema=None, wrap=None):
             _GRAMMARS[key] = text
             while len(_GRAMMARS) > 64:
                 _GRAMMARS.popitem(last=False)
-    return LlamaGrammar.from_string(text, verbose=False)
+    return text
 
 
 def tool_call_schema(tools, choice, response=None):
@@ -367,39 +360,271 @@ def human_number(n):
     return str(n)
 
 
-class ComputeThread:
-    """The one thread that runs llama.cpp's compute (loads, generations, embeddings) for the
-    whole process. llama.cpp here is built with OpenMP: every OS thread that computes gets a
-    team of worker threads, and an idle team keeps spinning on the cores, so a generation run
-    from waitress's many threads ran a third slower than from one (measured on SmolLM2, 2
-    cores). Each model's FairLock lets one generation of it in at a time, so the queue holds
-    at most one job per loaded model: no request waits behind another model's queue."""
+# -- the llama.cpp adapter ---------------------------------------------------------------------
+# Every private llama-cpp-python field the node touches is here, read from llama-cpp-python
+# 0.3.36: `Llama._model.model` (the llama_model pointer the batched context is made on), and, for
+# embeddings on the Llama's own small context, `Llama._ctx.ctx`, `Llama._ctx.kv_cache_clear`,
+# `Llama._ctx.decode` and `Llama._batch`.
 
-    # How long a caller waits for its job (a long generation on a large model included).
+# Tokens one decode step carries at most (llama.cpp's default n_batch): the running answers'
+# next tokens first, then prompt chunks, so a long prompt never stalls the streams beside it.
+BATCH_TOKENS = 512
+
+
+def model_pointer(llm):
+    return llm._model.model
+
+
+class BatchedContext:
+    """One llama.cpp context on a loaded model's weights with `n_seq` sequences of `n_ctx`
+    tokens each, each in its own KV stream (a sequence's cells can be copied to another)."""
+
+    def __init__(self, llm, n_seq, n_ctx, threads):
+        import llama_cpp as C
+
+        self.C = C
+        params = C.llama_context_default_params()
+        params.n_ctx = n_seq * n_ctx
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = threads
+        # A KV stream per sequence: with one unified cache, attention over the other sequences'
+        # (masked) cells changed SmolLM2's logits by up to 0.8 with the batch's make-up, so a
+        # temperature-0 answer depended on who else was being served. Separate streams give the
+        # same logits whatever the batch holds (llama-server's default too).
+        params.kv_unified = False
+        params.no_perf = True
+        self.model = model_pointer(llm)
+        self.ctx = C.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise ModelLoadFailed("llama.cpp could not make a context of %d x %d tokens "
+                                  "(LLM_PARALLEL x LLM_CTX_SIZE)" % (n_seq, n_ctx))
+        self.mem = C.llama_get_memory(self.ctx)
+        self.vocab = C.llama_model_get_vocab(self.model)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.batch = C.llama_batch_init(BATCH_TOKENS, 0, n_seq)
+        self._buf = ctypes.create_string_buffer(256)
+
+    def decode(self, items):
+        """One llama_decode of [(token, position, [sequence ids], wants logits)]."""
+        b = self.batch
+        for i, (token, pos, seqs, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, len(seqs), logits
+            for k, seq in enumerate(seqs):
+                b.seq_id[i][k] = seq
+        b.n_tokens = len(items)
+        rc = self.C.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode returned %d" % rc)
+
+    def sample(self, sampler, i):
+        """The token `sampler` picks from the logits at batch index `i` (and has accepted)."""
+        return self.C.llama_sampler_sample(sampler, self.ctx, i)
+
+    def logits(self, i):
+        import numpy as np
+
+        return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def forget(self, seq, start=0):
+        """Drop a sequence's KV cells from position `start` on."""
+        self.C.llama_memory_seq_rm(self.mem, seq, start, -1)
+
+    def copy(self, src, dst):
+        self.C.llama_memory_seq_rm(self.mem, dst, -1, -1)
+        self.C.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def clear(self):
+        self.C.llama_memory_clear(self.mem, True)
+
+    def piece(self, token):
+        n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            self._buf = ctypes.create_string_buffer(-n)
+            n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        return self._buf.raw[:n]
+
+    def is_eog(self, token):
+        return self.C.llama_vocab_is_eog(self.vocab, token)
+
+    def sampler(self, s, history=()):
+        """A sampler chain for one answer: logit bias, penalties (fed the prompt's last tokens),
+        grammar, then greedy at temperature 0 or top-k, top-p, min-p, temperature and a seeded
+        draw, as llama.cpp's common sampler orders them."""
+        C = self.C
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+
+        def add(smpl):
+            C.llama_sampler_chain_add(chain, smpl)
+            return smpl
+
+        if s.logit_bias:
+            bias = (C.llama_logit_bias * len(s.logit_bias))(
+                *[C.llama_logit_bias(t, b) for t, b in s.logit_bias.items()])
+            add(C.llama_sampler_init_logit_bias(self.n_vocab, len(s.logit_bias), bias))
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            penalties = add(C.llama_sampler_init_penalties(self.n_vocab, 64, s.repeat_penalty,
+                                                           s.frequency_penalty, s.presence_penalty))
+            for token in list(history)[-64:]:
+                C.llama_sampler_accept(penalties, token)
+        if s.grammar:
+            g = C.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root")
+            if not g:
+                C.llama_sampler_free(chain)
+                raise InvalidRequest("The grammar could not be parsed by llama.cpp")
+            add(g)
+        if s.temperature <= 0:
+            add(C.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                add(C.llama_sampler_init_top_k(s.top_k))
+            add(C.llama_sampler_init_top_p(s.top_p, 1))
+            add(C.llama_sampler_init_min_p(s.min_p, 1))
+            add(C.llama_sampler_init_temp(s.temperature))
+            add(C.llama_sampler_init_dist(s.seed))
+        return chain
+
+    def free_sampler(self, chain):
+        self.C.llama_sampler_free(chain)
+
+    def close(self):
+        if self.ctx:
+            self.C.llama_batch_free(self.batch)
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+
+
+def close_model(llm):
+    """Free a loaded model: its batched context, then the Llama."""
+    slots = getattr(llm, "slots", None)
+    if slots is not None:
+        slots.close()
+    llm.close()
+
+
+# -- the request type and the result shape -----------------------------------------------------
+
+@dataclass
+class Sampling:
+    """How one answer's tokens are picked."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int = 0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict = field(default_factory=dict)
+    grammar: str = None  # llama.cpp GBNF text, or None
+
+
+@dataclass
+class Generation:
+    """One request for the engine, whatever dialect it came in: a prompt as tokens, how to
+    sample it, when to stop, and what to report."""
+
+    prompt: list
+    sampling: Sampling
+    max_tokens: int
+    stop: list = field(default_factory=list)
+    n: int = 1  # answers to the same prompt, sharing its prefill
+    logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
+    hold: bool = False  # the answer is parsed whole (tool calls): no pieces until it ends
+
+
+@dataclass
+class Piece:
+    """Text of answer `index` as it is generated, with its tokens and their logprobs."""
+
+    index: int
+    text: str
+    tokens: list
+    logprobs: list  # [(token text, logprob, [(alternative text, logprob)])] or []
+
+
+@dataclass
+class Finish:
+    """Answer `index` has ended: why (stop, length), its whole text, the stop string met."""
+
+    index: int
+    reason: str
+    text: str
+    tokens: int
+    stop_sequence: str = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in a sequence's KV cache, not evaluated again
+
+    def openai(self):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+# -- the engine: one compute thread, continuous batching per model -----------------------------
+
+class ComputeThread:
+    """The one thread that runs llama.cpp's compute for the whole process: loads, embeddings,
+    and a decode step of every loaded model with running answers, in turns. llama.cpp here is
+    built with OpenMP: every OS thread that computes gets a team of worker threads that keeps
+    spinning when idle, so compute from waitress's many threads ran a third slower than from
+    one (measured on SmolLM2, 2 cores)."""
+
+    # How long a caller waits for its job or for its answer's next piece.
     WAIT_SECS = 3600
 
     def __init__(self):
-        self._jobs = queue.Queue()
+        # Guards _jobs, _active (the Slots with work) and _thread; notified when either grows.
+        self._cond = threading.Condition()
+        self._jobs = deque()
+        self._active = []
         self._thread = None
-        # Guards _thread (started on first use).
-        self._lock = threading.Lock()
 
     def _start(self):
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
-                self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
+            self._thread.start()
 
     def _loop(self):
         while True:
-            job = self._jobs.get()
-            job()
+            with self._cond:
+                while not self._jobs and not self._active:
+                    self._cond.wait()
+                jobs, self._jobs = self._jobs, deque()
+                active = list(self._active)
+            for job in jobs:
+                job()
+            for slots in active:
+                if not slots.step():
+                    with self._cond:
+                        if not slots.has_work() and slots in self._active:
+                            self._active.remove(slots)
+
+    def post(self, fn):
+        """Run fn() on the compute thread between decode steps, without waiting for it."""
+        with self._cond:
+            self._start()
+            self._jobs.append(fn)
+            self._cond.notify_all()
+
+    def wake(self, slots):
+        """`slots` has work: step it until it has none."""
+        with self._cond:
+            self._start()
+            if slots not in self._active:
+                self._active.append(slots)
+            self._cond.notify_all()
 
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on the compute thread; its result, or its exception raised."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        self._start()
         done, box = threading.Event(), {}
 
         def job():
@@ -409,79 +634,296 @@ class ComputeThread:
                 box["error"] = e
             done.set()
 
-        self._jobs.put(job)
+        self.post(job)
         if not done.wait(self.WAIT_SECS):
             raise ModelBusy("The model did not finish within %ds" % self.WAIT_SECS)
         if "error" in box:
             raise box["error"]
         return box["result"]
 
-    def stream(self, make):
-        """Iterate the generator `make()` returns on the compute thread, handing its items to the
-        caller as they come; closing the returned iterator stops the generation."""
-        self._start()
-        items, stop = queue.Queue(), threading.Event()
-        end = object()
 
-        def job():
-            try:
-                generator = make()
-                try:
-                    for item in generator:
-                        items.put(item)
-                        if stop.is_set():
-                            break
-                finally:
-                    generator.close()
-                items.put(end)
-            except BaseException as e:  # noqa: B036 - handed to the caller
-                items.put(e)
+class Task:
+    """One answer in the making: its prompt, sampler, sequence and the text it has made."""
 
-        self._jobs.put(job)
-        return _Handoff(items, stop, end, self.WAIT_SECS)
+    def __init__(self, run, index, gen, sampler):
+        self.run, self.index, self.gen, self.sampler = run, index, gen, sampler
+        self.seq = None  # the sequence it decodes in, once admitted
+        self.todo = []  # prompt tokens still to prefill
+        self.n_past = 0  # tokens of this answer's sequence in the KV cache
+        self.last = None  # the sampled token not yet decoded
+        self.generated = 0
+        self.pending = ""  # text held back: it may be the start of a stop string
+        self.text = []
+        self.tokens, self.logprobs = [], []  # of the piece not yet handed out
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.siblings = []  # answers sharing this one's prefill (n > 1)
+        self.first_token_at = None
 
 
-class _Handoff:
-    """The caller's side of a stream run on the compute thread."""
+class Run:
+    """The caller's side of a generation: its events (Piece, Finish) as they come, the usage and
+    timings once it has ended; close() stops it (a client that went away)."""
 
-    def __init__(self, items, stop, end, wait):
-        self._items, self._stop, self._end, self._wait = items, stop, end, wait
-        self._finished = False  # the compute job has ended (its end marker or error taken)
+    def __init__(self, engine, slots, gens, release):
+        self.engine, self.slots, self._release = engine, slots, release
+        self.events = queue.Queue()
+        self.usage = Usage(prompt_tokens=sum(len(g.prompt) for g in gens))
+        self.timings = {}
+        self.started = time.monotonic()
+        self.groups, index = [], 0
+        for gen in gens:
+            group = []
+            for k in range(gen.n):
+                sampling = gen.sampling
+                if k:
+                    sampling = replace(sampling, seed=(sampling.seed + k) % (2 ** 32))
+                group.append(Task(self, index, gen, slots.ctx.sampler(sampling, gen.prompt)))
+                index += 1
+            self.groups.append(group)
+        self._open = index  # answers not yet finished (read and written by the caller only)
+        self.cancelled = False  # read by the compute thread at each step
 
     def __iter__(self):
-        return self
-
-    def _take(self):
-        item = self._items.get(timeout=self._wait)
-        if item is self._end or isinstance(item, BaseException):
-            self._finished = True
-        return item
-
-    def __next__(self):
-        if self._finished:
-            raise StopIteration
-        try:
-            item = self._take()
-        except queue.Empty:
-            self._stop.set()
-            raise ModelBusy("The model did not finish within %ds" % self._wait) from None
-        if item is self._end:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        while self._open:
+            try:
+                event = self.events.get(timeout=self.engine.WAIT_SECS)
+            except queue.Empty:
+                self.close()
+                raise ModelBusy("The model did not answer within %ds" % self.engine.WAIT_SECS) from None
+            if isinstance(event, BaseException):
+                self.close()
+                raise event
+            if isinstance(event, Finish):
+                self._open -= 1
+                self.usage.completion_tokens += event.tokens
+            yield event
+        self.close()
 
     def close(self):
-        """Stop the generation and wait until it has left the model (so the model can be
-        released, and freed, safely)."""
-        self._stop.set()
-        while not self._finished:
-            try:
-                self._take()
-            except queue.Empty:
-                log.error("a stopped generation did not end within %ds", self._wait)
-                return
+        """Stop any answer still running (its sequence is free at the next step), release the
+        model once."""
+        if self._release is None:
+            return
+        if self._open:
+            self.cancelled = True
+            self.engine.wake(self.slots)
+        release, self._release = self._release, None
+        release()
 
+
+class Slots:
+    """A loaded model's sequences and the answers waiting for one. Every method but `submit`
+    runs on the compute thread."""
+
+    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None):
+        self.llm, self.engine, self.n_ctx = llm, engine, n_ctx
+        self.metrics = metrics or Metrics()
+        self.ctx = BatchedContext(llm, n_seq, n_ctx, threads)
+        self.cache = [[] for _ in range(n_seq)]  # tokens whose KV cells each sequence holds
+        self.busy = [None] * n_seq  # the task decoding in each sequence
+        self.used = [0] * n_seq  # when each sequence was last given out
+        self._clock = itertools.count(1)
+        # Guards _waiting (lists of tasks sharing a prompt, oldest first): filled by request
+        # threads, emptied by the compute thread.
+        self._lock = threading.Lock()
+        self._waiting = deque()
+        self.closed = False
+        self.steps = 0  # decode steps run, for the tests' "within one step"
+
+    # -- the request threads' side --
+
+    def submit(self, run):
+        with self._lock:
+            self._waiting.extend(run.groups)
+        self.engine.wake(self)
+
+    # -- the compute thread's side --
+
+    def has_work(self):
+        with self._lock:
+            waiting = bool(self._waiting)
+        return not self.closed and (waiting or any(self.busy))
+
+    def close(self):
+        self.closed = True
+        for task in [t for t in self.busy if t is not None]:
+            self._end(task, "stop")
+        self.ctx.close()
+
+    def _admit(self):
+        """Give waiting answers free sequences, oldest first: the one whose cached tokens share
+        the longest prefix with the prompt (else the least recently used), keeping that prefix."""
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                group = self._waiting[0]
+                free = [s for s, t in enumerate(self.busy) if t is None]
+                if group[0].run.cancelled:
+                    self._waiting.popleft()
+                    for task in group:
+                        self.ctx.free_sampler(task.sampler)
+                    continue
+                if len(free) < len(group):
+                    return
+                self._waiting.popleft()
+            first, prompt = group[0], group[0].gen.prompt
+            best = max(free, key=lambda s: (common_prefix(self.cache[s], prompt), -self.used[s]))
+            keep = min(common_prefix(self.cache[best], prompt), len(prompt) - 1)
+            self._take(first, best, keep)
+            first.run.usage.cached_tokens += keep
+            free.remove(best)
+            for task in group[1:]:  # decoded from a copy of the first one's prompt
+                seq = min(free, key=lambda s: self.used[s])
+                free.remove(seq)
+                self._take(task, seq, 0, prefill=False)
+                first.siblings.append(task)
+
+    def _take(self, task, seq, keep, prefill=True):
+        self.busy[seq], task.seq = task, seq
+        self.used[seq] = next(self._clock)
+        self.ctx.forget(seq, keep)
+        del self.cache[seq][keep:]
+        task.n_past = keep
+        task.todo = list(task.gen.prompt[keep:]) if prefill else []
+
+    def step(self):
+        """One decode step: a token of every running answer, then prompt chunks; each answer
+        sampled at its batch index. False when there is nothing left to do."""
+        if self.closed:
+            return False
+        self._admit()
+        items, sampled = [], []  # sampled: (task, batch index)
+        for task in self.busy:
+            if task is None:
+                continue
+            if task.run.cancelled:
+                self._end(task, "cancelled")
+            elif task.last is not None:
+                sampled.append((task, len(items)))
+                items.append((task.last, task.n_past, [task.seq], True))
+                self.cache[task.seq].append(task.last)
+                task.n_past += 1
+        for task in self.busy:
+            if task is None or not task.todo or len(items) >= BATCH_TOKENS:
+                continue
+            chunk = task.todo[:BATCH_TOKENS - len(items)]
+            del task.todo[:len(chunk)]
+            for k, token in enumerate(chunk):
+                items.append((token, task.n_past + k, [task.seq], not task.todo and k == len(chunk) - 1))
+            self.cache[task.seq].extend(chunk)
+            task.n_past += len(chunk)
+            if not task.todo:
+                sampled.append((task, len(items) - 1))
+        if not items:
+            return self.has_work()
+        self.steps += 1
+        try:
+            self.ctx.decode(items)
+        except Exception as e:
+            log.exception("decode step failed; ending its answers")
+            self._fail(LLMNodeError("Generation failed: %s" % e))
+            return False
+        for task, i in sampled:
+            for sib in task.siblings:  # the prompt is read once, then copied to each sibling
+                self.ctx.copy(task.seq, sib.seq)
+                self.cache[sib.seq] = list(self.cache[task.seq])
+                sib.n_past = task.n_past
+                self._sample(sib, i)
+            task.siblings = []
+            self._sample(task, i)
+        return True
+
+    def _fail(self, error):
+        for task in [t for t in self.busy if t is not None]:
+            self.busy[task.seq] = None
+            self.ctx.free_sampler(task.sampler)
+            task.run.events.put(error)
+        self.ctx.clear()
+        self.cache = [[] for _ in self.cache]
+
+    def _sample(self, task, i):
+        token = self.ctx.sample(task.sampler, i)
+        if task.first_token_at is None:
+            task.first_token_at = time.monotonic()
+        if self.ctx.is_eog(token):
+            self._end(task, "stop")
+            return
+        task.generated += 1
+        task.last = token
+        if task.gen.logprobs >= 0:
+            task.logprobs.append(self._logprobs(i, token, task.gen.logprobs))
+        task.tokens.append(token)
+        self._text(task, task.decoder.decode(self.ctx.piece(token)))
+        if self.busy[task.seq] is task and (task.generated >= task.gen.max_tokens
+                                            or task.n_past + 1 >= self.n_ctx):
+            self._end(task, "length")
+
+    def _logprobs(self, i, token, top):
+        import numpy as np
+
+        logits = self.ctx.logits(i).astype(np.float64)
+        peak = logits.max()
+        logz = peak + np.log(np.exp(logits - peak).sum())
+        alternatives = []
+        if top:
+            best = np.argpartition(-logits, top)[:top]
+            best = best[np.argsort(-logits[best])]
+            alternatives = [(self._token_text(int(t)), float(logits[t] - logz)) for t in best]
+        return self._token_text(token), float(logits[token] - logz), alternatives
+
+    def _token_text(self, token):
+        return self.ctx.piece(token).decode("utf-8", "replace")
+
+    def _text(self, task, text):
+        """Add generated text, handing out what cannot be the start of a stop string."""
+        task.pending += text
+        for stop in task.gen.stop:
+            at = task.pending.find(stop)
+            if at >= 0:
+                task.pending = task.pending[:at]
+                self._end(task, "stop", stop_sequence=stop)
+                return
+        hold = max([k for stop in task.gen.stop for k in range(1, len(stop))
+                    if task.pending.endswith(stop[:k])] or [0])
+        ready = task.pending[:len(task.pending) - hold]
+        task.pending = task.pending[len(task.pending) - hold:]
+        self._hand_out(task, ready)
+
+    def _hand_out(self, task, text):
+        if text:
+            task.text.append(text)
+        if (text or task.tokens) and not task.gen.hold:
+            task.run.events.put(Piece(task.index, text, task.tokens, task.logprobs))
+            task.tokens, task.logprobs = [], []
+
+    def _end(self, task, reason, stop_sequence=None):
+        """An answer is over: its sequence is free (keeping its tokens as a prompt cache)."""
+        if reason != "stop" or stop_sequence is None:
+            task.pending += task.decoder.decode(b"", final=True)
+        if reason != "cancelled":
+            self._hand_out(task, task.pending)
+        task.pending = ""
+        self.busy[task.seq] = None
+        self.used[task.seq] = next(self._clock)
+        self.ctx.free_sampler(task.sampler)
+        self.metrics.inc("llmnode_generated_tokens_total", task.generated)
+        run = task.run
+        if task is run.groups[0][0] and task.first_token_at is not None:
+            run.timings["prompt_eval"] = task.first_token_at - run.started
+            run.timings["eval"] = time.monotonic() - task.first_token_at
+        run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence))
+
+
+def common_prefix(a, b):
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# -- the model pool ----------------------------------------------------------------------------
 
 class FairLock:
     """A lock handed to its waiters in arrival order: under load no request waits behind ones
@@ -528,17 +970,18 @@ class FairLock:
 
 
 class LoadedModel:
-    """One model's weights in memory, used by one generation at a time."""
+    """One model's weights in memory, shared by every request running on it."""
 
     def __init__(self, pool, path):
         self.pool = pool
         self.path = path
         self.llm = None
         self.formatter = None
-        # Guards `llm`: a llama.cpp context runs one generation at a time, in arrival order.
+        # Held while the weights load: the first request loads them, the others wait in order.
         self.lock = FairLock()
         # The fields below are guarded by the pool's condition.
-        self.evicted = False  # leaving memory: whoever holds the lock next must not use `llm`
+        self.users = 0  # requests holding the model (each running answers on it)
+        self.evicted = False  # leaving memory: freed when its last user releases it
         self.expires = None  # monotonic time of its idle unload; None while in use or kept
         self.keep_alive = pool.keep_alive  # seconds idle before unload; None: forever
         self.pinned = False  # preloaded: never unloaded for being idle
@@ -546,22 +989,23 @@ class LoadedModel:
         self.size = 0
 
     def release(self):
-        """End a generation: hand the model to the next request, or let it leave memory."""
+        """A request is done with the model: it may now leave memory."""
         self.pool.release(self)
 
 
 class ModelPool:
     """Models loaded on first use, at most `capacity` in memory at once (those being loaded and
-    those evicted but still finishing a generation count too); the least recently used leaves
-    first, and an idle model leaves after its keep-alive."""
+    those evicted but still finishing their answers count too); the least recently used leaves
+    first, and an idle model leaves after its keep-alive. `close(llm)` frees a model."""
 
-    def __init__(self, capacity, keep_alive=300.0, clock=time.monotonic):
+    def __init__(self, capacity, keep_alive=300.0, clock=time.monotonic, close=None):
         self.capacity = capacity
         self.keep_alive = keep_alive
         self.clock = clock
-        # Guards _models (path -> LoadedModel, oldest use first), _live, _reaper and each
-        # entry's evicted/expires/keep_alive/pinned; notified when a model leaves memory or an
-        # expiry changes. An RLock: closing an evicted model happens inside it.
+        self.close_model = close or (lambda llm: llm.close())
+        # Guards _models (path -> LoadedModel, oldest use first), _live, _loading, _reaper and
+        # each entry's users/evicted/expires/keep_alive/pinned; notified when a model leaves
+        # memory, a load ends or an expiry changes.
         self._cond = threading.Condition()
         self._models = OrderedDict()
         self._live = 0  # models holding or loading weights
@@ -569,8 +1013,8 @@ class ModelPool:
         self._reaper = None
 
     def acquire(self, path, load, keep_alive=KEEP_DEFAULT, wait=GENERATION_WAIT_SECS):
-        """The loaded model for `path` with its lock held (`load()` makes the Llama if it is not
-        in memory); the caller must `release` it. Waits at most `wait` seconds."""
+        """The loaded model for `path` (`load()` makes the Llama if it is not in memory), shared
+        with every other request on it; the caller must `release` it. Waits at most `wait`."""
         deadline = self.clock() + wait
         while True:
             with self._cond:
@@ -578,40 +1022,48 @@ class ModelPool:
                 if entry is None:
                     entry = self._models[path] = LoadedModel(self, path)
                 self._models.move_to_end(path)
-            if not entry.lock.acquire(timeout=max(0.0, deadline - self.clock())):
-                raise ModelBusy("The model is busy with other requests; try again shortly")
-            if entry.evicted:
-                entry.lock.release()  # it left memory while we queued: load it again
-                continue
-            if keep_alive is not KEEP_DEFAULT:
-                with self._cond:
+                entry.users += 1
+                entry.expires = None
+                if keep_alive is not KEEP_DEFAULT:
                     entry.keep_alive = keep_alive
             if entry.llm is None:
-                self._load(entry, load, deadline)
-            with self._cond:
-                entry.expires = None
+                if not entry.lock.acquire(timeout=max(0.0, deadline - self.clock())):
+                    self._unuse(entry)
+                    raise ModelBusy("The model is still loading for other requests; try again shortly")
+                try:
+                    if entry.llm is None and not entry.evicted:
+                        self._load(entry, load, deadline)
+                except BaseException:
+                    self._unuse(entry)
+                    raise
+                finally:
+                    entry.lock.release()
+            if entry.evicted or entry.llm is None:
+                self._unuse(entry)  # it left memory (or its load failed) while we queued
+                continue
             return entry
+
+    def _unuse(self, entry):
+        with self._cond:
+            entry.users -= 1
+            self._settle(entry)
 
     def _load(self, entry, load, deadline):
         try:
             self._reserve(entry, deadline)
         except BaseException:
             self._forget(entry)
-            entry.lock.release()
             raise
         try:
-            entry.llm = load()
-            entry.formatter = chat_formatter(entry.llm)
+            llm = load()
+            formatter = chat_formatter(llm)
         except BaseException:
-            if entry.llm is not None:
-                entry.llm.close()
-                entry.llm = None
             with self._cond:
                 self._live -= 1
                 self._cond.notify_all()
             self._forget(entry)
-            entry.lock.release()
             raise
+        entry.llm, entry.formatter = llm, formatter
         entry.loaded_at = time.time()
         entry.size = os.path.getsize(entry.path) if os.path.exists(entry.path) else 0
 
@@ -623,7 +1075,7 @@ class ModelPool:
     def _reserve(self, entry, deadline):
         """Take a place in memory for `entry`, in arrival order among loads: evict the least
         recently used model if the pool is full, and wait (until `deadline`) for an evicted
-        one to finish its generation."""
+        one's answers to end."""
         ticket = object()
         with self._cond:
             self._loading.append(ticket)
@@ -650,38 +1102,41 @@ class ModelPool:
                 self._cond.notify_all()
 
     def _evict(self, entry, why):
-        """Mark a model as leaving memory (its condition held); it is closed now if no
-        generation holds it, else by the generation's release."""
+        """Mark a model as leaving memory (its condition held); it is freed now if no request
+        holds it, else when its last request releases it."""
         entry.evicted = True
         self._forget(entry)
-        if entry.llm is not None and entry.lock.acquire(timeout=0):
+        if entry.llm is not None and entry.users == 0:
             log.info("unloading model %s %s", os.path.basename(entry.path), why)
             self._close(entry)
-            entry.lock.release()
 
     def _close(self, entry):
-        with self._cond:
-            entry.llm.close()
-            entry.llm = None
-            self._live -= 1
-            self._cond.notify_all()
+        llm, entry.llm = entry.llm, None
+        self.close_model(llm)
+        self._live -= 1
+        self._cond.notify_all()
 
     def release(self, entry):
         with self._cond:
-            if entry.llm is not None:
-                if entry.evicted:
-                    self._close(entry)
-                elif entry.lock.waiting() == 0:
-                    keep = None if entry.pinned else entry.keep_alive
-                    if keep == 0:
-                        entry.evicted = True
-                        self._forget(entry)
-                        self._close(entry)
-                    elif keep is not None:
-                        entry.expires = self.clock() + keep
-                        self._start_reaper()
-                        self._cond.notify_all()
-        entry.lock.release()
+            entry.users -= 1
+            self._settle(entry)
+
+    def _settle(self, entry):
+        """What an entry no request holds does next (the condition held): leave memory, or
+        wait out its keep-alive."""
+        if entry.users or entry.llm is None:
+            return
+        keep = None if entry.pinned else entry.keep_alive
+        if entry.evicted:
+            self._close(entry)
+        elif keep == 0:
+            entry.evicted = True
+            self._forget(entry)
+            self._close(entry)
+        elif keep is not None:
+            entry.expires = self.clock() + keep
+            self._start_reaper()
+            self._cond.notify_all()
 
     def _start_reaper(self):
         if self._reaper is None:
@@ -694,21 +1149,19 @@ class ModelPool:
             while True:
                 now = self.clock()
                 for entry in list(self._models.values()):
-                    if (entry.expires is not None and entry.expires <= now
-                            and entry.lock.acquire(timeout=0)):
-                        if entry.llm is not None and not entry.evicted:
-                            log.info("unloading model %s after %gs idle (keep_alive)",
-                                     os.path.basename(entry.path), entry.keep_alive)
-                            entry.evicted = True
-                            self._forget(entry)
-                            self._close(entry)
-                        entry.lock.release()
+                    if (entry.expires is not None and entry.expires <= now and entry.users == 0
+                            and entry.llm is not None and not entry.evicted):
+                        log.info("unloading model %s after %gs idle (keep_alive)",
+                                 os.path.basename(entry.path), entry.keep_alive)
+                        entry.evicted = True
+                        self._forget(entry)
+                        self._close(entry)
                 expiries = [e.expires for e in self._models.values() if e.expires is not None]
                 self._cond.wait(min([60.0] + [max(0.01, t - now) for t in expiries]))
 
     def drop(self, path):
         """Unload a model (its file changed, or a client asked); it leaves memory once no
-        generation holds it."""
+        request holds it."""
         with self._cond:
             entry = self._models.get(path)
             if entry is not None:
@@ -746,8 +1199,9 @@ class ModelPool:
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None):
         self.settings = settings
+        self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
         self.store = Store(settings.models_dir)
         self.client = RegistryClient(settings.registry_url, settings.insecure_registries,
                                      session=session, credentials=settings.registry_credentials,
@@ -762,8 +1216,21 @@ class Node:
                                          metrics=self.metrics)
         self.compute = ComputeThread()
         raw_loader = loader or (lambda path: load_llama(path, settings))
-        self.loader = lambda path: self.compute.run(raw_loader, path)
-        self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive)
+
+        def load_with_slots(path):
+            llm = raw_loader(path)
+            try:
+                llm.slots = Slots(llm, self.compute, settings.parallel, settings.n_ctx,
+                                  settings.n_threads, self.metrics)
+            except BaseException:
+                llm.close()
+                raise
+            return llm
+
+        self.loader = lambda path: self.compute.run(load_with_slots, path)
+        # A model is freed on the compute thread, between decode steps.
+        self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive,
+                              close=lambda llm: self.compute.post(lambda: close_model(llm)))
         # Set once every LLM_PRELOAD model is verified and loaded (/ready); `preload_errors`
         # says why not, while it is not.
         self.ready = threading.Event()
@@ -814,14 +1281,14 @@ class Node:
                 repaired = check.result(self.settings.repair_timeout_secs + 60)
             except BaseException:
                 if llm is not None:
-                    llm.close()
+                    close_model(llm)
                 raise
             self.metrics.inc("llmnode_verified_loads_total")
             log.info("model %s: loaded in %.2fs, blob verified in %.2fs%s", ref, loaded,
                      check.elapsed, " (repaired)" if repaired else "")
             if repaired:
                 if llm is not None:
-                    llm.close()
+                    close_model(llm)
                 continue
             if load_error is not None:
                 raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
@@ -907,220 +1374,193 @@ class Node:
                          "owned_by": ref.namespace})
         return data
 
+    # -- generation: every dialect's request ends here, as Generations on the model's Slots --
+
     def chat(self, req):
         """Run a validated chat request; a dict, or an iterator of chunks when streaming. A
         `timings` dict in the request is filled with load, prompt and generation times."""
         started = time.monotonic()
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
-        timings = req.get("timings")
-        if timings is not None:
-            timings["load"] = time.monotonic() - started
-            _perf_reset(entry.llm)
         try:
-            messages, tools_on, gram, native = req["messages"], False, None, None
-            if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
-                native = self._native_prompt(entry, req)
-                tools_on = True
-                if req["tool_choice"] != "auto":
-                    gram = native_tool_grammar(req["tools"], req["tool_choice"])
-                budget = entry.llm.n_ctx() - len(native[0]) - CONTEXT_MARGIN
-            elif req["tools"] and req["tool_choice"] != "none":
-                schema = tool_call_schema(req["tools"], req["tool_choice"], req["format_schema"])
-                messages, tools_on, gram = with_tools(messages, req["tools"], schema), True, grammar(schema)
-            elif req["format"] is not None:
-                gram = grammar(req["format_schema"])
-            if native is None:
-                budget, prompt_tokens = completion_budget(entry.llm, entry.formatter, messages)
-            params = self._sampling(req, budget)
-            if req["stream"] and not tools_on:
-                counter = _TokenCounter()
-                chunks = self.compute.stream(lambda: entry.llm.create_chat_completion(
-                    messages=messages, stream=True, grammar=gram,
-                    logits_processor=[counter] if req["include_usage"] else None, **params))
-                # Prompt errors surface at the first chunk: take it before the 200 is sent.
-                try:
-                    first = next(chunks, None)
-                except BaseException:
-                    chunks.close()
-                    raise
-                return self._stream(entry, chunks, first, req, counter, prompt_tokens)
-            result = self._chat_choices(entry, messages, gram, tools_on, params, req, native)
-        except ValueError as e:
-            entry.release()
-            if "exceed context window" in str(e):
-                raise ContextTooLong("%s (LLM_CTX_SIZE=%d)" % (e, self.settings.n_ctx)) from e
-            raise
+            prompt, stop, gram, mode = self._chat_prompt(entry, req)
+            gen = self._generation(entry, req, prompt, gram, stop, CHAT_DEFAULTS,
+                                   logprobs=req.get("top_logprobs") or 0 if req.get("logprobs") else -1,
+                                   hold=mode is not None)
+            run = self._start(entry, [gen])
         except BaseException:
             entry.release()
             raise
-        if timings is not None:
-            timings.update(_perf(entry.llm))
-        entry.release()
-        self.metrics.inc("llmnode_generated_tokens_total", result["usage"]["completion_tokens"])
+        run.timings["load"] = run.started - started
         if req["stream"]:
-            return self._replay(result, req)
-        return result
+            return self._chat_chunks(run, req, mode)
+        return self._chat_result(run, req, mode)
 
-    def _sampling(self, req, budget):
+    def _chat_prompt(self, entry, req):
+        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native" or
+        "generic") of a chat, as the model's own template renders it."""
+        messages, tools, gram, mode = req["messages"], None, None, None
+        if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
+            messages, mode = req["native_messages"], "native"
+            tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                        "parameters": t["parameters"]}} for t in req["tools"]]
+            if req["tool_choice"] != "auto":
+                gram = native_tool_grammar(req["tools"], req["tool_choice"])
+        elif req["tools"] and req["tool_choice"] != "none":
+            schema = tool_call_schema(req["tools"], req["tool_choice"], req["format_schema"])
+            messages, gram, mode = with_tools(messages, req["tools"], schema), grammar(schema), "generic"
+        elif req["format"] is not None:
+            gram = grammar(req["format_schema"])
+        tokens, stop = render_chat(entry.llm, entry.formatter, messages, tools)
+        if self.on_prompt is not None:
+            self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
+        return tokens, stop, gram, mode
+
+    def _generation(self, entry, req, prompt, gram, stop, defaults, logprobs=-1, hold=False):
+        n_ctx = self.settings.n_ctx
+        _check_tokens(entry.llm, prompt, "prompt", n_ctx)
+        budget = n_ctx - len(prompt) - CONTEXT_MARGIN
         if req.get("ctx_limit"):
-            budget = min(budget, req["ctx_limit"] - (self.settings.n_ctx - budget - CONTEXT_MARGIN))
+            budget = min(budget, req["ctx_limit"] - len(prompt))
         if budget < 1:
-            raise ContextTooLong("The prompt does not leave room for an answer in the "
-                                 "context of %d tokens (LLM_CTX_SIZE)" % self.settings.n_ctx)
-        params = {k: req[k] for k in SAMPLING if req.get(k) is not None}
-        if req.get("seed") is not None:
-            params["seed"] = req["seed"] % (2 ** 32)
-        params["max_tokens"] = min(req["max_tokens"] or budget, budget)
-        return params
+            raise ContextTooLong("The prompt (%d tokens) does not leave room for an answer in the "
+                                 "context of %d tokens (LLM_CTX_SIZE)" % (len(prompt), n_ctx))
+        if req["n"] > self.settings.parallel:
+            raise UnsupportedParameter("'n' above %d (LLM_PARALLEL, the answers decoded at once) is "
+                                       "not supported" % self.settings.parallel)
+        given = {k: req[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                                     "presence_penalty", "frequency_penalty") if req.get(k) is not None}
+        seed = req["seed"] % (2 ** 32) if req.get("seed") is not None else int.from_bytes(os.urandom(4), "little")
+        vocab = entry.llm.n_vocab()
+        if any(not 0 <= t < vocab for t in (req.get("logit_bias") or {})):
+            raise InvalidRequest("'logit_bias' names token ids outside the model's vocabulary (0-%d)"
+                                 % (vocab - 1))
+        sampling = Sampling(**dict(defaults, **given), seed=seed, logit_bias=req.get("logit_bias") or {},
+                            grammar=gram)
+        return Generation(prompt=prompt, sampling=sampling, max_tokens=min(req["max_tokens"] or budget, budget),
+                          stop=list(req.get("stop") or []) + [s for s in stop if s not in (req.get("stop") or [])],
+                          n=req["n"], logprobs=logprobs, hold=hold)
 
-    def _native_prompt(self, entry, req):
-        """(prompt tokens, stop strings) of a chat whose tools, calls and results the model's
-        own template renders."""
-        tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
-                                                    "parameters": t["parameters"]}} for t in req["tools"]]
-        rendered = entry.formatter(messages=req["native_messages"], tools=tools)
-        tokens = entry.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
-                                    special=True)
-        stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
-        return tokens, stop
+    def _start(self, entry, gens):
+        run = Run(self.compute, entry.llm.slots, gens, entry.release)
+        entry.llm.slots.submit(run)
+        return run
 
-    def _chat_choices(self, entry, messages, gram, tools_on, params, req, native=None):
-        choices, completion_tokens, result = [], 0, None
-        for i in range(req["n"]):
-            if i and "seed" in params:
-                params = dict(params, seed=(params["seed"] + i) % (2 ** 32))
-            if native is not None:
-                tokens, stop = native
-                result = self.compute.run(entry.llm.create_completion, tokens, grammar=gram,
-                                          **dict(params, stop=(params.get("stop") or []) + stop))
-                text, finish = result["choices"][0]["text"], result["choices"][0]["finish_reason"]
-                calls, plain = parse_native_calls(text, req["tools"])
-            else:
-                result = self.compute.run(entry.llm.create_chat_completion, messages=messages,
-                                          stream=False, grammar=gram, **params)
-                choice = result["choices"][0]
-                text, finish = choice["message"].get("content") or "", choice["finish_reason"]
-                if tools_on:
-                    call, plain = parse_tool_answer(text)
-                    calls = [call] if call is not None else []
-            message = {"role": "assistant", "content": text}
-            if tools_on:
-                if calls:
-                    message = {"role": "assistant", "content": plain or None, "tool_calls": [{
-                        "id": "call_%s" % os.urandom(12).hex(), "type": "function",
-                        "function": {"name": call["name"],
-                                     "arguments": json.dumps(call.get("arguments", {}))}}
-                        for call in calls]}
-                    finish = "tool_calls"
-                else:
-                    message["content"] = plain
-            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
-            completion_tokens += result["usage"]["completion_tokens"]
-        prompt_tokens = result["usage"]["prompt_tokens"]
-        # A native-tools answer comes from create_completion, whose ids are "cmpl-...".
-        chat_id = "chat" + result["id"] if result["id"].startswith("cmpl-") else result["id"]
-        return {"id": chat_id, "object": "chat.completion",
-                "created": result["created"], "model": req["model"], "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
-
-    def _stream(self, entry, handoff, first, req, counter, prompt_tokens):
-        last = None
+    def _chat_result(self, run, req, mode):
+        finishes, logprobs = {}, {}
         try:
-            for chunk in itertools.chain([first] if first else [], handoff):
-                chunk["model"] = req["model"]
-                last = chunk
-                yield chunk
-            if req.get("timings") is not None:
-                req["timings"].update(_perf(entry.llm))
+            for event in run:
+                if isinstance(event, Piece):
+                    logprobs.setdefault(event.index, []).extend(event.logprobs)
+                else:
+                    finishes[event.index] = event
         finally:
-            handoff.close()  # the generation has left the model before the model is released
-            entry.release()
-        self.metrics.inc("llmnode_generated_tokens_total", counter.n)
-        if req["include_usage"] and last is not None:
-            yield {"id": last["id"], "object": last["object"], "created": last["created"],
-                   "model": req["model"], "choices": [],
-                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counter.n,
-                             "total_tokens": prompt_tokens + counter.n}}
+            run.close()
+        choices = []
+        for i in sorted(finishes):
+            message, reason = chat_message(finishes[i], req["tools"], mode)
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "stop_sequence": finishes[i].stop_sequence,
+                            "logprobs": chat_logprobs(logprobs.get(i, [])) if req.get("logprobs") else None})
+        self._timings(run, req)
+        return {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion",
+                "created": int(time.time()), "model": req["model"], "choices": choices,
+                "usage": run.usage.openai()}
 
-    @staticmethod
-    def _replay(result, req):
-        """A finished answer as the chunks a stream would have sent (tool calls are generated
-        whole under their grammar, then sent as one delta each, which the client assembles)."""
-        head = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
-                "model": result["model"]}
-        for choice in result["choices"]:
-            delta = {"role": "assistant", "content": choice["message"]["content"]}
-            if choice["message"].get("tool_calls"):
-                delta["tool_calls"] = [dict(call, index=k) for k, call in
-                                       enumerate(choice["message"]["tool_calls"])]
-            yield dict(head, choices=[{"index": choice["index"], "delta": delta, "logprobs": None,
-                                       "finish_reason": None}])
-            yield dict(head, choices=[{"index": choice["index"], "delta": {}, "logprobs": None,
-                                       "finish_reason": choice["finish_reason"]}])
+    def _chat_chunks(self, run, req, mode):
+        head = {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": req["model"]}
+        try:
+            for i in range(run._open):
+                yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}])
+            for event in run:
+                if isinstance(event, Piece):
+                    lp = chat_logprobs(event.logprobs) if req.get("logprobs") else None
+                    yield dict(head, choices=[{"index": event.index, "delta": {"content": event.text},
+                                               "logprobs": lp, "finish_reason": None}])
+                    continue
+                message, reason = chat_message(event, req["tools"], mode)
+                if mode is not None:
+                    delta = {"content": message["content"]}
+                    if message.get("tool_calls"):
+                        delta["tool_calls"] = [dict(call, index=k) for k, call in enumerate(message["tool_calls"])]
+                    yield dict(head, choices=[{"index": event.index, "delta": delta, "logprobs": None,
+                                               "finish_reason": None}])
+                yield dict(head, choices=[{"index": event.index, "delta": {}, "logprobs": None,
+                                           "finish_reason": reason, "stop_sequence": event.stop_sequence}])
+        finally:
+            run.close()
+        self._timings(run, req)
         if req["include_usage"]:
-            yield dict(head, choices=[], usage=result["usage"])
+            yield dict(head, choices=[], usage=run.usage.openai())
+
+    def _timings(self, run, req):
+        if req.get("timings") is not None:
+            req["timings"].update(run.timings)
+            req["timings"]["usage"] = run.usage
 
     def complete(self, req):
         """Run a validated text completion; a dict, or an iterator of chunks when streaming."""
+        started = time.monotonic()
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
-            prompts, budgets = [], []
+            gram = grammar(req["format_schema"]) if req.get("format") is not None else None
+            gens, texts = [], []
             for prompt in req["prompts"]:
                 tokens = prompt if isinstance(prompt, list) else entry.llm.tokenize(
                     prompt.encode("utf-8"), add_bos=True, special=False)
-                _check_tokens(entry.llm, tokens, "prompt")
-                prompts.append(prompt)
-                budgets.append(entry.llm.n_ctx() - len(tokens) - CONTEXT_MARGIN)
-            gram = grammar(req["format_schema"]) if req.get("format") is not None else None
-            if req["stream"]:
-                counter = _TokenCounter()
-                return self._stream_completions(entry, prompts, budgets, req, gram, counter)
-            choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-                result = self.compute.run(entry.llm.create_completion, prompt, echo=req["echo"],
-                                          grammar=gram, **self._sampling(req, budget))
-                choice = dict(result["choices"][0], index=i)
-                choices.append(choice)
-                for k in usage:
-                    usage[k] += result["usage"][k]
-        except ValueError as e:
-            entry.release()
-            raise ContextTooLong("%s (LLM_CTX_SIZE=%d)" % (e, self.settings.n_ctx)) from e
+                _check_tokens(entry.llm, tokens, "prompt", self.settings.n_ctx)
+                texts.append(prompt if isinstance(prompt, str) else
+                             entry.llm.detokenize(prompt).decode("utf-8", "replace"))
+                logprobs = req["logprobs"] if req.get("logprobs") is not None else -1
+                gens.append(self._generation(entry, req, tokens, gram, [], COMPLETION_DEFAULTS, logprobs))
+            run = self._start(entry, gens)
         except BaseException:
             entry.release()
             raise
-        entry.release()
-        self.metrics.inc("llmnode_generated_tokens_total", usage["completion_tokens"])
-        return {"id": result["id"], "object": "text_completion", "created": result["created"],
-                "model": req["model"], "choices": choices, "usage": usage}
+        run.timings["load"] = run.started - started
+        echo = {i: texts[i // req["n"]] for i in range(run._open)} if req["echo"] else {}
+        if req["stream"]:
+            return self._completion_chunks(run, req, echo)
+        return self._completion_result(run, req, echo)
 
-    def _stream_completions(self, entry, prompts, budgets, req, gram, counter):
-        last, prompt_tokens, handoff = None, 0, None
+    def _completion_result(self, run, req, echo):
+        finishes, logprobs = {}, {}
         try:
-            for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-                prompt_tokens += entry.llm.n_ctx() - budget - CONTEXT_MARGIN
-                params = self._sampling(req, budget)
-                handoff = self.compute.stream(
-                    lambda prompt=prompt, params=params: entry.llm.create_completion(
-                        prompt, echo=req["echo"], stream=True, grammar=gram, logits_processor=[counter],
-                        **params))
-                for chunk in handoff:
-                    chunk["model"] = req["model"]
-                    for choice in chunk["choices"]:
-                        choice["index"] = i
-                    last = chunk
-                    yield chunk
+            for event in run:
+                if isinstance(event, Piece):
+                    logprobs.setdefault(event.index, []).extend(event.logprobs)
+                else:
+                    finishes[event.index] = event
         finally:
-            if handoff is not None:
-                handoff.close()
-            entry.release()
-        self.metrics.inc("llmnode_generated_tokens_total", counter.n)
-        if req["include_usage"] and last is not None:
-            yield {"id": last["id"], "object": "text_completion", "created": last["created"],
-                   "model": req["model"], "choices": [],
-                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counter.n,
-                             "total_tokens": prompt_tokens + counter.n}}
+            run.close()
+        self._timings(run, req)
+        choices = [{"index": i, "text": echo.get(i, "") + finishes[i].text,
+                    "logprobs": completion_logprobs(logprobs.get(i, [])) if req.get("logprobs") is not None
+                    else None, "finish_reason": finishes[i].reason} for i in sorted(finishes)]
+        return {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
+                "created": int(time.time()), "model": req["model"], "choices": choices,
+                "usage": run.usage.openai()}
+
+    def _completion_chunks(self, run, req, echo):
+        head = {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
+                "created": int(time.time()), "model": req["model"]}
+        try:
+            for i, text in sorted(echo.items()):
+                yield dict(head, choices=[{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+            for event in run:
+                if isinstance(event, Piece):
+                    lp = completion_logprobs(event.logprobs) if req.get("logprobs") is not None else None
+                    yield dict(head, choices=[{"index": event.index, "text": event.text, "logprobs": lp,
+                                               "finish_reason": None}])
+                else:
+                    yield dict(head, choices=[{"index": event.index, "text": "", "logprobs": None,
+                                               "finish_reason": event.reason}])
+        finally:
+            run.close()
+        self._timings(run, req)
+        if req["include_usage"]:
+            yield dict(head, choices=[], usage=run.usage.openai())
 
     def embed(self, req):
         """Embeddings of each input, on the same loaded model (and guard) as generation:
@@ -1131,7 +1571,7 @@ class Node:
             for item in req["inputs"]:
                 tokens = item if isinstance(item, list) else entry.llm.tokenize(
                     item.encode("utf-8"), add_bos=True, special=False)
-                _check_tokens(entry.llm, tokens, "input", limit=entry.llm.n_batch)
+                _check_tokens(entry.llm, tokens, "input", entry.llm.n_batch)
                 vectors.append(self.compute.run(embed_tokens, entry.llm, tokens))
                 used += len(tokens)
         finally:
@@ -1140,8 +1580,62 @@ class Node:
         return vectors, used
 
 
-def _check_tokens(llm, tokens, what, limit=None):
-    limit = limit or llm.n_ctx() - CONTEXT_MARGIN - 1
+# llama-cpp-python's defaults, which this node has always answered with.
+CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+COMPLETION_DEFAULTS = dict(CHAT_DEFAULTS, temperature=0.8)
+
+
+def render_chat(llm, formatter, messages, tools=None):
+    """(prompt tokens, the template's stop strings) of a chat."""
+    if formatter is None:
+        text = "".join("%s: %s\n" % (m["role"], m["content"]) for m in messages) + "assistant:"
+        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
+    rendered = formatter(messages=messages, tools=tools) if tools else formatter(messages=messages)
+    tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+    stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
+    return tokens, stop
+
+
+def chat_message(finish, tools, mode):
+    """(the assistant message, finish reason) of an ended answer: tool calls parsed once here,
+    for every dialect to render."""
+    text, reason = finish.text, finish.reason
+    if mode is None:
+        return {"role": "assistant", "content": text}, reason
+    if mode == "native":
+        calls, plain = parse_native_calls(text, tools)
+    else:
+        call, plain = parse_tool_answer(text)
+        calls = [call] if call is not None else []
+    if not calls:
+        return {"role": "assistant", "content": plain}, reason
+    return {"role": "assistant", "content": plain or None, "tool_calls": [
+        {"id": "call_%s" % os.urandom(12).hex(), "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
+        for c in calls]}, "tool_calls"
+
+
+def _token_bytes(text):
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(items):
+    return {"content": [{"token": t, "logprob": lp, "bytes": _token_bytes(t),
+                         "top_logprobs": [{"token": a, "logprob": alp, "bytes": _token_bytes(a)}
+                                          for a, alp in alts]} for t, lp, alts in items]}
+
+
+def completion_logprobs(items):
+    offsets, at = [], 0
+    for t, _lp, _alts in items:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
+            "top_logprobs": [dict(alts) for _, _, alts in items], "text_offset": offsets}
+
+
+def _check_tokens(llm, tokens, what, limit):
+    limit = limit - CONTEXT_MARGIN - 1
     if not tokens:
         raise InvalidRequest("'%s' is empty" % what)
     if len(tokens) > limit:
@@ -1149,35 +1643,6 @@ def _check_tokens(llm, tokens, what, limit=None):
     vocab = llm.n_vocab()
     if any(not 0 <= t < vocab for t in tokens):
         raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)" % (what, vocab - 1))
-
-
-def _perf_reset(llm):
-    import llama_cpp
-
-    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-
-
-def _perf(llm):
-    """Seconds llama.cpp spent on the prompt and on generating, since the last reset."""
-    import llama_cpp
-
-    data = llama_cpp.llama_perf_context(llm._ctx.ctx)
-    return {"prompt_eval": data.t_p_eval_ms / 1000.0, "eval": data.t_eval_ms / 1000.0}
-
-
-class _TokenCounter:
-    """A llama.cpp logits processor that only counts: it runs once per generated token."""
-
-    def __init__(self):
-        self.n = 0
-
-    def __call__(self, input_ids, scores):
-        self.n += 1
-        return scores
-
-
-SAMPLING = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
-            "top_k", "min_p", "repeat_penalty")
 
 
 class _Call:
@@ -1451,12 +1916,11 @@ def validate_chat(req, n_ctx):
         clean.append(generic)
         native.append(structured)
     refuse_unknown(req, CHAT_FIELDS)
-    refuse(req, "logprobs", lambda v: v is False, "token log probabilities need llama.cpp's "
-           "all-token logits, which would slow every generation")
-    refuse(req, "top_logprobs", lambda v: False, "see 'logprobs'")
     fields = _sampling_fields(req, n_ctx)
-    if fields["n"] > 1 and fields["stream"]:
-        raise UnsupportedParameter("'n' above 1 is not supported with 'stream': true")
+    fields["logprobs"] = _bool(req, "logprobs")
+    fields["top_logprobs"] = _integer(req, "top_logprobs", 0, 20)
+    if fields["top_logprobs"] is not None and not fields["logprobs"]:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
     _bool(req, "parallel_tool_calls", True)
     max_tokens = req.get("max_tokens")
     if max_tokens is None:
@@ -1483,13 +1947,10 @@ def validate_completion(req, n_ctx):
     else:
         raise InvalidRequest("'prompt' must be a string, a list of up to 16 strings, or token arrays")
     refuse_unknown(req, COMPLETION_FIELDS)
-    refuse(req, "logprobs", lambda v: False, "token log probabilities need llama.cpp's all-token "
-           "logits, which would slow every generation")
     refuse(req, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
     refuse(req, "best_of", lambda v: v == 1, "only one candidate is generated per choice")
     fields = _sampling_fields(req, n_ctx)
-    if fields["n"] != 1:
-        raise UnsupportedParameter("'n' is not supported for completions: send one prompt per choice")
+    fields["logprobs"] = _integer(req, "logprobs", 0, 5)
     max_tokens = _integer(req, "max_tokens", 1, n_ctx)
     return dict(fields, model=model, prompts=prompts, echo=_bool(req, "echo"), format=None,
                 format_schema=None, max_tokens=16 if max_tokens is None else max_tokens)
@@ -1823,12 +2284,30 @@ def ollama_messages(messages):
     return out
 
 
+@contextlib.contextmanager
+def ollama_field_names(options):
+    """Errors of the shared checks, naming Ollama's fields (`options.num_predict`, `format`)
+    rather than the OpenAI ones they were checked as."""
+    try:
+        yield
+    except InvalidRequest as e:
+        names_ = {"max_tokens": "options.num_predict", "response_format": "format"}
+        names_.update({k: "options." + k for k in options if k != "max_tokens"})
+        e.message = re.sub(r"'([a-z_]+)([.'\[])", lambda m: "'%s%s" % (names_.get(m.group(1), m.group(1)),
+                                                                        m.group(2)), e.message)
+        e.args = (e.message,)
+        raise
+
+
 def ollama_final(model, timings, usage, started, done_reason, **extra):
+    """Ollama's last object: prompt_eval_count counts the prompt tokens evaluated, not those
+    the prompt cache held."""
     total = time.monotonic() - started
     return dict({"model": model, "created_at": rfc3339(time.time()), "done": True,
                  "done_reason": done_reason, "total_duration": int(total * 1e9),
                  "load_duration": int(timings.get("load", 0) * 1e9),
-                 "prompt_eval_count": usage["prompt_tokens"],
+                 "prompt_eval_count": usage["prompt_tokens"]
+                 - (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
                  "prompt_eval_duration": int(timings.get("prompt_eval", 0) * 1e9),
                  "eval_count": usage["completion_tokens"],
                  "eval_duration": int(timings.get("eval", 0) * 1e9)}, **extra)
@@ -1900,13 +2379,15 @@ def ollama_routes(app, node, read_json, api):
         if body.get("tools"):  # the ollama client sends [] for none
             openai_body["tools"] = body["tools"]
         timings, started = {}, time.monotonic()
-        if raw_prompt is not None:
-            req = validate_completion(dict(openai_body, prompt=raw_prompt), node.settings.n_ctx)
-            req["format"], req["format_schema"] = _response_format(openai_body)
-            req["max_tokens"] = openai_body["max_tokens"]  # Ollama's default: until the context ends
-        else:
-            req = validate_chat(dict(openai_body, messages=messages), node.settings.n_ctx)
-        req.update(keep_alive=ollama_keep_alive(body), timings=timings, ctx_limit=ctx)
+        own = {k: openai_body.pop(k) for k in ("top_k", "min_p", "repeat_penalty") if k in openai_body}
+        with ollama_field_names(options):
+            if raw_prompt is not None:
+                req = validate_completion(dict(openai_body, prompt=raw_prompt), node.settings.n_ctx)
+                req["format"], req["format_schema"] = _response_format(openai_body)
+                req["max_tokens"] = openai_body["max_tokens"]  # Ollama's default: until the context ends
+            else:
+                req = validate_chat(dict(openai_body, messages=messages), node.settings.n_ctx)
+        req.update(own, keep_alive=ollama_keep_alive(body), timings=timings, ctx_limit=ctx)
         result = node.complete(req) if raw_prompt is not None else node.chat(req)
         if not stream:
             choice = result["choices"][0]

@@ -172,7 +172,10 @@ SETTINGS = (
     Setting("max_loaded_models", "LLM_MAX_LOADED_MODELS", as_positive_int, "1",
             "models kept loaded in memory; the least recently used leaves first"),
     Setting("n_ctx", "LLM_CTX_SIZE", as_positive_int, "4096",
-            "context size in tokens for each loaded model"),
+            "context size in tokens of each sequence of a loaded model"),
+    Setting("parallel", "LLM_PARALLEL", as_positive_int, "4",
+            "sequences each loaded model decodes at once (continuous batching); each keeps its "
+            "tokens as a prompt cache"),
     Setting("use_mmap", "LLM_USE_MMAP", as_bool, "false",
             "map model files instead of reading them in (faster loads, but a file "
             "truncated under a running generation can crash the node)"),

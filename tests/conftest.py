@@ -225,9 +225,9 @@ def settings_for(models_dir, registry_url, **env):
 
 
 class Served:
-    def __init__(self, node):
+    def __init__(self, node, threads=4):
         self.node = node
-        self.server = llmnode.create_server(node, "127.0.0.1", 0, threads=4)
+        self.server = llmnode.create_server(node, "127.0.0.1", 0, threads=threads)
         self.url = "http://127.0.0.1:%s" % self.server.effective_port
         self.closing = False
         threading.Thread(target=self._run, daemon=True).start()

@@ -1,0 +1,252 @@
+"""The engine: continuous batching, the prompt cache, logprobs and n, one request type for every
+dialect, on the tiny model and on SmolLM2 through a real waitress server."""
+
+import json
+import threading
+
+import ollama
+import openai
+import pytest
+import requests
+
+import llmnode
+from tests.conftest import Served, blob_of, rot, settings_for, wait_for
+from tests.fakeregistry import FakeRegistry
+
+SMOL = "smollm2:135m"
+TINY = "gpt-oss:7b"
+QUESTIONS = ["Tell me about cats.", "What is 2+2?", "Name three colors.", "Who wrote Hamlet?",
+             "What is the sea?", "Describe a tree.", "Why is the sky blue?", "What is bread?"]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm2, tiny_gguf):
+    """A node in this process (its slots can be looked at) over SmolLM2 and the tiny model."""
+    reg = FakeRegistry().start()
+    reg.add_model("library/smollm2", "135m", smollm2)
+    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
+    models = str(tmp_path_factory.mktemp("engine") / "models")
+    settings = settings_for(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
+                            LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="4")
+    node = llmnode.Node(settings)
+    for name in (SMOL, TINY):
+        node.repairs.pull(llmnode.names.parse(name))
+    s = Served(node, threads=16)
+    s.registry, s.models_dir = reg, models
+    yield s
+    s.close()
+    reg.stop()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+
+def streamed(client, model, question, **kw):
+    text, usage = "", None
+    for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], stream=True,
+            stream_options={"include_usage": True}, temperature=0, **kw):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+        usage = chunk.usage or usage
+    return text, usage
+
+
+def concurrently(fn, args):
+    results, errors = {}, []
+
+    def one(i, a):
+        try:
+            results[i] = fn(*a)
+        except Exception as e:  # reported below, with the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, a)) for i, a in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return [results[i] for i in range(len(args))]
+
+
+@pytest.mark.parametrize("model", [TINY, SMOL])
+def test_eight_concurrent_streams_finish_and_each_says_what_it_says_alone(client, model):
+    alone = [streamed(client, model, q, max_tokens=24)[0] for q in QUESTIONS]
+    together = concurrently(lambda q: streamed(client, model, q, max_tokens=24)[0],
+                            [(q,) for q in QUESTIONS])
+    assert all(alone) and together == alone
+
+
+def test_a_client_that_goes_away_frees_its_sequence_within_one_step(served):
+    node = served.node
+    req = llmnode.validate_chat({"model": SMOL, "stream": True, "max_tokens": 1000, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "Count to a thousand."}]},
+                                node.settings.n_ctx)
+    chunks = node.chat(req)
+    for chunk in chunks:
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            break
+    slots = node.pool._models[blob_of(served.models_dir, ("smollm2", "135m"))[1]].llm.slots
+    assert any(slots.busy)
+    at_close = slots.steps
+    chunks.close()  # what waitress does when the client's socket is gone
+    wait_for(lambda: not any(slots.busy), "the sequence to be free")
+    assert slots.steps - at_close <= 1
+
+
+def test_follow_up_turns_of_interleaved_conversations_prefill_only_their_new_tokens(client):
+    system = "You are a patient teacher. " * 60  # ~400 tokens each conversation shares with no other
+    convs = [[{"role": "system", "content": "%d. %s" % (i, system)},
+              {"role": "user", "content": q}] for i, q in enumerate(QUESTIONS[:4])]
+
+    def turn(messages):
+        r = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=8, temperature=0)
+        return r.choices[0].message.content, r.usage
+
+    first = concurrently(turn, [(c,) for c in convs])
+    for c, (answer, _usage) in zip(convs, first, strict=True):
+        c += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    second = concurrently(turn, [(c,) for c in convs])
+    for (_a, cold), (_b, warm) in zip(first, second, strict=True):
+        assert cold.prompt_tokens_details.cached_tokens < 40  # at most the default system prompt's
+        # Everything of the first turn but its last answer token is still in the sequence.
+        assert warm.prompt_tokens_details.cached_tokens >= cold.prompt_tokens
+        assert warm.prompt_tokens > warm.prompt_tokens_details.cached_tokens
+
+
+def test_a_schema_a_tool_call_and_free_streams_share_one_batch_each_valid(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+
+    def structured():
+        r = client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "Invent a person."}], max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+            stream=True, temperature=0)
+        doc = json.loads("".join(c.choices[0].delta.content or "" for c in r if c.choices))
+        assert isinstance(doc["name"], str) and isinstance(doc["age"], int)
+        return "schema"
+
+    def tool():
+        r = client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+            tool_choice="required", max_tokens=60, temperature=0)
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+        return "tool"
+
+    def free():
+        r = client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "Say something."}], max_tokens=12,
+            logprobs=True, top_logprobs=3, temperature=0)
+        items = r.choices[0].logprobs.content
+        assert len(items) == r.usage.completion_tokens
+        for item in items:
+            assert item.logprob <= 0 and len(item.top_logprobs) == 3
+            # At temperature 0 the sampled token is the most likely one.
+            assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob >= item.top_logprobs[2].logprob
+            assert abs(item.top_logprobs[0].logprob - item.logprob) < 1e-6
+        return "free"
+
+    assert concurrently(lambda f: f(), [(structured,), (tool,), (free,), (free,)]) == \
+        ["schema", "tool", "free", "free"]
+
+
+def test_n_answers_stream_from_one_prefill(client):
+    texts = {}
+    for chunk in client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "Name a fruit."}], n=3, stream=True,
+            max_tokens=10, temperature=0):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    alone = streamed(client, SMOL, "Name a fruit.", max_tokens=10)[0]
+    assert texts == {0: alone, 1: alone, 2: alone}
+
+
+def test_completions_logprobs(client):
+    r = client.completions.create(model=SMOL, prompt="The capital of France is", max_tokens=4,
+                                  logprobs=2, temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert all(len(alts) == 2 for alts in lp.top_logprobs)
+
+
+def test_a_repair_of_one_model_does_not_stop_another_models_stream(served, client):
+    """The tiny model is damaged and its repair held at the registry; SmolLM2's stream keeps
+    flowing meanwhile, and both answer."""
+    gate = threading.Event()
+    served.registry.gate = gate
+    rot(blob_of(served.models_dir)[1], n=64, keep_times=False)
+    repaired = {}
+    t = threading.Thread(target=lambda: repaired.update(r=requests.post(
+        served.url + "/v1/chat/completions", timeout=300,
+        json={"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})))
+    try:
+        stream = client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "Write a long story."}], stream=True,
+            max_tokens=400, temperature=0)
+        pieces = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces += 1
+            if pieces == 2:
+                t.start()
+                wait_for(lambda: served.node.repairs.active(), "the repair to start")
+            if pieces > 2 and not gate.is_set():
+                # A piece arrived while the other model's repair waits on the registry.
+                assert served.node.repairs.active()
+                if pieces == 40:
+                    gate.set()
+        assert pieces > 40
+    finally:
+        gate.set()
+        served.registry.gate = None
+        if t.is_alive() or t.ident:
+            t.join(300)
+    assert repaired["r"].status_code == 200, repaired["r"].text
+
+
+def test_a_streamed_ollama_chat_with_tools_ends_like_the_unstreamed_one(served):
+    c = ollama.Client(host=served.url)
+    ask = dict(model=SMOL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+               tools=[WEATHER], options={"temperature": 0})
+    whole = c.chat(**ask)
+    parts = list(c.chat(stream=True, **ask))
+    content = "".join(p.message.content or "" for p in parts)
+    calls = [call for p in parts for call in (p.message.tool_calls or [])]
+    # Both end on their own (the stream used to run to the end of the context), with a plain
+    # message or parsed calls: the tool format's raw JSON never reaches the content. (The texts
+    # themselves may differ: the second request reads its prompt from the cache, and llama.cpp's
+    # one-token and many-token kernels round differently.)
+    for done, text, tool_calls in ((whole, whole.message.content or "", whole.message.tool_calls or []),
+                                   (parts[-1], content, calls)):
+        assert done.done and done.done_reason == "stop"
+        assert done.eval_count < 2048 - done.prompt_eval_count - 8
+        assert not text.lstrip().startswith(("{", "<tool_call>"))
+        assert all(x.function.name == "get_weather" for x in tool_calls)
+
+
+def test_an_ollama_error_names_ollamas_field(served):
+    for options, field in (({"num_predict": 10 ** 7}, "options.num_predict"),
+                           ({"temperature": 9}, "options.temperature")):
+        r = requests.post(served.url + "/api/chat", timeout=60, json={
+            "model": SMOL, "messages": [{"role": "user", "content": "x"}], "options": options})
+        assert r.status_code == 400 and field in r.json()["error"], r.text
+        assert "max_tokens" not in r.json()["error"]
+
+
+def test_the_same_request_gives_the_same_tokens_through_v1_and_api_chat(served, client):
+    messages = [{"role": "user", "content": "What is the sea?"}]
+    v1 = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=30, temperature=0)
+    api = ollama.Client(host=served.url).chat(model=SMOL, messages=messages,
+                                              options={"temperature": 0, "num_predict": 30})
+    assert v1.choices[0].message.content == api.message.content
+    assert api.eval_count == v1.usage.completion_tokens
