@@ -655,7 +655,7 @@ class Task:
         self.pending = ""  # text held back: it may be the start of a stop string
         self.text = []
         self.tokens, self.logprobs = [], []  # of the piece not yet handed out
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python
         self.siblings = []  # answers sharing this one's prefill (n > 1)
         self.first_token_at = None
 

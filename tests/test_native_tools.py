@@ -41,20 +41,8 @@ def node(tmp_path, models_dir):
     settings = settings_for(models_dir, reg.url, LLM_CTX_SIZE="2048")
     prompts = []
 
-    def loader(path):
-        llm = llmnode.load_llama(path, settings)
-        real = llm.create_completion
-
-        def create_completion(prompt, *args, **kwargs):
-            # The tiny model's tokenizer shows spaces as SentencePiece's "▁".
-            prompts.append(llm.detokenize(prompt).decode("utf-8", "replace").replace("\u2581", " ")
-                           if isinstance(prompt, list) else prompt)
-            return real(prompt, *args, **kwargs)
-
-        llm.create_completion = create_completion
-        return llm
-
-    n = llmnode.Node(settings, loader=loader)
+    # The prompt as the model reads it (the tiny model's tokenizer shows spaces as SentencePiece's "▁").
+    n = llmnode.Node(settings, on_prompt=lambda text: prompts.append(text.replace("\u2581", " ")))
     n.repairs.pull(llmnode.names.parse("hermes:1"))
     served = Served(n)
     served.prompts = prompts
