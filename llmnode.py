@@ -1429,15 +1429,17 @@ class Node:
                                        "not supported" % self.settings.parallel)
         given = {k: req[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                                      "presence_penalty", "frequency_penalty") if req.get(k) is not None}
-        seed = req["seed"] % (2 ** 32) if req.get("seed") is not None else int.from_bytes(os.urandom(4), "little")
+        seed = req.get("seed")
+        seed = seed % (2 ** 32) if seed is not None else int.from_bytes(os.urandom(4), "little")
         vocab = entry.llm.n_vocab()
         if any(not 0 <= t < vocab for t in (req.get("logit_bias") or {})):
             raise InvalidRequest("'logit_bias' names token ids outside the model's vocabulary (0-%d)"
                                  % (vocab - 1))
         sampling = Sampling(**dict(defaults, **given), seed=seed, logit_bias=req.get("logit_bias") or {},
                             grammar=gram)
+        asked = list(req.get("stop") or [])
         return Generation(prompt=prompt, sampling=sampling, max_tokens=min(req["max_tokens"] or budget, budget),
-                          stop=list(req.get("stop") or []) + [s for s in stop if s not in (req.get("stop") or [])],
+                          stop=asked + [s for s in stop if s not in asked],
                           n=req["n"], logprobs=logprobs, hold=hold)
 
     def _start(self, entry, gens):
@@ -1483,7 +1485,8 @@ class Node:
                 if mode is not None:
                     delta = {"content": message["content"]}
                     if message.get("tool_calls"):
-                        delta["tool_calls"] = [dict(call, index=k) for k, call in enumerate(message["tool_calls"])]
+                        delta["tool_calls"] = [dict(call, index=k)
+                                               for k, call in enumerate(message["tool_calls"])]
                     yield dict(head, choices=[{"index": event.index, "delta": delta, "logprobs": None,
                                                "finish_reason": None}])
                 yield dict(head, choices=[{"index": event.index, "delta": {}, "logprobs": None,
@@ -1547,7 +1550,8 @@ class Node:
                 "created": int(time.time()), "model": req["model"]}
         try:
             for i, text in sorted(echo.items()):
-                yield dict(head, choices=[{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+                yield dict(head, choices=[{"index": i, "text": text, "logprobs": None,
+                                           "finish_reason": None}])
             for event in run:
                 if isinstance(event, Piece):
                     lp = completion_logprobs(event.logprobs) if req.get("logprobs") is not None else None

@@ -413,7 +413,8 @@ class RepairCoordinator:
         another writer (a command, a second node) waits here, then finds the blob installed."""
         lock = FileLock(self.store.lock_path(layer["digest"]), clock=self.clock)
         self.store.ensure_dirs()
-        lock.acquire(deadline)
+        lock.acquire(deadline, on_wait=lambda: log.info(
+            "model %s: blob %s is being written by another writer; waiting for it", ref, layer["digest"]))
         try:
             # A delete holds this lock while it decides; a blob it removed is not brought back.
             if layer["digest"] not in self.store.named_digests() | claimed_by_pulls(self.records.snapshot()):

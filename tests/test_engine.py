@@ -151,7 +151,8 @@ def test_a_schema_a_tool_call_and_free_streams_share_one_batch_each_valid(client
         for item in items:
             assert item.logprob <= 0 and len(item.top_logprobs) == 3
             # At temperature 0 the sampled token is the most likely one.
-            assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob >= item.top_logprobs[2].logprob
+            first, second, third = (alt.logprob for alt in item.top_logprobs)
+            assert first >= second >= third
             assert abs(item.top_logprobs[0].logprob - item.logprob) < 1e-6
         return "free"
 

@@ -20,7 +20,7 @@ from repair.guard import IntegrityGuard
 from repair.records import VerifiedRecords
 from repair.registry import RegistryClient
 from repair.store import Store, model_layer
-from tests.conftest import MODEL, ROOT, blob_of, node_env, run_cli, settings_for
+from tests.conftest import MODEL, ROOT, blob_of, node_env, run_cli, settings_for, wait_for
 from tests.fakeregistry import MODEL_TYPE
 from tests.test_faults import assert_no_blob_under_a_wrong_digest
 from tests.tinymodel import write_tiny_gguf
@@ -30,11 +30,12 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "test"}], "max_
 
 def test_the_serving_node_and_the_repair_command_repair_one_blob_together(
         pulled, registry, start_node):
-    """20 rounds, damage at varied offsets, a registry slow enough that the two overlap."""
+    """20 rounds, damage at varied offsets; in every other round the registry holds the node's
+    download half-way until the command is seen waiting for the node's install, so the two
+    certainly overlap; in the others they meet however they happen to."""
     layer, blob = blob_of(pulled)
     env = node_env(pulled, registry.url)
     node = start_node(env)
-    registry.rate = 2 << 20  # the 469 KB blob takes about 0.2 s
     waits = 0
     for round_ in range(20):
         offset = (round_ * 23_459) % (layer["size"] - 64)
@@ -42,20 +43,38 @@ def test_the_serving_node_and_the_repair_command_repair_one_blob_together(
             f.seek(offset)
             f.write(b"\x00" * 64 if round_ % 2 else b"corrupted\n")
         before = registry.bytes_served[layer["digest"]]
+        gate = registry.gate = threading.Event() if round_ % 2 else None
+        answer = {}
+        asking = threading.Thread(target=lambda into=answer: into.update(
+            r=requests.post(node.url + "/v1/chat/completions", json=CHAT, timeout=120)))
+        asking.start()
+        if gate is not None:
+            wait_for(lambda at=before: registry.bytes_served[layer["digest"]] > at, "the node's download")
         command = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmnode.py"), "repair", MODEL],
                                    env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
-        r = requests.post(node.url + "/v1/chat/completions", json=CHAT, timeout=120)
-        out, err = command.communicate(timeout=120)
-        assert r.status_code == 200, r.text
+        err = ""
+        if gate is not None:
+            for line in command.stderr:  # the command logs when the node's lock makes it wait
+                err += line
+                if "being written by another writer" in line:
+                    break
+            gate.set()
+        out, rest = command.communicate(timeout=120)
+        err += rest
+        asking.join(120)
+        registry.gate = None
+        assert answer["r"].status_code == 200, answer["r"].text
         assert command.returncode == 0, err
         assert ("repaired" in out or "intact" in out), out
         assert assert_no_blob_under_a_wrong_digest(pulled) == 2
-        waits += "installed by another writer" in err + node.log()
+        waited = "installed by another writer" in err
+        assert waited or gate is None, err
+        waits += waited
         # However the two met, the blob came over the wire at most twice (range repair or whole).
         assert registry.bytes_served[layer["digest"]] - before <= 2 * layer["size"]
-    print("20 rounds: %d in which one writer waited for the other's install" % waits)
-    assert waits >= 1
+    print("20 rounds: %d in which the command waited for the node's install" % waits)
+    assert waits >= 10
 
 
 def test_two_threads_and_a_command_repair_one_blob(pulled, registry, serve):
