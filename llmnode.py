@@ -1438,7 +1438,8 @@ class Node:
         sampling = Sampling(**dict(defaults, **given), seed=seed, logit_bias=req.get("logit_bias") or {},
                             grammar=gram)
         asked = list(req.get("stop") or [])
-        return Generation(prompt=prompt, sampling=sampling, max_tokens=min(req["max_tokens"] or budget, budget),
+        return Generation(prompt=prompt, sampling=sampling,
+                          max_tokens=min(req["max_tokens"] or budget, budget),
                           stop=asked + [s for s in stop if s not in asked],
                           n=req["n"], logprobs=logprobs, hold=hold)
 
