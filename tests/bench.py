@@ -613,6 +613,7 @@ def build_llama_server(binary):
     subprocess.run(nice + ["cmake", "--build", "build", "--target", "llama-server", "-j",
                            os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")],
                    cwd=source, check=True, stdout=subprocess.DEVNULL)
+    binary.unlink(missing_ok=True)  # a link into a build tree since removed
     binary.symlink_to(source / "build" / "bin" / "llama-server")
 
 
