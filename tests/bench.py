@@ -6,10 +6,12 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -230,7 +232,7 @@ class Served:
     def __init__(self, env):
         port = free_port()
         self.url = "http://127.0.0.1:%d" % port
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "llmnode.py")],
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "llmnode.py"), "serve"],
                                      env=dict(os.environ, LLM_PORT=str(port), **env),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -239,11 +241,11 @@ class Served:
         self.proc.wait(timeout=10)
 
 
-def wait_until_up(url, proc, timeout=120):
+def wait_until_up(url, proc, timeout=120, path="/v1/models"):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if requests.get(url + "/v1/models", timeout=1).status_code == 200:
+            if requests.get(url + path, timeout=1).status_code == 200:
                 return True
         except requests.ConnectionError:
             pass
@@ -568,6 +570,247 @@ def constrained_vs_free(node, settings, rounds):
            statistics.median(free), "tok/s", "informational")
 
 
+# The llama-server the engine rows compare against: built from the llama.cpp that the pinned
+# llama-cpp-python vendors, so both sides run the same kernels.
+LLAMA_CPP_PYTHON = "0.3.36"
+BENCH_CACHE = Path(os.path.expanduser("~/.cache/llmnode-bench"))
+ENGINE_MODEL = "smollm2:135m"
+ANSWER_TOKENS = 64
+STORY_TOPICS = ("a lighthouse keeper", "a lost dragon", "a clockmaker", "a river pilot", "a desert caravan",
+                "a mountain village", "a robot gardener", "a night train")
+CITIES = ("Paris", "Tokyo", "Lima", "Oslo")
+CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                                                "population": {"type": "integer"}},
+               "required": ["name", "country", "population"]}
+
+
+def llama_server():
+    """The llama-server binary: $LLAMA_SERVER, else the cached build, else built now."""
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
+    binary = BENCH_CACHE / "llama-server"
+    if not binary.exists():
+        build_llama_server(binary)
+    return str(binary)
+
+
+def build_llama_server(binary):
+    """llama-server from the pinned llama-cpp-python's sdist, outside the repository (about 10
+    minutes on 2 cores). `binary` links into the build tree, which holds the libraries it loads."""
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    unpacked = BENCH_CACHE / ("llama_cpp_python-%s" % LLAMA_CPP_PYTHON)
+    if not unpacked.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        "llama-cpp-python==%s" % LLAMA_CPP_PYTHON, "-d", str(BENCH_CACHE)], check=True)
+        with tarfile.open(BENCH_CACHE / ("llama_cpp_python-%s.tar.gz" % LLAMA_CPP_PYTHON)) as tar:
+            tar.extractall(BENCH_CACHE, filter="data")
+    source = unpacked / "vendor" / "llama.cpp"
+    nice = ["nice", "-n", "10"]  # the machine may be shared: the build yields to others' work
+    print("building llama-server in %s (about 10 minutes on 2 cores)" % source, flush=True)
+    subprocess.run(nice + ["cmake", "-B", "build", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF",
+                           "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                           "-DCMAKE_BUILD_TYPE=Release"], cwd=source, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(nice + ["cmake", "--build", "build", "--target", "llama-server", "-j",
+                           os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")],
+                   cwd=source, check=True, stdout=subprocess.DEVNULL)
+    binary.unlink(missing_ok=True)  # a link into a build tree since removed
+    binary.symlink_to(source / "build" / "bin" / "llama-server")
+
+
+class LlamaServer:
+    """llama.cpp's own server on the same GGUF: `parallel` slots of `n_ctx` tokens each (one KV
+    buffer of parallel × n_ctx split evenly), the same threads, the GGUF's chat template."""
+
+    ready_path = "/health"  # 503 while the model loads
+
+    def __init__(self, binary, gguf, parallel, n_ctx, threads):
+        port = free_port()
+        self.url = "http://127.0.0.1:%d" % port
+        self.proc = subprocess.Popen(
+            [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+             "-c", str(parallel * n_ctx), "-t", str(threads), "-tb", str(threads), "--jinja"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def peak_rss(pid):
+    """VmHWM: the most memory the process has held resident, in bytes."""
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
+def _stream(args):
+    """One streamed chat: (started, first content, ended) on the monotonic clock all client
+    processes share, the usage of its last chunk, and the text."""
+    url, body = args
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    started = time.perf_counter()
+    first, usage, text = None, None, []
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[len(b"data: "):])
+            for choice in chunk.get("choices") or ():
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    text.append(piece)
+            usage = chunk.get("usage") or usage
+    return started, first, time.perf_counter(), usage, "".join(text)
+
+
+def streams(url, bodies):
+    """`bodies` streamed at once, each from its own client process: (aggregate tokens/s, slowest
+    time to first token)."""
+    with ProcessPoolExecutor(len(bodies), mp_context=multiprocessing.get_context("fork")) as pool:
+        list(pool.map(_ready, range(len(bodies))))  # the client processes exist before the clock starts
+        runs = list(pool.map(_stream, [(url, body) for body in bodies]))
+    tokens = sum(run[3]["completion_tokens"] for run in runs)
+    elapsed = max(run[2] for run in runs) - min(run[0] for run in runs)
+    return tokens / elapsed, max(run[1] - run[0] for run in runs)
+
+
+def chat_body(model, content, system=None, history=()):
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+    return {"model": model, "max_tokens": ANSWER_TOKENS, "temperature": 0, "seed": 1,
+            "messages": messages + [{"role": "user", "content": content}]}
+
+
+def notes(conversation, shared_opening=True, facts=50):
+    """A system prompt of about 1k tokens of its own facts. With `shared_opening` every one starts
+    with the same few words, as real system prompts often do; without, they differ from the first."""
+    rnd = random.Random(conversation)
+    things = ("lamp", "orchard", "bridge", "kettle", "harbour", "violin", "lantern", "meadow", "tower",
+              "wagon", "mill", "canal", "forge", "chapel", "quarry", "barn")
+    colours = ("red", "amber", "green", "blue", "grey", "white", "black", "violet")
+    names = ("Maple", "Quartz", "Velvet", "Dune", "Harbor", "Tulip", "Cedar", "Onyx")
+    opening = ("Notes of conversation %d." % conversation if shared_opening
+               else "%s notes." % names[conversation])
+    return opening + "\n" + "\n".join(
+        "Fact %d: the %s %s by the %s weighs %d kilograms." % (
+            n, rnd.choice(colours), rnd.choice(things), rnd.choice(things), rnd.randrange(10, 9999))
+        for n in range(facts))
+
+
+def one_stream(url, model):
+    """Tokens/s of lone streams, each over its whole request."""
+    rates = []
+    for topic in STORY_TOPICS[:3]:
+        started, _first, ended, usage, _text = _stream((url, chat_body(model, "Write a long story about %s."
+                                                                       % topic)))
+        rates.append(usage["completion_tokens"] / (ended - started))
+    return statistics.median(rates)
+
+
+def follow_up(url, model, conversations, shared_opening):
+    """Interleaved conversations, each with its own long system prompt: every cold turn, then every
+    follow-up turn. (follow-up first-token time / cold first-token time, cached prompt tokens of
+    the follow-ups / their prompt tokens)."""
+    question = "Which fact mentions a lamp?"
+    cold, answers = [], []
+    for c in range(conversations):
+        body = chat_body(model, question, notes(c, shared_opening))
+        started, first, _ended, _usage, text = _stream((url, body))
+        cold.append(first - started)
+        answers.append(text)
+    warm, cached, prompt = [], 0, 0
+    for c in range(conversations):
+        history = [{"role": "user", "content": question}, {"role": "assistant", "content": answers[c]}]
+        started, first, _ended, usage, _text = _stream(
+            (url, chat_body(model, "And which one mentions a bridge?", notes(c, shared_opening), history)))
+        warm.append(first - started)
+        cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        prompt += usage["prompt_tokens"]
+    return statistics.median(warm) / statistics.median(cold), cached / prompt
+
+
+def json_streams(url, model):
+    bodies = [dict(chat_body(model, "Describe %s as JSON." % city), response_format={
+        "type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}) for city in CITIES]
+    return streams(url, bodies)[0]
+
+
+def at_four(url, model, conversations):
+    """What one round asks of a server with 4 sequences (LLM_PARALLEL=4, -np 4)."""
+    ratio, cached = follow_up(url, model, conversations, shared_opening=True)
+    distinct, distinct_cached = follow_up(url, model, conversations, shared_opening=False)
+    return {"one": one_stream(url, model), "follow": ratio, "cached": cached, "follow_distinct": distinct,
+            "cached_distinct": distinct_cached, "json": json_streams(url, model)}
+
+
+def at_eight(url, model, _conversations):
+    """What one round asks of a server with 8 sequences: eight streams at once."""
+    bodies = [chat_body(model, "Write a long story about %s." % topic) for topic in STORY_TOPICS]
+    rate, slowest = streams(url, bodies)
+    return {"eight": rate, "eight_ttft": slowest}
+
+
+def one_server(server, model, parallel, workload):
+    """Run `workload` on a freshly started server, then stop it: its figures and its peak RSS
+    (MiB), or None if it did not start."""
+    try:
+        if not wait_until_up(server.url, server.proc, path=getattr(server, "ready_path", "/v1/models")):
+            return None
+        _stream((server.url, chat_body(model, "Hello")))  # the model loaded, the caches warm
+        figures = workload(server.url, model, parallel)
+        figures["rss%d" % parallel] = peak_rss(server.proc.pid) / (1 << 20)
+        return figures
+    finally:
+        server.close()
+
+
+def bench_engine(work, rounds, threads=2, n_ctx=2048):
+    """Continuous batching and the prompt cache on SmolLM2 against llama-server: per round, per
+    LLM_PARALLEL, one fresh server of each side in turn, never both at once."""
+    from tests.conftest import smollm2_path
+    from tests.fakeregistry import FakeRegistry
+
+    print("\n== g. the engine on SmolLM2 vs llama-server: streamed chat, %d tokens per answer, "
+          "temperature 0, %d threads, %d-token context per sequence" % (ANSWER_TOKENS, threads, n_ctx))
+    binary = llama_server()
+    gguf = smollm2_path()
+    reg = FakeRegistry().start()
+    got = {"ours": {}, "ref": {}}
+    try:
+        reg.add_model("library/smollm2", "135m", Path(gguf).read_bytes())
+        env = {"LLM_MODELS_DIR": str(work / "engine-models"), "LLM_REGISTRY_URL": reg.url,
+               "LLM_CTX_SIZE": str(n_ctx), "LLM_CPU_THREADS": str(threads)}
+        subprocess.run([sys.executable, str(ROOT / "llmnode.py"), "pull", ENGINE_MODEL],
+                       env=dict(os.environ, **env), check=True, capture_output=True)
+        for i in range(rounds):
+            for parallel, workload in ((4, at_four), (8, at_eight)):
+                sides = [("ours", ENGINE_MODEL, lambda p=parallel: Served(dict(env, LLM_PARALLEL=str(p)))),
+                         ("ref", gguf, lambda p=parallel: LlamaServer(binary, gguf, p, n_ctx, threads))]
+                for side, model, start in sides[::-1] if i % 2 else sides:
+                    figures = one_server(start(), model, parallel, workload)
+                    if figures is None:
+                        print("%s did not start: engine comparison not run" % side)
+                        return
+                    for key, value in figures.items():
+                        got[side].setdefault(key, []).append(value)
+    finally:
+        reg.stop()
+    ours, ref = ({key: statistics.median(values) for key, values in got[side].items()} for side in got)
+    report("g. one stream tokens/s (LLM_PARALLEL=4, -np 4)", ours["one"], ref["one"], "tok/s", ">= 1.0")
+    report("g. 8 streams aggregate tokens/s (LLM_PARALLEL=8, -np 8)", ours["eight"], ref["eight"],
+           "tok/s", ">= 1.0")
+    report("g. 8 streams slowest first token (LLM_PARALLEL=8, -np 8)", ours["eight_ttft"],
+           ref["eight_ttft"], "s", "<= 1.5")
+    for suffix, what in (("", "shared opening"), ("_distinct", "distinct from 1st token")):
+        report("g. follow-up/cold 1st token, 4 convs, %s (ratio: ours)" % what, ours["follow" + suffix],
+               ref["follow" + suffix], "x", "ours <= 0.1", ratio=ours["follow" + suffix])
+        print("%-58s ours %.0f%%, ref %.0f%% of the follow-ups' prompt tokens" % (
+            "   cached prompt tokens reported", 100 * ours["cached" + suffix], 100 * ref["cached" + suffix]))
+    report("g. 4 json_schema streams aggregate tokens/s", ours["json"], ref["json"], "tok/s", ">= 1.0")
+    report("g. peak RSS (VmHWM), LLM_PARALLEL=4 vs -np 4", ours["rss4"], ref["rss4"], "MiB", "<= 1.1")
+
+
 def human(n):
     return "%.0f MiB" % (n / (1 << 20)) if n < 1 << 30 else "%.1f GiB" % (n / (1 << 30))
 
@@ -576,9 +819,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
-    parser.add_argument("--only", choices=["verify", "repair", "serving", "load", "api"], action="append")
+    parts = ["verify", "repair", "serving", "load", "api", "engine"]
+    parser.add_argument("--only", choices=parts, action="append", help="run only these parts (repeatable)")
     args = parser.parse_args(argv)
-    only = set(args.only or ["verify", "repair", "serving", "load", "api"])
+    only = set(args.only or parts)
     work = Path(tempfile.mkdtemp(prefix="llmnode-bench-", dir=os.environ.get("BENCH_DIR")))
     print("llmnode benchmark: %d cores, blob %d MiB, %d rounds, work dir %s"
           % (os.cpu_count(), args.size_mib, args.rounds, work))
@@ -596,6 +840,8 @@ def main(argv=None):
             bench_load(work, args.rounds)
         if "api" in only:
             bench_api(work, args.rounds)
+        if "engine" in only:
+            bench_engine(work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n== summary (ratio: ours / reference unless noted)")
