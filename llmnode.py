@@ -2088,11 +2088,14 @@ def responses_routes(app, node, read_json, api):
 # Anthropic's event sequence. Errors are Anthropic's `{"type": "error", "error": {...}}`, with
 # the same statuses as the other dialects.
 
+# Fields that change nothing in the answer: accepted and left alone (the prompt cache is automatic).
+ANTHROPIC_HARMLESS = ("metadata", "service_tier", "cache_control", "inference_geo", "speed", "workspace_id",
+                      "user_profile_id")
 ANTHROPIC_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
-                    "top_k", "stream", "tools", "tool_choice", "metadata", "service_tier", "thinking",
-                    "mcp_servers", "container")
-ANTHROPIC_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking",
-                          "mcp_servers")
+                    "top_k", "stream", "tools", "tool_choice", "output_config", "thinking", "mcp_servers",
+                    "container") + ANTHROPIC_HARMLESS
+ANTHROPIC_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "output_config",
+                          "thinking", "mcp_servers", "cache_control")
 # Each error's neutral kind as Anthropic's error type; any other kind is an api_error.
 ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error",
                          "not_found": "not_found_error", "too_large": "request_too_large",
@@ -2246,11 +2249,36 @@ def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
     if fields is ANTHROPIC_FIELDS and max_tokens is None:
         raise InvalidRequest("'max_tokens' is required")
     stream = _bool(body, "stream")
+    fmt, schema = anthropic_format(body)
     return dialect_request(model, messages, tools=tools, tool_choice=choice, stop=stop or None,
+                           format=fmt, format_schema=schema,
                            stream=stream, include_usage=stream,
                            max_tokens=_integer(body, "max_tokens", 1, 2 ** 31 - 1),
                            temperature=_number(body, "temperature", 0, 1), top_p=_number(body, "top_p", 0, 1),
                            top_k=_integer(body, "top_k", 0, 2 ** 31 - 1))
+
+
+def anthropic_format(body):
+    """(format, schema) of the internal request from `output_config.format`."""
+    config = body.get("output_config")
+    if config is None:
+        return None, None
+    if not isinstance(config, dict):
+        raise InvalidRequest("'output_config' must be an object")
+    for key in config:
+        if key not in ("format", "effort"):
+            raise UnsupportedParameter("'output_config.%s' is not supported by this node" % key)
+    if config.get("effort") is not None:
+        raise UnsupportedParameter("'output_config.effort' is not supported: this node runs no "
+                                   "thinking models")
+    fmt = config.get("format")
+    if fmt is None:
+        return None, None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \
+            or not isinstance(fmt.get("schema"), dict) or set(fmt) - {"type", "schema"}:
+        raise InvalidRequest("'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}")
+    check_schema(fmt["schema"], "output_config.format.schema")
+    return "schema", fmt["schema"]
 
 
 def anthropic_stop(choice):
