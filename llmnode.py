@@ -1903,7 +1903,9 @@ def responses_format(body):
     for key in text:
         if key not in ("format", "verbosity"):
             raise UnsupportedParameter("'text.%s' is not supported by this node" % key)
-    refuse(text, "verbosity", lambda v: v == "medium", "the answer's length is the model's own")
+    if text.get("verbosity") not in (None, "medium"):
+        raise UnsupportedParameter("'text.verbosity' is not supported: the answer's length is the "
+                                   "model's own")
     fmt = text.get("format")
     if fmt is None:
         return None, None
