@@ -1965,7 +1965,7 @@ def response_head(rid, body, req, created):
             "background": False, "error": None, "incomplete_details": None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "model": req["model"], "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": None, "reasoning": None, "store": bool(body.get("store")),
+            "previous_response_id": None, "reasoning": None, "store": False,  # nothing is kept
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"), "tools": tools,
             "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
