@@ -2001,7 +2001,11 @@ def error_response(err):
 
 
 def error_body(err, path):
-    return {"error": err.message} if path.startswith("/api/") else err.body()
+    if path.startswith("/api/"):
+        return {"error": err.message}
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_error(err)
+    return err.body()
 
 
 def make_app(node):
@@ -2012,6 +2016,7 @@ def make_app(node):
 def guarded(app, api_key, metrics):
     """Refuse requests without the API key (but /health), and count answers by status."""
     expected = ("Bearer " + api_key).encode() if api_key else None
+    expected_key = api_key.encode() if api_key else None  # Anthropic's x-api-key header
 
     def wsgi(environ, start_response):
         def counting_start_response(status, headers, exc_info=None):
@@ -2020,8 +2025,10 @@ def guarded(app, api_key, metrics):
 
         if expected and environ.get("PATH_INFO") != "/health":
             given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
-            if not hmac.compare_digest(given, expected):
-                err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY>")
+            given_key = environ.get("HTTP_X_API_KEY", "").encode("latin-1", "replace")
+            if not (hmac.compare_digest(given, expected) or hmac.compare_digest(given_key, expected_key)):
+                err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY> "
+                                   "or x-api-key: <LLM_API_KEY>")
                 body = json.dumps(error_body(err, environ.get("PATH_INFO", ""))).encode()
                 counting_start_response("401 Unauthorized", [
                     ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
@@ -2141,6 +2148,8 @@ def routes(node):
                          for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": used, "total_tokens": used}}
 
+    responses_routes(app, node, read_json, api)
+    anthropic_routes(app, node, read_json, api)
     ollama_routes(app, node, read_json, api)
 
     return app
@@ -2171,6 +2180,685 @@ def sse(chunks):
         if hasattr(chunks, "close"):
             chunks.close()
     yield "data: [DONE]\n\n"
+
+
+###############################################################################
+# Responses dialect ###########################################################
+###############################################################################
+# OpenAI's Responses API, stateless: a translation at the edge, as the Ollama dialect is. `input`
+# items become OpenAI-shaped chat messages and then the one internal request; the one result
+# becomes output items, or the Responses event sequence. Nothing is stored, so whatever needs a
+# stored response (`previous_response_id`, `conversation`, `background`) is refused by name.
+# Errors are OpenAI's shape, as in /v1/chat/completions.
+
+RESPONSES_FIELDS = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
+                    "tools", "tool_choice", "parallel_tool_calls", "text", "stream", "stream_options",
+                    "store", "metadata", "user", "include", "truncation", "top_logprobs",
+                    "previous_response_id", "conversation", "background", "reasoning", "prompt",
+                    "max_tool_calls", "service_tier", "safety_identifier", "prompt_cache_key")
+BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use",
+                 "computer_use_preview", "mcp", "image_generation", "local_shell", "shell",
+                 "apply_patch", "custom")
+_RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
+                       "function_call": ("type", "call_id", "name", "arguments", "id", "status"),
+                       "function_call_output": ("type", "call_id", "output", "id", "status")}
+
+
+def dialect_request(model, messages, **fields):
+    """The internal request for a dialect whose messages are already in OpenAI's shape (assistant
+    `tool_calls` with JSON-string arguments, `tool` messages with `tool_call_id`)."""
+    generic, native = [], []
+    for i, m in enumerate(messages):
+        plain, structured = _history_message(i, m)
+        generic.append(plain)
+        native.append(structured)
+    req = {"model": model, "messages": generic, "native_messages": native, "format": None,
+           "format_schema": None, "tools": [], "tool_choice": "none", "max_tokens": None,
+           "temperature": None, "top_p": None, "seed": None, "stop": None, "presence_penalty": None,
+           "frequency_penalty": None, "logit_bias": None, "stream": False, "include_usage": False,
+           "n": 1}
+    req.update(fields)
+    return req
+
+
+def function_tool(where, name, description, parameters):
+    """One tool of the internal request, its parts checked; errors name `where`."""
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise InvalidRequest("'%s.name' must be 1-64 letters, digits, _ or -" % where)
+    if description is not None and not isinstance(description, str):
+        raise InvalidRequest("'%s.description' must be a string" % where)
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("'%s' must have a JSON schema object as its parameters" % where)
+    check_schema(parameters, where)
+    return {"name": name, "description": description or "", "parameters": parameters}
+
+
+def cached_tokens(usage):
+    """Prompt tokens read from the prompt cache, as the engine reports them (0 if it does not)."""
+    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def named_events(events, error_event):
+    """Server-sent events with `event:` lines, as Anthropic and the Responses API send them; an
+    error after the 200 is sent becomes the dialect's `error` event."""
+    try:
+        for event in events:
+            yield "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
+    except Exception as e:
+        if not isinstance(e, LLMNodeError):
+            log.exception("stream failed")
+            e = LLMNodeError("Stream failed: %s" % e)
+        yield "event: error\ndata: %s\n\n" % json.dumps(error_event(e))
+    finally:
+        if hasattr(events, "close"):
+            events.close()
+
+
+def _text_parts(where, content, kinds):
+    """The text of a string, or of a list of parts of the given types; other parts refused by name."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest("'%s' must be a string or an array of content parts" % where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_image", "input_file", "input_audio", "image", "document"):
+            raise UnsupportedParameter("'%s[%d].type' %s is not supported: this node reads text only"
+                                       % (where, j, kind))
+        if kind not in kinds or not isinstance(part.get("text"), str):
+            raise InvalidRequest("'%s[%d]' must be a text part (%s)" % (where, j, ", ".join(kinds)))
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def responses_messages(body):
+    """`instructions` and `input` as OpenAI-shaped chat messages."""
+    instructions, items = body.get("instructions"), body.get("input")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequest("'instructions' must be a string")
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("'input' must be a string or a non-empty array of items")
+    for i, item in enumerate(items):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind not in _RESPONSE_ITEM_KEYS:
+            if kind in ("reasoning", "item_reference", "image_generation_call", "web_search_call",
+                        "file_search_call", "computer_call", "code_interpreter_call", "mcp_call"):
+                raise UnsupportedParameter("'input[%d].type' %s is not supported: no state is kept "
+                                           "and no built-in tools run here" % (i, kind))
+            raise InvalidRequest("'input[%d]' must be a message, function_call or function_call_output"
+                                 % i)
+        for key in item:
+            if key not in _RESPONSE_ITEM_KEYS[kind]:
+                raise UnsupportedParameter("'input[%d].%s' is not supported by this node" % (i, key))
+        if kind == "message":
+            if item.get("role") not in ("user", "assistant", "system", "developer"):
+                raise InvalidRequest("'input[%d].role' must be user, assistant, system or developer" % i)
+            messages.append({"role": item["role"], "content": _text_parts(
+                "input[%d].content" % i, item.get("content"), ("input_text", "output_text"))})
+            continue
+        if not isinstance(item.get("call_id"), str) or not item["call_id"]:
+            raise InvalidRequest("'input[%d].call_id' must be a string" % i)
+        if kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text_parts(
+                "input[%d].output" % i, item.get("output"), ("input_text", "output_text"))})
+            continue
+        if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments"), str):
+            raise InvalidRequest("'input[%d]' needs a string 'name' and JSON-string 'arguments'" % i)
+        try:
+            json.loads(item["arguments"])
+        except ValueError:
+            raise InvalidRequest("'input[%d].arguments' must be JSON" % i) from None
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+            last["tool_calls"].append(call)  # parallel calls: one assistant turn
+        else:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    return messages
+
+
+def responses_tools(body):
+    """(tools, choice) of the internal request from the Responses API's flat function tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be an array")
+    clean = []
+    for i, tool in enumerate(tools or []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind in BUILTIN_TOOLS or (isinstance(kind, str) and kind.startswith(BUILTIN_TOOLS)):
+            raise UnsupportedParameter("'tools[%d].type' %s is not supported: built-in tools do not "
+                                       "run on this node; declare a function tool" % (i, kind))
+        if kind != "function":
+            raise InvalidRequest("'tools[%d].type' must be function" % i)
+        for key in tool:
+            if key not in ("type", "name", "description", "parameters", "strict"):
+                raise UnsupportedParameter("'tools[%d].%s' is not supported by this node" % (i, key))
+        _bool(tool, "strict")  # the grammar holds every call to its schema, strict or not
+        clean.append(function_tool("tools[%d]" % i, tool.get("name"), tool.get("description"),
+                                   tool.get("parameters")))
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise UnsupportedParameter("'tool_choice.type' %s is not supported: only function tools "
+                                       "run on this node" % choice.get("type"))
+        choice = choice.get("name")
+        if choice not in [t["name"] for t in clean]:
+            raise InvalidRequest("'tool_choice.name' must name a function in 'tools'")
+    elif choice is None:
+        choice = "auto" if clean else "none"
+    elif choice not in ("none", "auto", "required"):
+        raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
+    if not clean and choice != "none":
+        raise InvalidRequest("'tool_choice' needs 'tools'")
+    return clean, choice
+
+
+def responses_format(body):
+    """(format, schema) of the internal request from `text.format`."""
+    text = body.get("text")
+    if text is None:
+        return None, None
+    if not isinstance(text, dict):
+        raise InvalidRequest("'text' must be an object")
+    for key in text:
+        if key not in ("format", "verbosity"):
+            raise UnsupportedParameter("'text.%s' is not supported by this node" % key)
+    if text.get("verbosity") not in (None, "medium"):
+        raise UnsupportedParameter("'text.verbosity' is not supported: the answer's length is the "
+                                   "model's own")
+    fmt = text.get("format")
+    if fmt is None:
+        return None, None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest("'text.format.type' must be text, json_object or json_schema")
+    if fmt["type"] == "text":
+        return None, None
+    if fmt["type"] == "json_object":
+        return "json", None
+    if not isinstance(fmt.get("schema"), dict):
+        raise InvalidRequest("'text.format.schema' must be a JSON schema object")
+    _bool(fmt, "strict")  # the grammar holds the answer to the schema, strict or not
+    check_schema(fmt["schema"], "text.format.schema")
+    return "schema", fmt["schema"]
+
+
+def validate_responses(body, n_ctx):
+    """Check a Responses API body; return the internal request."""
+    model = _model(body)
+    refuse_unknown(body, RESPONSES_FIELDS)
+    stateful = "no state is kept on this node: send the whole conversation as 'input'"
+    refuse(body, "previous_response_id", lambda v: False, stateful)
+    refuse(body, "conversation", lambda v: False, stateful)
+    refuse(body, "prompt", lambda v: False, "stored prompts need state: send 'instructions'")
+    refuse(body, "background", lambda v: v is False, "answers are given in the request")
+    refuse(body, "reasoning", lambda v: False, "this node runs no reasoning models")
+    refuse(body, "include", lambda v: v == [], "no extra output is produced")
+    refuse(body, "top_logprobs", lambda v: v == 0, "token log probabilities are not produced")
+    refuse(body, "truncation", lambda v: v == "disabled", "an input too long for the context is "
+           "refused, not truncated")
+    refuse(body, "max_tool_calls", lambda v: False, "calls are not limited per response")
+    messages = responses_messages(body)
+    tools, choice = responses_tools(body)
+    fmt, schema = responses_format(body)
+    _bool(body, "parallel_tool_calls", True)
+    _bool(body, "store")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)
+                                or set(options) - {"include_obfuscation"}):
+        raise InvalidRequest("'stream_options' may only hold 'include_obfuscation', with 'stream'")
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise InvalidRequest("'metadata' must be an object")
+    return dialect_request(model, messages, format=fmt, format_schema=schema, tools=tools,
+                           tool_choice=choice, stream=stream, include_usage=stream,
+                           max_tokens=_integer(body, "max_output_tokens", 1, 2 ** 31 - 1),
+                           temperature=_number(body, "temperature", 0, 2),
+                           top_p=_number(body, "top_p", 0, 1))
+
+
+def response_head(rid, body, req, created):
+    """The parts of a Response object that the answer does not change."""
+    tools = [{"type": "function", "name": t["name"], "description": t["description"],
+              "parameters": t["parameters"], "strict": True} for t in req["tools"]]
+    fmt = ((body.get("text") or {}).get("format")) or {"type": "text"}
+    return {"id": rid, "object": "response", "created_at": created, "status": "in_progress",
+            "background": False, "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "model": req["model"], "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": None, "reasoning": None, "store": False,  # nothing is kept
+            "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+            "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"), "tools": tools,
+            "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
+            "usage": None}
+
+
+def response_usage(usage):
+    cached = cached_tokens(usage)
+    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+def response_finished(head, output, usage, finish):
+    """The Response object of a finished answer: completed, or incomplete at the token limit."""
+    done = dict(head, output=output, usage=response_usage(usage), status="completed")
+    if finish == "length":
+        done.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+    return done
+
+
+def _message_item(text, finish):
+    return {"id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "status": "incomplete" if finish == "length" else "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def _call_item(call):
+    return {"id": "fc_%s" % os.urandom(12).hex(), "type": "function_call", "status": "completed",
+            "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"]}
+
+
+def response_output(message, finish):
+    """A chat.completion's message as Responses output items."""
+    output = [] if message.get("tool_calls") and not message.get("content") else \
+        [_message_item(message.get("content") or "", finish)]
+    return output + [_call_item(c) for c in message.get("tool_calls") or []]
+
+
+def _response_events(chunks, head):
+    """The internal stream as the Responses event sequence, each with its sequence number."""
+    seq = itertools.count()
+    output, text, message, finish, usage = [], "", None, "stop", None
+
+    def event(kind, **fields):
+        return dict(fields, type=kind, sequence_number=next(seq))
+
+    def close_message():
+        item = dict(message, status="incomplete" if finish == "length" else "completed",
+                    content=[{"type": "output_text", "text": text, "annotations": [], "logprobs": []}])
+        at = dict(item_id=item["id"], output_index=len(output))
+        yield event("response.output_text.done", content_index=0, text=text, logprobs=[], **at)
+        yield event("response.content_part.done", content_index=0, part=item["content"][0], **at)
+        yield event("response.output_item.done", output_index=len(output), item=item)
+        output.append(item)
+
+    yield event("response.created", response=head)
+    yield event("response.in_progress", response=head)
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content") or (message is None and not output and choice.get("finish_reason")
+                                        and not delta.get("tool_calls")):
+                if message is None:
+                    message = dict(_message_item("", None), status="in_progress", content=[])
+                    yield event("response.output_item.added", output_index=len(output), item=message)
+                    yield event("response.content_part.added", item_id=message["id"],
+                                output_index=len(output), content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                if delta.get("content"):
+                    text += delta["content"]
+                    yield event("response.output_text.delta", item_id=message["id"], output_index=len(output),
+                                content_index=0, delta=delta["content"], logprobs=[])
+            finish = choice.get("finish_reason") or finish
+            for call in delta.get("tool_calls") or []:
+                if message is not None:
+                    yield from close_message()
+                    message = None
+                item = _call_item(call)
+                at = dict(item_id=item["id"], output_index=len(output))
+                yield event("response.output_item.added", output_index=len(output),
+                            item=dict(item, status="in_progress", arguments=""))
+                yield event("response.function_call_arguments.delta", delta=item["arguments"], **at)
+                yield event("response.function_call_arguments.done", arguments=item["arguments"],
+                            name=item["name"], **at)
+                yield event("response.output_item.done", output_index=len(output), item=item)
+                output.append(item)
+    if message is not None:
+        yield from close_message()
+    done = response_finished(head, output, usage or {"prompt_tokens": 0, "completion_tokens": 0}, finish)
+    yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
+                response=done)
+
+
+def responses_routes(app, node, read_json, api):
+    """OpenAI's Responses API on the node's app: the same guard, repair, pool and generation."""
+
+    @app.post("/v1/responses")
+    @api
+    def responses():
+        body = read_json()
+        req = validate_responses(body, node.settings.n_ctx)
+        head = response_head("resp_%s" % os.urandom(12).hex(), body, req, int(time.time()))
+        result = node.chat(req)
+        if not req["stream"]:
+            choice = result["choices"][0]
+            return response_finished(head, response_output(choice["message"], choice["finish_reason"]),
+                                     result["usage"], choice["finish_reason"])
+        bottle.response.content_type = "text/event-stream"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        return named_events(_response_events(result, head), lambda e: {
+            "type": "error", "code": e.code, "message": e.message, "param": None})
+
+
+###############################################################################
+# Anthropic dialect ###########################################################
+###############################################################################
+# Anthropic's Messages API as a translation at the edge: content blocks become OpenAI-shaped chat
+# messages and then the one internal request; the one result becomes content blocks, or
+# Anthropic's event sequence. Errors are Anthropic's `{"type": "error", "error": {...}}`, with
+# the same statuses as the other dialects.
+
+# Fields that change nothing in the answer: accepted and left alone (the prompt cache is automatic).
+ANTHROPIC_HARMLESS = ("metadata", "service_tier", "cache_control", "inference_geo", "speed", "workspace_id",
+                      "user_profile_id")
+ANTHROPIC_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
+                    "top_k", "stream", "tools", "tool_choice", "output_config", "thinking", "mcp_servers",
+                    "container") + ANTHROPIC_HARMLESS
+ANTHROPIC_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "output_config",
+                          "thinking", "mcp_servers", "cache_control")
+# Each error's neutral kind as Anthropic's error type; any other kind is an api_error.
+ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error",
+                         "not_found": "not_found_error", "too_large": "request_too_large",
+                         "overloaded": "overloaded_error"}
+_BLOCK_KEYS = {"text": ("type", "text", "cache_control", "citations"),
+               "tool_use": ("type", "id", "name", "input", "cache_control"),
+               "tool_result": ("type", "tool_use_id", "content", "is_error", "cache_control")}
+
+
+def anthropic_error(err):
+    """An error in Anthropic's shape."""
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(err.kind, "api_error"),
+                                       "message": err.message}}
+
+
+def _anthropic_blocks(where, content, role):
+    """A message's content as checked blocks (a string is one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise InvalidRequest("'%s' must be a string or an array of content blocks" % where)
+    allowed = ("text", "tool_use") if role == "assistant" else ("text", "tool_result")
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        at = "%s[%d]" % (where, j)
+        if kind in ("image", "document", "search_result", "container_upload"):
+            raise UnsupportedParameter("'%s.type' %s is not supported: this node reads text only"
+                                       % (at, kind))
+        if kind in ("thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result",
+                    "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"):
+            raise UnsupportedParameter("'%s.type' %s is not supported: no thinking models or server "
+                                       "tools run on this node" % (at, kind))
+        if kind not in allowed:
+            raise InvalidRequest("'%s.type' must be one of %s in a %s message"
+                                 % (at, ", ".join(allowed), role))
+        for key in block:
+            if key not in _BLOCK_KEYS[kind]:
+                raise UnsupportedParameter("'%s.%s' is not supported by this node" % (at, key))
+        if kind == "text" and (not isinstance(block.get("text"), str) or block.get("citations")):
+            raise InvalidRequest("'%s.text' must be a string (citations are not supported)" % at)
+        if kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+                                       and isinstance(block.get("input"), dict)):
+            raise InvalidRequest("'%s' needs a string 'id' and 'name' and an object 'input'" % at)
+        if kind == "tool_result":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise InvalidRequest("'%s.tool_use_id' must be a string" % at)
+            _bool(block, "is_error")
+            block["text"] = _anthropic_text("%s.content" % at, block.get("content", ""))
+    return content
+
+
+def _anthropic_text(where, content):
+    """The text of a string or of text blocks (a system prompt, a tool result's content)."""
+    if isinstance(content, list):
+        for j, block in enumerate(content):
+            if isinstance(block, dict) and block.get("type") in ("image", "document", "search_result"):
+                raise UnsupportedParameter("'%s[%d].type' %s is not supported: this node reads text only"
+                                           % (where, j, block["type"]))
+        if all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+               and set(b) <= set(_BLOCK_KEYS["text"]) and not b.get("citations") for b in content):
+            return "\n\n".join(b["text"] for b in content)
+    if isinstance(content, str):
+        return content
+    raise InvalidRequest("'%s' must be a string or an array of text blocks" % where)
+
+
+def anthropic_messages(body):
+    """`system` and `messages` as OpenAI-shaped chat messages."""
+    out = []
+    if body.get("system") is not None:
+        system = _anthropic_text("system", body["system"])
+        if system:
+            out.append({"role": "system", "content": system})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise InvalidRequest("'messages[%d].role' must be user or assistant" % i)
+        for key in m:
+            if key not in ("role", "content"):
+                raise UnsupportedParameter("'messages[%d].%s' is not supported by this node" % (i, key))
+        blocks = _anthropic_blocks("messages[%d].content" % i, m.get("content"), m["role"])
+        text = "".join(b["text"] for b in blocks if b["type"] == "text")
+        if m["role"] == "assistant":
+            calls = [{"id": b["id"], "type": "function",
+                      "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
+                     for b in blocks if b["type"] == "tool_use"]
+            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+            continue
+        for b in blocks:  # results answer the calls of the turn before: they come first
+            if b["type"] == "tool_result":
+                out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
+                            "content": ("Error: " if b.get("is_error") else "") + b["text"]})
+        if text or not any(b["type"] == "tool_result" for b in blocks):
+            out.append({"role": "user", "content": text})
+    return out
+
+
+def anthropic_tools(body):
+    """(tools, choice) of the internal request from Anthropic's tools and tool_choice."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be an array")
+    clean = []
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise InvalidRequest("'tools[%d]' must be an object" % i)
+        if tool.get("type") not in (None, "custom"):
+            raise UnsupportedParameter("'tools[%d].type' %s is not supported: server tools do not run "
+                                       "on this node; declare a client tool" % (i, tool["type"]))
+        for key in tool:
+            if key not in ("type", "name", "description", "input_schema", "cache_control", "strict"):
+                raise UnsupportedParameter("'tools[%d].%s' is not supported by this node" % (i, key))
+        if not isinstance(tool.get("input_schema"), dict):
+            raise InvalidRequest("'tools[%d].input_schema' must be a JSON schema object" % i)
+        _bool(tool, "strict")  # the grammar holds every call to its schema, strict or not
+        clean.append(function_tool("tools[%d]" % i, tool.get("name"), tool.get("description"),
+                                   tool["input_schema"]))
+    if choice is None:
+        return clean, "auto" if clean else "none"
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ("auto", "any", "tool", "none") or set(choice) - {"type", "name",
+                                                                     "disable_parallel_tool_use"}:
+        raise InvalidRequest("'tool_choice.type' must be auto, any, tool or none")
+    _bool(choice, "disable_parallel_tool_use")  # a generic-format answer holds one call
+    if kind == "tool" and choice.get("name") not in [t["name"] for t in clean]:
+        raise InvalidRequest("'tool_choice.name' must name a tool in 'tools'")
+    if kind != "none" and not clean:
+        raise InvalidRequest("'tool_choice' needs 'tools'")
+    return clean, {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))
+
+
+def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
+    """Check a Messages API body; return the internal request."""
+    model = _model(body)
+    refuse_unknown(body, fields)
+    refuse(body, "thinking", lambda v: isinstance(v, dict) and v.get("type") == "disabled",
+           "this node runs no thinking models")
+    refuse(body, "mcp_servers", lambda v: v == [], "MCP servers are not called from this node")
+    refuse(body, "container", lambda v: False, "no code runs on this node")
+    messages = anthropic_messages(body)
+    tools, choice = anthropic_tools(body)
+    stop = body.get("stop_sequences")
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 16
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise InvalidRequest("'stop_sequences' must be an array of up to 16 non-empty strings")
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise InvalidRequest("'metadata' must be an object")
+    max_tokens = body.get("max_tokens")
+    if fields is ANTHROPIC_FIELDS and max_tokens is None:
+        raise InvalidRequest("'max_tokens' is required")
+    stream = _bool(body, "stream")
+    fmt, schema = anthropic_format(body)
+    return dialect_request(model, messages, tools=tools, tool_choice=choice, stop=stop or None,
+                           format=fmt, format_schema=schema,
+                           stream=stream, include_usage=stream,
+                           max_tokens=_integer(body, "max_tokens", 1, 2 ** 31 - 1),
+                           temperature=_number(body, "temperature", 0, 1), top_p=_number(body, "top_p", 0, 1),
+                           top_k=_integer(body, "top_k", 0, 2 ** 31 - 1))
+
+
+def anthropic_format(body):
+    """(format, schema) of the internal request from `output_config.format`."""
+    config = body.get("output_config")
+    if config is None:
+        return None, None
+    if not isinstance(config, dict):
+        raise InvalidRequest("'output_config' must be an object")
+    for key in config:
+        if key not in ("format", "effort"):
+            raise UnsupportedParameter("'output_config.%s' is not supported by this node" % key)
+    if config.get("effort") is not None:
+        raise UnsupportedParameter("'output_config.effort' is not supported: this node runs no "
+                                   "thinking models")
+    fmt = config.get("format")
+    if fmt is None:
+        return None, None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \
+            or not isinstance(fmt.get("schema"), dict) or set(fmt) - {"type", "schema"}:
+        raise InvalidRequest("'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}")
+    check_schema(fmt["schema"], "output_config.format.schema")
+    return "schema", fmt["schema"]
+
+
+def anthropic_stop(choice):
+    """(stop_reason, stop_sequence) of a finished choice."""
+    finish = choice.get("finish_reason")
+    if finish == "length":
+        return "max_tokens", None
+    if finish == "tool_calls":
+        return "tool_use", None
+    if choice.get("stop_sequence"):
+        return "stop_sequence", choice["stop_sequence"]
+    return "end_turn", None
+
+
+def anthropic_usage(usage):
+    """Anthropic's usage: input_tokens are those not read from the prompt cache."""
+    cached = cached_tokens(usage)
+    return {"input_tokens": usage["prompt_tokens"] - cached, "output_tokens": usage["completion_tokens"],
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _tool_use(call):
+    return {"type": "tool_use", "id": "toolu_" + call["id"].split("_", 1)[-1],
+            "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"] or "{}")}
+
+
+def anthropic_message(result, model):
+    """A chat.completion as an Anthropic message."""
+    choice = result["choices"][0]
+    calls = choice["message"].get("tool_calls") or []
+    text = choice["message"].get("content") or ""
+    content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+    reason, sequence = anthropic_stop(choice)
+    return {"id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": reason, "stop_sequence": sequence,
+            "usage": anthropic_usage(result["usage"])}
+
+
+def _anthropic_events(chunks, model):
+    """The internal stream as Anthropic's event sequence."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    yield {"type": "message_start", "message": {
+        "id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(usage)}}
+    yield {"type": "ping"}
+    index, text_open, stop = 0, False, ("end_turn", None)
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if not text_open:
+                    yield {"type": "content_block_start", "index": index,
+                           "content_block": {"type": "text", "text": ""}}
+                    text_open = True
+                yield {"type": "content_block_delta", "index": index,
+                       "delta": {"type": "text_delta", "text": delta["content"]}}
+            for call in delta.get("tool_calls") or []:
+                if text_open:
+                    yield {"type": "content_block_stop", "index": index}
+                    index, text_open = index + 1, False
+                block = _tool_use(call)
+                yield {"type": "content_block_start", "index": index, "content_block": dict(block, input={})}
+                yield {"type": "content_block_delta", "index": index,
+                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}
+                yield {"type": "content_block_stop", "index": index}
+                index += 1
+            if choice.get("finish_reason"):
+                stop = anthropic_stop(choice)
+    if text_open:
+        yield {"type": "content_block_stop", "index": index}
+    yield {"type": "message_delta", "delta": {"stop_reason": stop[0], "stop_sequence": stop[1]},
+           "usage": anthropic_usage(usage)}
+    yield {"type": "message_stop"}
+
+
+def count_prompt_tokens(node, req):
+    """The prompt's tokens as the model's template renders it, tools included."""
+    entry = node.load(req["model"])
+    try:
+        if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
+            tools = [{"type": "function", "function": t} for t in req["tools"]]
+            rendered = entry.formatter(messages=req["native_messages"], tools=tools)
+            return len(entry.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
+                                          special=True))
+        messages = req["messages"]
+        if req["tools"] and req["tool_choice"] != "none":
+            messages = with_tools(messages, req["tools"], tool_call_schema(req["tools"], req["tool_choice"]))
+        return completion_budget(entry.llm, entry.formatter, messages)[1]
+    finally:
+        entry.release()
+
+
+def anthropic_routes(app, node, read_json, api):
+    """Anthropic's Messages API on the node's app: the same guard, repair, pool and generation."""
+
+    @app.post("/v1/messages")
+    @api
+    def messages():
+        req = validate_anthropic(read_json(), node.settings.n_ctx)
+        result = node.chat(req)
+        if not req["stream"]:
+            return anthropic_message(result, req["model"])
+        bottle.response.content_type = "text/event-stream"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        return named_events(_anthropic_events(result, req["model"]), anthropic_error)
+
+    @app.post("/v1/messages/count_tokens")
+    @api
+    def count_tokens():
+        req = validate_anthropic(read_json(), node.settings.n_ctx, ANTHROPIC_COUNT_FIELDS)
+        return {"input_tokens": count_prompt_tokens(node, req)}
 
 
 ###############################################################################
