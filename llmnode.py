@@ -2824,18 +2824,11 @@ def _anthropic_events(chunks, model):
 
 
 def count_prompt_tokens(node, req):
-    """The prompt's tokens as the model's template renders it, tools included."""
+    """The prompt's tokens as the model's template renders it, tools included: rendered as the
+    engine renders it for an answer."""
     entry = node.load(req["model"])
     try:
-        if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
-            tools = [{"type": "function", "function": t} for t in req["tools"]]
-            rendered = entry.formatter(messages=req["native_messages"], tools=tools)
-            return len(entry.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special,
-                                          special=True))
-        messages = req["messages"]
-        if req["tools"] and req["tool_choice"] != "none":
-            messages = with_tools(messages, req["tools"], tool_call_schema(req["tools"], req["tool_choice"]))
-        return completion_budget(entry.llm, entry.formatter, messages)[1]
+        return len(node._chat_prompt(entry, req)[0])  # the very prompt a generation would read
     finally:
         entry.release()
 
