@@ -792,6 +792,9 @@ def bench_engine(work, rounds, threads=2, n_ctx=2048):
                     if figures is None:
                         print("%s did not start: engine comparison not run" % side)
                         return
+                    # Each server's figures as they come: a long run stopped early still tells.
+                    print("   round %d, %s at %d sequences: %s" % (i + 1, side, parallel, ", ".join(
+                        "%s %.3g" % item for item in sorted(figures.items()))), flush=True)
                     for key, value in figures.items():
                         got[side].setdefault(key, []).append(value)
     finally:
