@@ -371,6 +371,11 @@ def human_number(n):
 BATCH_TOKENS = 512
 
 
+# The part of a prompt a free sequence's cache must hold for the request to take it over the
+# least recently used one (llama-server's --slot-prompt-similarity default).
+PREFIX_SHARE = 0.5
+
+
 def model_pointer(llm):
     return llm._model.model
 
@@ -769,6 +774,9 @@ class Slots:
                 self._waiting.popleft()
             first, prompt = group[0], group[0].gen.prompt
             best = max(free, key=lambda s: (common_prefix(self.cache[s], prompt), -self.used[s]))
+            if common_prefix(self.cache[best], prompt) < len(prompt) * PREFIX_SHARE:
+                # A few shared opening tokens are not worth another conversation's cache.
+                best = min(free, key=lambda s: self.used[s])
             keep = min(common_prefix(self.cache[best], prompt), len(prompt) - 1)
             self._take(first, best, keep)
             first.run.usage.cached_tokens += keep
