@@ -86,12 +86,56 @@ def configure_logging(log_file=None, level=logging.INFO):
 
 
 ###############################################################################
-# Runtime #####################################################################
+# Runtime: the llama.cpp adapter ##############################################
 ###############################################################################
+# Loading a GGUF, its chat template and metadata, embeddings, and the batched context answers are
+# decoded in. Every private llama-cpp-python field the node touches is here, read from
+# llama-cpp-python 0.3.36: `Llama._model.model` (the llama_model pointer the batched context is
+# made on), and, for embeddings on the Llama's own small context, `Llama._ctx.ctx`,
+# `Llama._ctx.kv_cache_clear`, `Llama._ctx.decode` and `Llama._batch`; and one public function
+# it wraps, `llama_cpp.llama_model_default_params` (`without_extra_buffers`).
+
+def cpu_has_amx():
+    """Whether this CPU has Intel AMX (Sapphire Rapids and later), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+_NO_EXTRA_BUFFERS = []  # set once: llama.cpp's weight repacking is off in this process
+
+
+def without_extra_buffers():
+    """Turn off llama.cpp's extra weight buffers (repacking, AMX) for every model this process
+    loads. Built for a CPU with AMX (pip's build targets the CPU it runs on), llama.cpp 0.3.36's
+    AMX matrix multiply crashes the process (SIGSEGV in ggml_backend_amx_mul_mat) on SmolLM2's
+    Q4_1 weights for any batch of more than a few tokens; llama-server's `--no-repack` is the same
+    switch. llama-cpp-python has no parameter for it: its `llama_model_default_params` is wrapped."""
+    import llama_cpp.llama_cpp as C
+
+    if _NO_EXTRA_BUFFERS:
+        return
+    defaults = C.llama_model_default_params
+
+    def model_defaults():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    C.llama_model_default_params = model_defaults
+    _NO_EXTRA_BUFFERS.append(True)
+    log.info("this CPU has AMX: llama.cpp's AMX and repacked weights are off (its AMX kernels "
+             "crash on some quantizations)")
+
 
 def load_llama(path, settings):
     """Load a GGUF with llama.cpp; its chat template comes from the file."""
     from llama_cpp import Llama
+
+    if cpu_has_amx():
+        without_extra_buffers()
 
     # The Llama's own context only embeds (up to BATCH_TOKENS tokens); answers are decoded in
     # the model's BatchedContext, made beside it.
@@ -118,147 +162,6 @@ def chat_formatter(llm):
     return Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
                                bos_token=text(llm.token_bos()))
 
-
-# -- grammars: structured output and tool calls -----------------------------------------------
-
-# JSON Schema keywords llama.cpp's schema-to-grammar converter cannot express; a schema using
-# one is refused by name rather than half-honoured.
-UNSUPPORTED_SCHEMA_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired",
-                               "patternProperties", "propertyNames", "unevaluatedProperties",
-                               "unevaluatedItems", "contains", "uniqueItems", "multipleOf",
-                               "$dynamicRef")
-_GRAMMARS = OrderedDict()  # schema text -> compiled LlamaGrammar text (most recent last)
-_GRAMMARS_LOCK = threading.Lock()  # guards _GRAMMARS
-
-
-def check_schema(schema, where):
-    """Refuse a JSON schema the grammar converter cannot honour, naming the keyword."""
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in UNSUPPORTED_SCHEMA_KEYWORDS:
-                raise UnsupportedParameter("%s: the JSON Schema keyword '%s' cannot be enforced by "
-                                           "the grammar and is not supported" % (where, key))
-            if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
-                raise UnsupportedParameter("%s: only local '$ref's (#/...) are supported" % where)
-            if key not in ("const", "enum", "default", "examples"):
-                check_schema(value, where)
-    elif isinstance(schema, list):
-        for item in schema:
-            check_schema(item, where)
-
-
-def grammar(schema=None, wrap=None):
-    """llama.cpp grammar text for JSON matching `schema` (any JSON value when None), converted
-    once per schema; `wrap` = (before, after): literal text around the JSON."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    key = (json.dumps(wrap) if wrap else "") + (json.dumps(schema) if schema is not None else "")
-    with _GRAMMARS_LOCK:
-        text = _GRAMMARS.get(key)
-        if text is not None:
-            _GRAMMARS.move_to_end(key)
-    if text is None:
-        try:
-            # From the schema as given: its property order is the order of the answer's keys.
-            text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(schema))
-            if wrap:
-                text = re.sub(r"^root ::=", "wrapped-json ::=", text, flags=re.M)
-                text = "root ::= %s wrapped-json %s\n%s" % (json.dumps(wrap[0]), json.dumps(wrap[1]), text)
-        except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
-            raise InvalidRequest("The JSON schema cannot be turned into a grammar: %s" % e) from e
-        with _GRAMMARS_LOCK:
-            _GRAMMARS[key] = text
-            while len(_GRAMMARS) > 64:
-                _GRAMMARS.popitem(last=False)
-    return text
-
-
-def tool_call_schema(tools, choice, response=None):
-    """The JSON a constrained answer must be (llama.cpp's generic tool format): a call of one
-    of `tools`, or (with `auto`) a plain answer in `response` (a string, or JSON matching the
-    `response` schema)."""
-    calls = [{"type": "object", "properties": {"name": {"const": t["name"]},
-                                                "arguments": t["parameters"]},
-              "required": ["name", "arguments"]}
-             for t in tools if choice in ("auto", "required") or t["name"] == choice]
-    call = {"type": "object", "properties": {"tool_call": calls[0] if len(calls) == 1 else
-                                              {"anyOf": calls}},
-            "required": ["tool_call"]}
-    if choice != "auto":
-        return call
-    answer = {"type": "string"} if response is None else response
-    return {"anyOf": [call, {"type": "object", "properties": {"response": answer},
-                             "required": ["response"]}]}
-
-
-def tool_system_prompt(tools, schema):
-    """What llama.cpp's generic format tells the model: the tools and the JSON to answer in."""
-    return ("You can call these tools:\n%s\n\nRespond in JSON format, either with `tool_call` "
-            "(a request to call a tool) or with `response` (a reply to the user), matching this "
-            "schema:\n%s" % (json.dumps([{"name": t["name"], "description": t["description"],
-                                          "parameters": t["parameters"]} for t in tools], indent=1),
-                             json.dumps(schema)))
-
-
-def with_tools(messages, tools, schema):
-    """Messages with the tools described in the (first) system message."""
-    text = tool_system_prompt(tools, schema)
-    if messages and messages[0]["role"] == "system":
-        return [dict(messages[0], content=messages[0]["content"] + "\n\n" + text)] + messages[1:]
-    return [{"role": "system", "content": text}] + messages
-
-
-def parse_tool_answer(text):
-    """(tool call {"name", "arguments"} or None, plain text) from a constrained answer."""
-    try:
-        doc = json.loads(text, strict=False)
-    except ValueError:
-        return None, text
-    if isinstance(doc, dict) and isinstance(doc.get("tool_call"), dict):
-        return doc["tool_call"], None
-    if isinstance(doc, dict) and "response" in doc:
-        answer = doc["response"]
-        return None, answer if isinstance(answer, str) else json.dumps(answer)
-    return None, text
-
-
-def renders_tools(formatter):
-    """Whether a chat template renders tools itself in the Hermes/Qwen way (`<tool_call>`
-    blocks): such models get their tools, calls and results through their own template."""
-    template = getattr(formatter, "template", "") or ""
-    return "tools" in template and "<tool_call>" in template
-
-
-def native_tool_grammar(tools, choice):
-    """A grammar for one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block of
-    one of `tools` (or the one named)."""
-    calls = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
-              "required": ["name", "arguments"]}
-             for t in tools if choice == "required" or t["name"] == choice]
-    return grammar(calls[0] if len(calls) == 1 else {"anyOf": calls},
-                   wrap=("<tool_call>\n", "\n</tool_call>"))
-
-
-def parse_native_calls(text, tools):
-    """([{"name", "arguments"}] from the `<tool_call>` blocks of an answer, the rest of it)."""
-    known = {t["name"] for t in tools}
-    calls = []
-    for block in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
-        try:
-            # Raw control characters inside strings are let through (byte-vocabulary models
-            # produce them under a grammar); json.dumps escapes them on the way out.
-            call = json.loads(block, strict=False)
-        except ValueError:
-            continue
-        if (isinstance(call, dict) and call.get("name") in known
-                and isinstance(call.get("arguments", {}), dict)):
-            calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
-    if not calls:
-        return [], text
-    return calls, re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text, flags=re.S).strip()
-
-
-# -- embeddings -------------------------------------------------------------------------------
 
 def embed_tokens(llm, tokens):
     """One normalised embedding of a token sequence, on the generation context itself (switched
@@ -290,10 +193,10 @@ def embed_tokens(llm, tokens):
     return [float(x) for x in (vector / norm if norm else vector)]
 
 
-# -- GGUF metadata (for Ollama's model details) ----------------------------------------------
-
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
                  11: "<q", 12: "<d"}
+
+
 # llama.cpp's LLAMA_FTYPE values, as Ollama names quantization levels.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
@@ -360,20 +263,9 @@ def human_number(n):
     return str(n)
 
 
-# -- the llama.cpp adapter ---------------------------------------------------------------------
-# Every private llama-cpp-python field the node touches is here, read from llama-cpp-python
-# 0.3.36: `Llama._model.model` (the llama_model pointer the batched context is made on), and, for
-# embeddings on the Llama's own small context, `Llama._ctx.ctx`, `Llama._ctx.kv_cache_clear`,
-# `Llama._ctx.decode` and `Llama._batch`.
-
 # Tokens one decode step carries at most (llama.cpp's default n_batch): the running answers'
 # next tokens first, then prompt chunks, so a long prompt never stalls the streams beside it.
 BATCH_TOKENS = 512
-
-
-# The part of a prompt a free sequence's cache must hold for the request to take it over the
-# least recently used one (llama-server's --slot-prompt-similarity default).
-PREFIX_SHARE = 0.5
 
 
 def model_pointer(llm):
@@ -409,6 +301,14 @@ class BatchedContext:
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.batch = C.llama_batch_init(BATCH_TOKENS, 0, n_seq)
         self._buf = ctypes.create_string_buffer(256)
+        # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
+        import numpy as np
+
+        self._candidates = (C.llama_token_data * self.n_vocab)()
+        self._ids_logits = np.ctypeslib.as_array(self._candidates)
+        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._one = (C.llama_token_data * 1)()
+        self._one_array = C.llama_token_data_array(self._one, 1, -1, False)
 
     def decode(self, items):
         """One llama_decode of [(token, position, [sequence ids], wants logits)]."""
@@ -423,8 +323,33 @@ class BatchedContext:
             raise RuntimeError("llama_decode returned %d" % rc)
 
     def sample(self, sampler, i):
-        """The token `sampler` picks from the logits at batch index `i` (and has accepted)."""
-        return self.C.llama_sampler_sample(sampler, self.ctx, i)
+        """The token `sampler` picks from the logits at batch index `i`, accepted by its chain
+        (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
+        all the logits, and only a token the grammar refuses makes it pick again from the
+        grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
+        chain, gram = sampler
+        if gram is None:
+            return self.C.llama_sampler_sample(chain, self.ctx, i)  # applies and accepts
+        token = self._apply(chain, i)
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
+        self.C.llama_sampler_apply(gram, ctypes.byref(self._one_array))
+        if self._one[0].logit == float("-inf"):
+            token = self._apply(chain, i, gram)
+        self.C.llama_sampler_accept(gram, token)
+        self.C.llama_sampler_accept(chain, token)
+        return token
+
+    def _apply(self, chain, i, first=None):
+        """The token `chain` selects from the logits at batch index `i` (after `first`, if
+        given), accepted by neither."""
+        self._ids_logits["id"] = self._all_ids
+        self._ids_logits["logit"] = self.logits(i)
+        self._ids_logits["p"] = 0.0
+        arr = self.C.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
+        if first is not None:
+            self.C.llama_sampler_apply(first, ctypes.byref(arr))
+        self.C.llama_sampler_apply(chain, ctypes.byref(arr))
+        return arr.data[arr.selected].id
 
     def logits(self, i):
         import numpy as np
@@ -453,9 +378,10 @@ class BatchedContext:
         return self.C.llama_vocab_is_eog(self.vocab, token)
 
     def sampler(self, s, history=()):
-        """A sampler chain for one answer: logit bias, penalties (fed the prompt's last tokens),
-        grammar, then greedy at temperature 0 or top-k, top-p, min-p, temperature and a seeded
-        draw, as llama.cpp's common sampler orders them."""
+        """A sampler for one answer, (chain, grammar or None): the chain is logit bias, penalties
+        (fed the prompt's last tokens), then greedy at temperature 0 or top-k, top-p, min-p,
+        temperature and a seeded draw, as llama.cpp's common sampler orders them; the grammar is
+        applied as `sample` says."""
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 
@@ -472,12 +398,12 @@ class BatchedContext:
                                                            s.frequency_penalty, s.presence_penalty))
             for token in list(history)[-64:]:
                 C.llama_sampler_accept(penalties, token)
+        gram = None
         if s.grammar:
-            g = C.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root")
-            if not g:
+            gram = C.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root")
+            if not gram:
                 C.llama_sampler_free(chain)
                 raise InvalidRequest("The grammar could not be parsed by llama.cpp")
-            add(g)
         if s.temperature <= 0:
             add(C.llama_sampler_init_greedy())
         else:
@@ -487,10 +413,12 @@ class BatchedContext:
             add(C.llama_sampler_init_min_p(s.min_p, 1))
             add(C.llama_sampler_init_temp(s.temperature))
             add(C.llama_sampler_init_dist(s.seed))
-        return chain
+        return chain, gram
 
-    def free_sampler(self, chain):
-        self.C.llama_sampler_free(chain)
+    def free_sampler(self, sampler):
+        for part in sampler:
+            if part is not None:
+                self.C.llama_sampler_free(part)
 
     def close(self):
         if self.ctx:
@@ -507,72 +435,16 @@ def close_model(llm):
     llm.close()
 
 
-# -- the request type and the result shape -----------------------------------------------------
+###############################################################################
+# Runtime: the engine and its scheduler #######################################
+###############################################################################
+# One compute thread for the process; per loaded model, `LLM_PARALLEL` sequences decoded together
+# (continuous batching, as llama-server's update_slots) and kept as a prompt cache.
 
-@dataclass
-class Sampling:
-    """How one answer's tokens are picked."""
+# The part of a prompt a free sequence's cache must hold for the request to take it over the
+# least recently used one (llama-server's --slot-prompt-similarity default).
+PREFIX_SHARE = 0.5
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    seed: int = 0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict = field(default_factory=dict)
-    grammar: str = None  # llama.cpp GBNF text, or None
-
-
-@dataclass
-class Generation:
-    """One request for the engine, whatever dialect it came in: a prompt as tokens, how to
-    sample it, when to stop, and what to report."""
-
-    prompt: list
-    sampling: Sampling
-    max_tokens: int
-    stop: list = field(default_factory=list)
-    n: int = 1  # answers to the same prompt, sharing its prefill
-    logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
-    hold: bool = False  # the answer is parsed whole (tool calls): no pieces until it ends
-
-
-@dataclass
-class Piece:
-    """Text of answer `index` as it is generated, with its tokens and their logprobs."""
-
-    index: int
-    text: str
-    tokens: list
-    logprobs: list  # [(token text, logprob, [(alternative text, logprob)])] or []
-
-
-@dataclass
-class Finish:
-    """Answer `index` has ended: why (stop, length), its whole text, the stop string met."""
-
-    index: int
-    reason: str
-    text: str
-    tokens: int
-    stop_sequence: str = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens found in a sequence's KV cache, not evaluated again
-
-    def openai(self):
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-
-# -- the engine: one compute thread, continuous batching per model -----------------------------
 
 class ComputeThread:
     """The one thread that runs llama.cpp's compute for the whole process: loads, embeddings,
@@ -931,7 +803,9 @@ def common_prefix(a, b):
     return n
 
 
-# -- the model pool ----------------------------------------------------------------------------
+###############################################################################
+# Runtime: the model pool #####################################################
+###############################################################################
 
 class FairLock:
     """A lock handed to its waiters in arrival order: under load no request waits behind ones
@@ -1198,6 +1072,291 @@ class ModelPool:
     def live(self):
         with self._cond:
             return self._live
+
+
+###############################################################################
+# The request type and the tool/grammar layer #################################
+###############################################################################
+# What every dialect's request becomes for the engine (`Generation`) and what comes back (`Piece`,
+# `Finish`, `Usage`); grammars for structured output and tool calls; the chat template's prompt and
+# the parsing of tool calls, done once here for every dialect.
+
+@dataclass
+class Sampling:
+    """How one answer's tokens are picked."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int = 0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict = field(default_factory=dict)
+    grammar: str = None  # llama.cpp GBNF text, or None
+
+
+@dataclass
+class Generation:
+    """One request for the engine, whatever dialect it came in: a prompt as tokens, how to
+    sample it, when to stop, and what to report."""
+
+    prompt: list
+    sampling: Sampling
+    max_tokens: int
+    stop: list = field(default_factory=list)
+    n: int = 1  # answers to the same prompt, sharing its prefill
+    logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
+    hold: bool = False  # the answer is parsed whole (tool calls): no pieces until it ends
+
+
+@dataclass
+class Piece:
+    """Text of answer `index` as it is generated, with its tokens and their logprobs."""
+
+    index: int
+    text: str
+    tokens: list
+    logprobs: list  # [(token text, logprob, [(alternative text, logprob)])] or []
+
+
+@dataclass
+class Finish:
+    """Answer `index` has ended: why (stop, length), its whole text, the stop string met."""
+
+    index: int
+    reason: str
+    text: str
+    tokens: int
+    stop_sequence: str = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in a sequence's KV cache, not evaluated again
+
+    def openai(self):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+# llama-cpp-python's defaults, which this node has always answered with.
+CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+COMPLETION_DEFAULTS = dict(CHAT_DEFAULTS, temperature=0.8)
+
+
+# JSON Schema keywords llama.cpp's schema-to-grammar converter cannot express; a schema using
+# one is refused by name rather than half-honoured.
+UNSUPPORTED_SCHEMA_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired",
+                               "patternProperties", "propertyNames", "unevaluatedProperties",
+                               "unevaluatedItems", "contains", "uniqueItems", "multipleOf",
+                               "$dynamicRef")
+
+
+_GRAMMARS = OrderedDict()  # schema text -> compiled LlamaGrammar text (most recent last)
+
+
+_GRAMMARS_LOCK = threading.Lock()  # guards _GRAMMARS
+
+
+def check_schema(schema, where):
+    """Refuse a JSON schema the grammar converter cannot honour, naming the keyword."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in UNSUPPORTED_SCHEMA_KEYWORDS:
+                raise UnsupportedParameter("%s: the JSON Schema keyword '%s' cannot be enforced by "
+                                           "the grammar and is not supported" % (where, key))
+            if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                raise UnsupportedParameter("%s: only local '$ref's (#/...) are supported" % where)
+            if key not in ("const", "enum", "default", "examples"):
+                check_schema(value, where)
+    elif isinstance(schema, list):
+        for item in schema:
+            check_schema(item, where)
+
+
+def grammar(schema=None, wrap=None):
+    """llama.cpp grammar text for JSON matching `schema` (any JSON value when None), converted
+    once per schema; `wrap` = (before, after): literal text around the JSON."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    key = (json.dumps(wrap) if wrap else "") + (json.dumps(schema) if schema is not None else "")
+    with _GRAMMARS_LOCK:
+        text = _GRAMMARS.get(key)
+        if text is not None:
+            _GRAMMARS.move_to_end(key)
+    if text is None:
+        try:
+            # From the schema as given: its property order is the order of the answer's keys.
+            text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(schema))
+            if wrap:
+                text = re.sub(r"^root ::=", "wrapped-json ::=", text, flags=re.M)
+                text = "root ::= %s wrapped-json %s\n%s" % (json.dumps(wrap[0]), json.dumps(wrap[1]), text)
+        except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
+            raise InvalidRequest("The JSON schema cannot be turned into a grammar: %s" % e) from e
+        with _GRAMMARS_LOCK:
+            _GRAMMARS[key] = text
+            while len(_GRAMMARS) > 64:
+                _GRAMMARS.popitem(last=False)
+    return text
+
+
+def tool_call_schema(tools, choice, response=None):
+    """The JSON a constrained answer must be (llama.cpp's generic tool format): a call of one
+    of `tools`, or (with `auto`) a plain answer in `response` (a string, or JSON matching the
+    `response` schema)."""
+    calls = [{"type": "object", "properties": {"name": {"const": t["name"]},
+                                                "arguments": t["parameters"]},
+              "required": ["name", "arguments"]}
+             for t in tools if choice in ("auto", "required") or t["name"] == choice]
+    call = {"type": "object", "properties": {"tool_call": calls[0] if len(calls) == 1 else
+                                              {"anyOf": calls}},
+            "required": ["tool_call"]}
+    if choice != "auto":
+        return call
+    answer = {"type": "string"} if response is None else response
+    return {"anyOf": [call, {"type": "object", "properties": {"response": answer},
+                             "required": ["response"]}]}
+
+
+def tool_system_prompt(tools, schema):
+    """What llama.cpp's generic format tells the model: the tools and the JSON to answer in."""
+    return ("You can call these tools:\n%s\n\nRespond in JSON format, either with `tool_call` "
+            "(a request to call a tool) or with `response` (a reply to the user), matching this "
+            "schema:\n%s" % (json.dumps([{"name": t["name"], "description": t["description"],
+                                          "parameters": t["parameters"]} for t in tools], indent=1),
+                             json.dumps(schema)))
+
+
+def with_tools(messages, tools, schema):
+    """Messages with the tools described in the (first) system message."""
+    text = tool_system_prompt(tools, schema)
+    if messages and messages[0]["role"] == "system":
+        return [dict(messages[0], content=messages[0]["content"] + "\n\n" + text)] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
+def parse_tool_answer(text):
+    """(tool call {"name", "arguments"} or None, plain text) from a constrained answer."""
+    try:
+        doc = json.loads(text, strict=False)
+    except ValueError:
+        return None, _cut_response(text)
+    if isinstance(doc, dict) and isinstance(doc.get("tool_call"), dict):
+        return doc["tool_call"], None
+    if isinstance(doc, dict) and "response" in doc:
+        answer = doc["response"]
+        return None, answer if isinstance(answer, str) else json.dumps(answer)
+    return None, text
+
+
+_RESPONSE_OPENING = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+
+
+def _cut_response(text):
+    """The text of a plain answer cut off by its token budget, `{"response": "...` unfinished:
+    the string so far (its escapes decoded); any other unfinished answer as it is."""
+    m = _RESPONSE_OPENING.match(text)
+    if m is None:
+        return text
+    rest = text[m.end():]
+    for cut in range(len(rest), max(-1, len(rest) - 8), -1):  # an escape or `"}` cut short
+        try:
+            return json.loads('"%s"' % rest[:cut], strict=False)
+        except ValueError:
+            continue
+    return text
+
+
+def renders_tools(formatter):
+    """Whether a chat template renders tools itself in the Hermes/Qwen way (`<tool_call>`
+    blocks): such models get their tools, calls and results through their own template."""
+    template = getattr(formatter, "template", "") or ""
+    return "tools" in template and "<tool_call>" in template
+
+
+def native_tool_grammar(tools, choice):
+    """A grammar for one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block of
+    one of `tools` (or the one named)."""
+    calls = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+              "required": ["name", "arguments"]}
+             for t in tools if choice == "required" or t["name"] == choice]
+    return grammar(calls[0] if len(calls) == 1 else {"anyOf": calls},
+                   wrap=("<tool_call>\n", "\n</tool_call>"))
+
+
+def parse_native_calls(text, tools):
+    """([{"name", "arguments"}] from the `<tool_call>` blocks of an answer, the rest of it)."""
+    known = {t["name"] for t in tools}
+    calls = []
+    for block in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
+        try:
+            # Raw control characters inside strings are let through (byte-vocabulary models
+            # produce them under a grammar); json.dumps escapes them on the way out.
+            call = json.loads(block, strict=False)
+        except ValueError:
+            continue
+        if (isinstance(call, dict) and call.get("name") in known
+                and isinstance(call.get("arguments", {}), dict)):
+            calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+    if not calls:
+        return [], text
+    return calls, re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text, flags=re.S).strip()
+
+
+def render_chat(llm, formatter, messages, tools=None):
+    """(prompt tokens, the template's stop strings) of a chat."""
+    if formatter is None:
+        text = "".join("%s: %s\n" % (m["role"], m["content"]) for m in messages) + "assistant:"
+        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
+    rendered = formatter(messages=messages, tools=tools) if tools else formatter(messages=messages)
+    tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+    stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
+    return tokens, stop
+
+
+def chat_message(finish, tools, mode):
+    """(the assistant message, finish reason) of an ended answer: tool calls parsed once here,
+    for every dialect to render."""
+    text, reason = finish.text, finish.reason
+    if mode is None:
+        return {"role": "assistant", "content": text}, reason
+    if mode == "native":
+        calls, plain = parse_native_calls(text, tools)
+    else:
+        call, plain = parse_tool_answer(text)
+        calls = [call] if call is not None else []
+    if not calls:
+        return {"role": "assistant", "content": plain}, reason
+    return {"role": "assistant", "content": plain or None, "tool_calls": [
+        {"id": "call_%s" % os.urandom(12).hex(), "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
+        for c in calls]}, "tool_calls"
+
+
+def _token_bytes(text):
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(items):
+    return {"content": [{"token": t, "logprob": lp, "bytes": _token_bytes(t),
+                         "top_logprobs": [{"token": a, "logprob": alp, "bytes": _token_bytes(a)}
+                                          for a, alp in alts]} for t, lp, alts in items]}
+
+
+def completion_logprobs(items):
+    offsets, at = [], 0
+    for t, _lp, _alts in items:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
+            "top_logprobs": [dict(alts) for _, _, alts in items], "text_offset": offsets}
 
 
 ###############################################################################
@@ -1593,60 +1752,6 @@ class Node:
         return vectors, used
 
 
-# llama-cpp-python's defaults, which this node has always answered with.
-CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
-COMPLETION_DEFAULTS = dict(CHAT_DEFAULTS, temperature=0.8)
-
-
-def render_chat(llm, formatter, messages, tools=None):
-    """(prompt tokens, the template's stop strings) of a chat."""
-    if formatter is None:
-        text = "".join("%s: %s\n" % (m["role"], m["content"]) for m in messages) + "assistant:"
-        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
-    rendered = formatter(messages=messages, tools=tools) if tools else formatter(messages=messages)
-    tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
-    stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
-    return tokens, stop
-
-
-def chat_message(finish, tools, mode):
-    """(the assistant message, finish reason) of an ended answer: tool calls parsed once here,
-    for every dialect to render."""
-    text, reason = finish.text, finish.reason
-    if mode is None:
-        return {"role": "assistant", "content": text}, reason
-    if mode == "native":
-        calls, plain = parse_native_calls(text, tools)
-    else:
-        call, plain = parse_tool_answer(text)
-        calls = [call] if call is not None else []
-    if not calls:
-        return {"role": "assistant", "content": plain}, reason
-    return {"role": "assistant", "content": plain or None, "tool_calls": [
-        {"id": "call_%s" % os.urandom(12).hex(), "type": "function",
-         "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
-        for c in calls]}, "tool_calls"
-
-
-def _token_bytes(text):
-    return list(text.encode("utf-8"))
-
-
-def chat_logprobs(items):
-    return {"content": [{"token": t, "logprob": lp, "bytes": _token_bytes(t),
-                         "top_logprobs": [{"token": a, "logprob": alp, "bytes": _token_bytes(a)}
-                                          for a, alp in alts]} for t, lp, alts in items]}
-
-
-def completion_logprobs(items):
-    offsets, at = [], 0
-    for t, _lp, _alts in items:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
-            "top_logprobs": [dict(alts) for _, _, alts in items], "text_offset": offsets}
-
-
 def _check_tokens(llm, tokens, what, limit):
     limit = limit - CONTEXT_MARGIN - 1
     if not tokens:
@@ -1689,8 +1794,203 @@ class _Call:
 
 
 ###############################################################################
-# Request validation ##########################################################
+# HTTP: the app, the API key, errors and event streams ########################
 ###############################################################################
+
+def error_response(err):
+    """Set the status and headers of an error and return its body: OpenAI's shape, or Ollama's
+    `{"error": "..."}` under /api/."""
+    bottle.response.status = err.status
+    bottle.response.content_type = "application/json"
+    if err.retry_after:
+        bottle.response.set_header("Retry-After", str(err.retry_after))
+    return json.dumps(error_body(err, bottle.request.path))
+
+
+def error_body(err, path):
+    if path.startswith("/api/"):
+        return {"error": err.message}
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_error(err)
+    return err.body()
+
+
+def make_app(node):
+    """The WSGI app: the Bottle routes behind the API key check and the request counter."""
+    return guarded(routes(node), node.settings.api_key, node.metrics)
+
+
+def guarded(app, api_key, metrics):
+    """Refuse requests without the API key (but /health), and count answers by status."""
+    expected = ("Bearer " + api_key).encode() if api_key else None
+    expected_key = api_key.encode() if api_key else None  # Anthropic's x-api-key header
+
+    def wsgi(environ, start_response):
+        def counting_start_response(status, headers, exc_info=None):
+            metrics.inc("llmnode_requests_total", status=status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
+
+        if expected and environ.get("PATH_INFO") != "/health":
+            given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+            given_key = environ.get("HTTP_X_API_KEY", "").encode("latin-1", "replace")
+            if not (hmac.compare_digest(given, expected) or hmac.compare_digest(given_key, expected_key)):
+                err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY> "
+                                   "or x-api-key: <LLM_API_KEY>")
+                body = json.dumps(error_body(err, environ.get("PATH_INFO", ""))).encode()
+                counting_start_response("401 Unauthorized", [
+                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                    ("WWW-Authenticate", 'Bearer realm="llmnode"')])
+                return [body]
+        return app(environ, counting_start_response)
+
+    return wsgi
+
+
+# Every route is one module-level function of the node (and the URL's parts), registered with
+# @route; `routes` puts them all on one Bottle app behind the error handling they share.
+ROUTES = []
+
+
+def route(method, path, plain=False):
+    """Register a route. A `plain` one (health, readiness, metrics) is answered without the API
+    routes' error handling and endpoint count."""
+    def register(handler):
+        ROUTES.append((method, path, handler, plain))
+        return handler
+    return register
+
+
+def routes(node):
+    """The Bottle app of every registered route: every answer, errors included, is JSON."""
+    app = bottle.Bottle(catchall=True, autojson=True)
+    app.default_error_handler = lambda res: bottle_error(res, node.settings.max_body_bytes)
+    for method, path, handler, plain in ROUTES:
+        app.route(path, method, plain_call(node, handler) if plain else api_call(node, handler))
+    return app
+
+
+def plain_call(node, handler):
+    def call(**parts):
+        return handler(node, **parts)
+    return call
+
+
+def api_call(node, handler):
+    """An API route: counted by endpoint; the node's errors answered in the dialect's shape."""
+    def call(**parts):
+        node.metrics.inc("llmnode_endpoint_requests_total", endpoint=bottle.request.route.rule)
+        try:
+            return handler(node, **parts)
+        except LLMNodeError as e:
+            log.log(logging.ERROR if e.status >= 500 else logging.INFO,
+                    "%s %s -> %d %s", bottle.request.method, bottle.request.path, e.status, e)
+            return error_response(e)
+    return call
+
+
+def bottle_error(res, limit):
+    """Bottle's own errors (no route, wrong method, too large, an unhandled exception) as the
+    node's; an unhandled exception is logged with its traceback."""
+    if res.status_code == 404:
+        err = RouteNotFound("Unknown route: %s %s" % (bottle.request.method, bottle.request.path))
+    elif res.status_code == 405:
+        err = MethodNotAllowed("Method %s is not allowed on %s"
+                               % (bottle.request.method, bottle.request.path))
+    elif res.status_code == 413:
+        err = PayloadTooLarge("Request body is larger than %d bytes" % limit)
+    elif res.status_code < 500:
+        err = InvalidRequest(str(res.body) or "Bad request")
+        err.status = res.status_code
+    else:
+        if res.exception is not None:
+            log.error("unhandled error on %s %s: %r\n%s", bottle.request.method,
+                      bottle.request.path, res.exception, res.traceback)
+        err = LLMNodeError("Internal server error")
+    return error_response(err)
+
+
+def read_json(node):
+    """The request's JSON body, at most LLM_MAX_BODY_BYTES."""
+    limit = node.settings.max_body_bytes
+    if bottle.request.content_length > limit:
+        raise PayloadTooLarge("Request body is larger than %d bytes" % limit)
+    raw = bottle.request.body.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge("Request body is larger than %d bytes" % limit)
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest("The request body is not valid JSON: %s" % e) from None
+
+
+def event_stream(chunks):
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return sse(chunks)
+
+
+def sse(chunks):
+    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
+    try:
+        for chunk in chunks:
+            yield "data: %s\n\n" % json.dumps(chunk)
+    except Exception as e:
+        log.exception("stream failed")
+        yield "data: %s\n\n" % json.dumps(LLMNodeError("Stream failed: %s" % e).body())
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+    yield "data: [DONE]\n\n"
+
+
+def named_events(events, error_event):
+    """Server-sent events with `event:` lines, as Anthropic and the Responses API send them; an
+    error after the 200 is sent becomes the dialect's `error` event."""
+    try:
+        for event in events:
+            yield "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
+    except Exception as e:
+        if not isinstance(e, LLMNodeError):
+            log.exception("stream failed")
+            e = LLMNodeError("Stream failed: %s" % e)
+        yield "event: error\ndata: %s\n\n" % json.dumps(error_event(e))
+    finally:
+        if hasattr(events, "close"):
+            events.close()
+
+
+###############################################################################
+# Operations ##################################################################
+###############################################################################
+# Health, readiness and metrics: answered at once, whatever the models are doing.
+
+@route("GET", "/health", plain=True)
+def health(node):
+    """Never waits: not for a load, a generation or a repair."""
+    return {"status": "ok", "repairs": node.repairs.active()}
+
+
+@route("GET", "/ready", plain=True)
+def ready(node):
+    if node.ready.is_set():
+        return {"status": "ready", "loaded": [os.path.basename(p) for p in node.pool.loaded()]}
+    bottle.response.status = 503
+    return {"status": "not ready", "preload": dict(node.preload_errors)}
+
+
+@route("GET", "/metrics", plain=True)
+def metrics_text(node):
+    bottle.response.content_type = "text/plain; version=0.0.4"
+    return node.metrics.render()
+
+
+###############################################################################
+# OpenAI dialect ##############################################################
+###############################################################################
+# /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models. Its checked request is the
+# internal one the other dialects translate onto (`dialect_request`); the checks here are shared.
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -1729,14 +2029,22 @@ def _content(i, message):
 
 # Fields that change nothing in the answer: accepted and left alone.
 HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+
+
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                "seed", "stop", "stream", "stream_options", "response_format", "tools", "tool_choice",
                "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "n",
                "logprobs", "top_logprobs") + HARMLESS
+
+
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
                      "stream_options", "echo", "presence_penalty", "frequency_penalty", "logit_bias",
                      "n", "best_of", "logprobs", "suffix") + HARMLESS
+
+
 EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions") + HARMLESS
+
+
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -1994,224 +2302,6 @@ def validate_embeddings(req):
     return {"model": model, "inputs": inputs, "encoding_format": fmt}
 
 
-###############################################################################
-# HTTP ########################################################################
-###############################################################################
-
-def error_response(err):
-    """Set the status and headers of an error and return its body: OpenAI's shape, or Ollama's
-    `{"error": "..."}` under /api/."""
-    bottle.response.status = err.status
-    bottle.response.content_type = "application/json"
-    if err.retry_after:
-        bottle.response.set_header("Retry-After", str(err.retry_after))
-    return json.dumps(error_body(err, bottle.request.path))
-
-
-def error_body(err, path):
-    if path.startswith("/api/"):
-        return {"error": err.message}
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return anthropic_error(err)
-    return err.body()
-
-
-def make_app(node):
-    """The WSGI app: the Bottle routes behind the API key check and the request counter."""
-    return guarded(routes(node), node.settings.api_key, node.metrics)
-
-
-def guarded(app, api_key, metrics):
-    """Refuse requests without the API key (but /health), and count answers by status."""
-    expected = ("Bearer " + api_key).encode() if api_key else None
-    expected_key = api_key.encode() if api_key else None  # Anthropic's x-api-key header
-
-    def wsgi(environ, start_response):
-        def counting_start_response(status, headers, exc_info=None):
-            metrics.inc("llmnode_requests_total", status=status.split(" ", 1)[0])
-            return start_response(status, headers, exc_info)
-
-        if expected and environ.get("PATH_INFO") != "/health":
-            given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
-            given_key = environ.get("HTTP_X_API_KEY", "").encode("latin-1", "replace")
-            if not (hmac.compare_digest(given, expected) or hmac.compare_digest(given_key, expected_key)):
-                err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY> "
-                                   "or x-api-key: <LLM_API_KEY>")
-                body = json.dumps(error_body(err, environ.get("PATH_INFO", ""))).encode()
-                counting_start_response("401 Unauthorized", [
-                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                    ("WWW-Authenticate", 'Bearer realm="llmnode"')])
-                return [body]
-        return app(environ, counting_start_response)
-
-    return wsgi
-
-
-def routes(node):
-    """The Bottle app: every answer, errors included, is JSON."""
-    app = bottle.Bottle(catchall=True, autojson=True)
-    limit = node.settings.max_body_bytes
-
-    def api(handler):
-        def wrapper(*args, **kwargs):
-            node.metrics.inc("llmnode_endpoint_requests_total", endpoint=bottle.request.route.rule)
-            try:
-                return handler(*args, **kwargs)
-            except LLMNodeError as e:
-                log.log(logging.ERROR if e.status >= 500 else logging.INFO,
-                        "%s %s -> %d %s", bottle.request.method, bottle.request.path, e.status, e)
-                return error_response(e)
-        return wrapper
-
-    def bottle_error(res):
-        if res.status_code == 404:
-            err = RouteNotFound("Unknown route: %s %s" % (bottle.request.method, bottle.request.path))
-        elif res.status_code == 405:
-            err = MethodNotAllowed("Method %s is not allowed on %s"
-                                   % (bottle.request.method, bottle.request.path))
-        elif res.status_code == 413:
-            err = PayloadTooLarge("Request body is larger than %d bytes" % limit)
-        elif res.status_code < 500:
-            err = InvalidRequest(str(res.body) or "Bad request")
-            err.status = res.status_code
-        else:
-            if res.exception is not None:
-                log.error("unhandled error on %s %s: %r\n%s", bottle.request.method,
-                          bottle.request.path, res.exception, res.traceback)
-            err = LLMNodeError("Internal server error")
-        return error_response(err)
-
-    app.default_error_handler = bottle_error
-
-    def read_json():
-        if bottle.request.content_length > limit:
-            raise PayloadTooLarge("Request body is larger than %d bytes" % limit)
-        raw = bottle.request.body.read(limit + 1)
-        if len(raw) > limit:
-            raise PayloadTooLarge("Request body is larger than %d bytes" % limit)
-        if not raw.strip():
-            raise InvalidRequest("The request body is empty; send a JSON object")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidRequest("The request body is not valid JSON: %s" % e) from None
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "repairs": node.repairs.active()}
-
-    @app.get("/ready")
-    def ready():
-        if node.ready.is_set():
-            return {"status": "ready", "loaded": [os.path.basename(p) for p in node.pool.loaded()]}
-        bottle.response.status = 503
-        return {"status": "not ready", "preload": dict(node.preload_errors)}
-
-    @app.get("/metrics")
-    def metrics():
-        bottle.response.content_type = "text/plain; version=0.0.4"
-        return node.metrics.render()
-
-    @app.get("/v1/models")
-    @api
-    def list_models():
-        return {"object": "list", "data": node.models()}
-
-    @app.get("/v1/models/<name:path>")
-    @api
-    def show_model(name):
-        ref = names.parse(name)
-        found = [m for m in node.models() if m["id"] == str(ref) or m["id"] == name]
-        if not found:
-            raise ModelNotFound(name)
-        return dict(found[0], id=name)
-
-    @app.post("/v1/chat/completions")
-    @api
-    def chat_completions():
-        req = validate_chat(read_json(), node.settings.n_ctx)
-        started = time.monotonic()
-        result = node.chat(req)
-        if not req["stream"]:
-            log.info("chat %s: %d tokens in %.2fs", req["model"],
-                     result["usage"]["completion_tokens"], time.monotonic() - started)
-            return result
-        return event_stream(result)
-
-    @app.post("/v1/completions")
-    @api
-    def completions():
-        req = validate_completion(read_json(), node.settings.n_ctx)
-        result = node.complete(req)
-        return event_stream(result) if req["stream"] else result
-
-    @app.post("/v1/embeddings")
-    @api
-    def embeddings():
-        req = validate_embeddings(read_json())
-        vectors, used = node.embed(req)
-        return {"object": "list", "model": req["model"],
-                "data": [{"object": "embedding", "index": i,
-                          "embedding": encode_vector(v, req["encoding_format"])}
-                         for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": used, "total_tokens": used}}
-
-    responses_routes(app, node, read_json, api)
-    anthropic_routes(app, node, read_json, api)
-    ollama_routes(app, node, read_json, api)
-
-    return app
-
-
-def event_stream(chunks):
-    bottle.response.content_type = "text/event-stream"
-    bottle.response.set_header("Cache-Control", "no-cache")
-    return sse(chunks)
-
-
-def encode_vector(vector, encoding):
-    """A vector as a JSON list of floats, or base64 of its little-endian float32s (OpenAI's)."""
-    if encoding == "float":
-        return vector
-    return base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
-
-
-def sse(chunks):
-    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
-    try:
-        for chunk in chunks:
-            yield "data: %s\n\n" % json.dumps(chunk)
-    except Exception as e:
-        log.exception("stream failed")
-        yield "data: %s\n\n" % json.dumps(LLMNodeError("Stream failed: %s" % e).body())
-    finally:
-        if hasattr(chunks, "close"):
-            chunks.close()
-    yield "data: [DONE]\n\n"
-
-
-###############################################################################
-# Responses dialect ###########################################################
-###############################################################################
-# OpenAI's Responses API, stateless: a translation at the edge, as the Ollama dialect is. `input`
-# items become OpenAI-shaped chat messages and then the one internal request; the one result
-# becomes output items, or the Responses event sequence. Nothing is stored, so whatever needs a
-# stored response (`previous_response_id`, `conversation`, `background`) is refused by name.
-# Errors are OpenAI's shape, as in /v1/chat/completions.
-
-RESPONSES_FIELDS = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
-                    "tools", "tool_choice", "parallel_tool_calls", "text", "stream", "stream_options",
-                    "store", "metadata", "user", "include", "truncation", "top_logprobs",
-                    "previous_response_id", "conversation", "background", "reasoning", "prompt",
-                    "max_tool_calls", "service_tier", "safety_identifier", "prompt_cache_key")
-BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use",
-                 "computer_use_preview", "mcp", "image_generation", "local_shell", "shell",
-                 "apply_patch", "custom")
-_RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
-                       "function_call": ("type", "call_id", "name", "arguments", "id", "status"),
-                       "function_call_output": ("type", "call_id", "output", "id", "status")}
-
-
 def dialect_request(model, messages, **fields):
     """The internal request for a dialect whose messages are already in OpenAI's shape (assistant
     `tool_calls` with JSON-string arguments, `tool` messages with `tool_call_id`)."""
@@ -2248,20 +2338,80 @@ def cached_tokens(usage):
     return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
-def named_events(events, error_event):
-    """Server-sent events with `event:` lines, as Anthropic and the Responses API send them; an
-    error after the 200 is sent becomes the dialect's `error` event."""
-    try:
-        for event in events:
-            yield "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
-    except Exception as e:
-        if not isinstance(e, LLMNodeError):
-            log.exception("stream failed")
-            e = LLMNodeError("Stream failed: %s" % e)
-        yield "event: error\ndata: %s\n\n" % json.dumps(error_event(e))
-    finally:
-        if hasattr(events, "close"):
-            events.close()
+@route("GET", "/v1/models")
+def openai_models(node):
+    return {"object": "list", "data": node.models()}
+
+
+@route("GET", "/v1/models/<name:path>")
+def openai_model(node, name):
+    ref = names.parse(name)
+    found = [m for m in node.models() if m["id"] == str(ref) or m["id"] == name]
+    if not found:
+        raise ModelNotFound(name)
+    return dict(found[0], id=name)
+
+
+@route("POST", "/v1/chat/completions")
+def openai_chat(node):
+    req = validate_chat(read_json(node), node.settings.n_ctx)
+    started = time.monotonic()
+    result = node.chat(req)
+    if not req["stream"]:
+        log.info("chat %s: %d tokens in %.2fs", req["model"],
+                 result["usage"]["completion_tokens"], time.monotonic() - started)
+        return result
+    return event_stream(result)
+
+
+@route("POST", "/v1/completions")
+def openai_completions(node):
+    req = validate_completion(read_json(node), node.settings.n_ctx)
+    result = node.complete(req)
+    return event_stream(result) if req["stream"] else result
+
+
+@route("POST", "/v1/embeddings")
+def openai_embeddings(node):
+    req = validate_embeddings(read_json(node))
+    vectors, used = node.embed(req)
+    return {"object": "list", "model": req["model"],
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": encode_vector(v, req["encoding_format"])} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+
+def encode_vector(vector, encoding):
+    """A vector as a JSON list of floats, or base64 of its little-endian float32s (OpenAI's)."""
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
+
+
+###############################################################################
+# Responses dialect ###########################################################
+###############################################################################
+# OpenAI's Responses API, stateless: a translation at the edge, as the Ollama dialect is. `input`
+# items become OpenAI-shaped chat messages and then the one internal request; the one result
+# becomes output items, or the Responses event sequence. Nothing is stored, so whatever needs a
+# stored response (`previous_response_id`, `conversation`, `background`) is refused by name.
+# Errors are OpenAI's shape, as in /v1/chat/completions.
+
+RESPONSES_FIELDS = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
+                    "tools", "tool_choice", "parallel_tool_calls", "text", "stream", "stream_options",
+                    "store", "metadata", "user", "include", "truncation", "top_logprobs",
+                    "previous_response_id", "conversation", "background", "reasoning", "prompt",
+                    "max_tool_calls", "service_tier", "safety_identifier", "prompt_cache_key")
+
+
+BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use",
+                 "computer_use_preview", "mcp", "image_generation", "local_shell", "shell",
+                 "apply_patch", "custom")
+
+
+_RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
+                       "function_call": ("type", "call_id", "name", "arguments", "id", "status"),
+                       "function_call_output": ("type", "call_id", "output", "id", "status")}
 
 
 def _text_parts(where, content, kinds):
@@ -2536,24 +2686,20 @@ def _response_events(chunks, head):
                 response=done)
 
 
-def responses_routes(app, node, read_json, api):
-    """OpenAI's Responses API on the node's app: the same guard, repair, pool and generation."""
-
-    @app.post("/v1/responses")
-    @api
-    def responses():
-        body = read_json()
-        req = validate_responses(body, node.settings.n_ctx)
-        head = response_head("resp_%s" % os.urandom(12).hex(), body, req, int(time.time()))
-        result = node.chat(req)
-        if not req["stream"]:
-            choice = result["choices"][0]
-            return response_finished(head, response_output(choice["message"], choice["finish_reason"]),
-                                     result["usage"], choice["finish_reason"])
-        bottle.response.content_type = "text/event-stream"
-        bottle.response.set_header("Cache-Control", "no-cache")
-        return named_events(_response_events(result, head), lambda e: {
-            "type": "error", "code": e.code, "message": e.message, "param": None})
+@route("POST", "/v1/responses")
+def responses_create(node):
+    body = read_json(node)
+    req = validate_responses(body, node.settings.n_ctx)
+    head = response_head("resp_%s" % os.urandom(12).hex(), body, req, int(time.time()))
+    result = node.chat(req)
+    if not req["stream"]:
+        choice = result["choices"][0]
+        return response_finished(head, response_output(choice["message"], choice["finish_reason"]),
+                                 result["usage"], choice["finish_reason"])
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return named_events(_response_events(result, head), lambda e: {
+        "type": "error", "code": e.code, "message": e.message, "param": None})
 
 
 ###############################################################################
@@ -2567,15 +2713,23 @@ def responses_routes(app, node, read_json, api):
 # Fields that change nothing in the answer: accepted and left alone (the prompt cache is automatic).
 ANTHROPIC_HARMLESS = ("metadata", "service_tier", "cache_control", "inference_geo", "speed", "workspace_id",
                       "user_profile_id")
+
+
 ANTHROPIC_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
                     "top_k", "stream", "tools", "tool_choice", "output_config", "thinking", "mcp_servers",
                     "container") + ANTHROPIC_HARMLESS
+
+
 ANTHROPIC_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "output_config",
                           "thinking", "mcp_servers", "cache_control")
+
+
 # Each error's neutral kind as Anthropic's error type; any other kind is an api_error.
 ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error",
                          "not_found": "not_found_error", "too_large": "request_too_large",
                          "overloaded": "overloaded_error"}
+
+
 _BLOCK_KEYS = {"text": ("type", "text", "cache_control", "citations"),
                "tool_use": ("type", "id", "name", "input", "cache_control"),
                "tool_result": ("type", "tool_use_id", "content", "is_error", "cache_control")}
@@ -2841,25 +2995,21 @@ def count_prompt_tokens(node, req):
         entry.release()
 
 
-def anthropic_routes(app, node, read_json, api):
-    """Anthropic's Messages API on the node's app: the same guard, repair, pool and generation."""
+@route("POST", "/v1/messages")
+def anthropic_create(node):
+    req = validate_anthropic(read_json(node), node.settings.n_ctx)
+    result = node.chat(req)
+    if not req["stream"]:
+        return anthropic_message(result, req["model"])
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return named_events(_anthropic_events(result, req["model"]), anthropic_error)
 
-    @app.post("/v1/messages")
-    @api
-    def messages():
-        req = validate_anthropic(read_json(), node.settings.n_ctx)
-        result = node.chat(req)
-        if not req["stream"]:
-            return anthropic_message(result, req["model"])
-        bottle.response.content_type = "text/event-stream"
-        bottle.response.set_header("Cache-Control", "no-cache")
-        return named_events(_anthropic_events(result, req["model"]), anthropic_error)
 
-    @app.post("/v1/messages/count_tokens")
-    @api
-    def count_tokens():
-        req = validate_anthropic(read_json(), node.settings.n_ctx, ANTHROPIC_COUNT_FIELDS)
-        return {"input_tokens": count_prompt_tokens(node, req)}
+@route("POST", "/v1/messages/count_tokens")
+def anthropic_count_tokens(node):
+    req = validate_anthropic(read_json(node), node.settings.n_ctx, ANTHROPIC_COUNT_FIELDS)
+    return {"input_tokens": count_prompt_tokens(node, req)}
 
 
 ###############################################################################
@@ -2870,15 +3020,25 @@ def anthropic_routes(app, node, read_json, api):
 # back. Errors are Ollama's `{"error": "..."}` with the same statuses.
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API level these routes follow
+
+
 # Options that only tune speed or memory: accepted, changing nothing in the answer.
 OLLAMA_HARMLESS_OPTIONS = ("numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread",
                            "use_mmap", "use_mlock")
+
+
 OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                   "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+
+
 OLLAMA_CHAT_FIELDS = ("model", "messages", "tools", "format", "options", "stream", "keep_alive", "think")
+
+
 OLLAMA_GENERATE_FIELDS = ("model", "prompt", "suffix", "system", "template", "context", "stream", "raw",
                           "format", "options", "keep_alive", "images", "think")
+
+
 FOREVER = "9999-12-31T23:59:59Z"
 
 
@@ -3023,242 +3183,246 @@ def ndjson(events, path):
             events.close()
 
 
-def ollama_routes(app, node, read_json, api):
-    """Ollama's API on the node's app: the same guard, repair, pool and generation."""
+def ollama_body(node, fields=None):
+    """The request's JSON object; `name` taken as `model` (older clients); unknown fields refused."""
+    body = read_json(node)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    if "model" not in body and isinstance(body.get("name"), str):
+        body["model"] = body.pop("name")  # older clients
+    if fields is not None:
+        refuse_unknown(body, fields)
+    return body
 
-    def body_of(fields=None):
-        body = read_json()
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object")
-        if "model" not in body and isinstance(body.get("name"), str):
-            body["model"] = body.pop("name")  # older clients
-        if fields is not None:
-            refuse_unknown(body, fields)
-        return body
 
-    def stream_flag(body):
-        return _bool(body, "stream", True)
+def ollama_stream(body):
+    return _bool(body, "stream", True)
 
-    def load_only(body, key):
-        """A request with no prompt loads the model (or, with keep_alive 0, unloads it)."""
-        keep = ollama_keep_alive(body)
-        model = _model(body)
-        entry = node.load(model, keep)
-        path = entry.path
-        entry.release()
-        reason = "load"
-        if keep == 0:
-            node.pool.drop(path)
-            reason = "unload"
-        event = {"model": model, "created_at": rfc3339(time.time()), "done": True,
-                 "done_reason": reason}
-        event[key] = {"role": "assistant", "content": ""} if key == "message" else ""
-        return event
 
-    def generation(body, messages, key, raw_prompt=None):
-        model = _model(body)
-        _manifest, _layer, _meta, _details, extras = node.describe(names.parse(model))
-        options, ctx = ollama_options(body, ollama_params_layer(extras), node.settings.n_ctx)
-        if raw_prompt is None and extras.get("system") and not any(
-                m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": extras["system"]}] + messages
-        stream = stream_flag(body)
-        openai_body = dict({k: v for k, v in options.items() if k != "max_tokens"}, model=model,
-                           stream=stream, max_tokens=options.get("max_tokens"))
-        fmt = ollama_format(body)
-        if fmt is not None:
-            openai_body["response_format"] = fmt
-        if stream:
-            openai_body["stream_options"] = {"include_usage": True}
-        if body.get("tools"):  # the ollama client sends [] for none
-            openai_body["tools"] = body["tools"]
-        timings, started = {}, time.monotonic()
-        own = {k: openai_body.pop(k) for k in ("top_k", "min_p", "repeat_penalty") if k in openai_body}
-        with ollama_field_names(options):
-            if raw_prompt is not None:
-                req = validate_completion(dict(openai_body, prompt=raw_prompt), node.settings.n_ctx)
-                req["format"], req["format_schema"] = _response_format(openai_body)
-                req["max_tokens"] = openai_body["max_tokens"]  # Ollama's default: until the context ends
-            else:
-                req = validate_chat(dict(openai_body, messages=messages), node.settings.n_ctx)
-        req.update(own, keep_alive=ollama_keep_alive(body), timings=timings, ctx_limit=ctx)
-        result = node.complete(req) if raw_prompt is not None else node.chat(req)
-        if not stream:
-            choice = result["choices"][0]
-            if key == "message":
-                message = {"role": "assistant", "content": choice["message"]["content"] or ""}
-                if choice["message"].get("tool_calls"):
-                    message["tool_calls"] = ollama_tool_calls(choice["message"])
-                reason = "stop" if choice["finish_reason"] == "tool_calls" else choice["finish_reason"]
-                return ollama_final(model, timings, result["usage"], started, reason, message=message)
-            return ollama_final(model, timings, result["usage"], started, choice["finish_reason"],
-                                response=choice.get("text", choice.get("message", {}).get("content", "")))
-        bottle.response.content_type = "application/x-ndjson"
-        return ndjson(_ollama_chunks(result, model, key, timings, started), bottle.request.path)
+def ollama_load_only(node, body, key):
+    """A request with no prompt loads the model (or, with keep_alive 0, unloads it)."""
+    keep = ollama_keep_alive(body)
+    model = _model(body)
+    entry = node.load(model, keep)
+    path = entry.path
+    entry.release()
+    reason = "load"
+    if keep == 0:
+        node.pool.drop(path)
+        reason = "unload"
+    event = {"model": model, "created_at": rfc3339(time.time()), "done": True,
+             "done_reason": reason}
+    event[key] = {"role": "assistant", "content": ""} if key == "message" else ""
+    return event
 
-    @app.get("/api/version")
-    @api
-    def version():
-        return {"version": OLLAMA_VERSION}
 
-    @app.get("/api/tags")
-    @api
-    def tags():
-        models = []
-        for ref in node.store.models():
-            try:
-                # A listing hashes nothing large: details come from weights as last checked.
-                manifest, layer, _meta, details, _extras = node.describe(ref, check_weights=False)
-                raw = node.store.read_manifest_raw(ref)
-            except LLMNodeError:
-                continue
-            mtime = os.stat(node.store.manifest_path(ref)).st_mtime
-            size = sum(la.get("size", 0) for la in manifest["layers"])
-            models.append({"name": str(ref), "model": str(ref), "modified_at": rfc3339(mtime),
-                           "size": size, "digest": hashlib.sha256(raw).hexdigest(),
-                           "details": details})
-        return {"models": models}
+def ollama_generation(node, body, messages, key, raw_prompt=None):
+    """A chat or generate answer: the model's params and system layers under the request's own,
+    checked as the OpenAI dialect's request with errors naming Ollama's fields."""
+    model = _model(body)
+    _manifest, _layer, _meta, _details, extras = node.describe(names.parse(model))
+    options, ctx = ollama_options(body, ollama_params_layer(extras), node.settings.n_ctx)
+    if raw_prompt is None and extras.get("system") and not any(
+            m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": extras["system"]}] + messages
+    stream = ollama_stream(body)
+    openai_body = dict({k: v for k, v in options.items() if k != "max_tokens"}, model=model,
+                       stream=stream, max_tokens=options.get("max_tokens"))
+    fmt = ollama_format(body)
+    if fmt is not None:
+        openai_body["response_format"] = fmt
+    if stream:
+        openai_body["stream_options"] = {"include_usage": True}
+    if body.get("tools"):  # the ollama client sends [] for none
+        openai_body["tools"] = body["tools"]
+    timings, started = {}, time.monotonic()
+    own = {k: openai_body.pop(k) for k in ("top_k", "min_p", "repeat_penalty") if k in openai_body}
+    with ollama_field_names(options):
+        if raw_prompt is not None:
+            req = validate_completion(dict(openai_body, prompt=raw_prompt), node.settings.n_ctx)
+            req["format"], req["format_schema"] = _response_format(openai_body)
+            req["max_tokens"] = openai_body["max_tokens"]  # Ollama's default: until the context ends
+        else:
+            req = validate_chat(dict(openai_body, messages=messages), node.settings.n_ctx)
+    req.update(own, keep_alive=ollama_keep_alive(body), timings=timings, ctx_limit=ctx)
+    result = node.complete(req) if raw_prompt is not None else node.chat(req)
+    if not stream:
+        choice = result["choices"][0]
+        if key == "message":
+            message = {"role": "assistant", "content": choice["message"]["content"] or ""}
+            if choice["message"].get("tool_calls"):
+                message["tool_calls"] = ollama_tool_calls(choice["message"])
+            reason = "stop" if choice["finish_reason"] == "tool_calls" else choice["finish_reason"]
+            return ollama_final(model, timings, result["usage"], started, reason, message=message)
+        return ollama_final(model, timings, result["usage"], started, choice["finish_reason"],
+                            response=choice.get("text", choice.get("message", {}).get("content", "")))
+    bottle.response.content_type = "application/x-ndjson"
+    return ndjson(_ollama_chunks(result, model, key, timings, started), bottle.request.path)
 
-    @app.post("/api/show")
-    @api
-    def show():
-        body = body_of(("model", "verbose", "system", "template", "options"))
-        ref = names.parse(_model(body))
-        manifest, layer, meta, details, extras = node.describe(ref)
-        params = ollama_params_layer(extras)
-        parameters = "\n".join("%-30s %s" % (k, json.dumps(x) if isinstance(x, str) else x)
-                               for k, v in params.items() for x in (v if isinstance(v, list) else [v]))
-        template = extras.get("template") or meta.get("tokenizer.chat_template", "")
-        modelfile = "# Modelfile generated by llmnode\nFROM %s\n" % node.store.blob_path(layer["digest"])
-        if extras.get("template"):
-            modelfile += 'TEMPLATE """%s"""\n' % extras["template"]
-        if extras.get("system"):
-            modelfile += 'SYSTEM """%s"""\n' % extras["system"]
-        modelfile += "".join("PARAMETER %s\n" % line for line in parameters.splitlines())
-        answer = {"modelfile": modelfile, "parameters": parameters, "template": template,
-                  "details": details, "model_info": meta, "capabilities": ["completion", "tools"],
-                  "modified_at": rfc3339(os.stat(node.store.manifest_path(ref)).st_mtime)}
-        if extras.get("license") or meta.get("general.license"):
-            answer["license"] = extras.get("license") or meta["general.license"]
-        if extras.get("system"):
-            answer["system"] = extras["system"]
-        return answer
 
-    @app.get("/api/ps")
-    @api
-    def ps():
-        by_digest = {}
-        for ref in node.store.models():
-            try:
-                layer = model_layer(node.store.read_manifest(ref))
-            except LLMNodeError:
-                continue
-            by_digest.setdefault(node.store.blob_path(layer["digest"]), []).append(ref)
-        models = []
-        for path, size, _loaded_at, expires in node.pool.running():
-            for ref in by_digest.get(path, []):
-                _m, _l, _meta, details, _e = node.describe(ref, check_weights=False)
-                raw = node.store.read_manifest_raw(ref)
-                models.append({"name": str(ref), "model": str(ref), "size": size, "size_vram": 0,
-                               "digest": hashlib.sha256(raw).hexdigest(), "details": details,
-                               "expires_at": FOREVER if expires is None else rfc3339(expires),
-                               "context_length": node.settings.n_ctx})
-        return {"models": models}
+@route("GET", "/api/version")
+def ollama_version(node):
+    return {"version": OLLAMA_VERSION}
 
-    @app.post("/api/chat")
-    @api
-    def chat():
-        body = body_of(OLLAMA_CHAT_FIELDS)
-        refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
-        messages = ollama_messages(body.get("messages") or [])
-        if not messages:
-            return load_only(body, "message")
-        return generation(body, messages, "message")
 
-    @app.post("/api/generate")
-    @api
-    def generate():
-        body = body_of(OLLAMA_GENERATE_FIELDS)
-        refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
-        refuse(body, "images", lambda v: not v, "no vision models")
-        refuse(body, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
-        refuse(body, "context", lambda v: not v, "pass the conversation as /api/chat messages")
-        refuse(body, "template", lambda v: v == "", "the model's own chat template (from its GGUF) "
-               "is used; Go templates are not rendered")
-        prompt = body.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidRequest("'prompt' must be a string")
-        if not prompt:
-            return load_only(body, "response")
-        system = body.get("system")
-        if system is not None and not isinstance(system, str):
-            raise InvalidRequest("'system' must be a string")
-        if _bool(body, "raw"):
-            return generation(body, None, "response", raw_prompt=prompt)
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": prompt}]
-        return generation(body, messages, "response")
+@route("GET", "/api/tags")
+def ollama_tags(node):
+    models = []
+    for ref in node.store.models():
+        try:
+            # A listing hashes nothing large: details come from weights as last checked.
+            manifest, layer, _meta, details, _extras = node.describe(ref, check_weights=False)
+            raw = node.store.read_manifest_raw(ref)
+        except LLMNodeError:
+            continue
+        mtime = os.stat(node.store.manifest_path(ref)).st_mtime
+        size = sum(la.get("size", 0) for la in manifest["layers"])
+        models.append({"name": str(ref), "model": str(ref), "modified_at": rfc3339(mtime),
+                       "size": size, "digest": hashlib.sha256(raw).hexdigest(),
+                       "details": details})
+    return {"models": models}
 
-    def embed_inputs(body, inputs):
-        refuse(body, "dimensions", lambda v: False, "embeddings have the model's own size")
-        ollama_options(body, {}, node.settings.n_ctx)
-        req = validate_embeddings({"model": _model(body), "input": inputs})
-        req["keep_alive"] = ollama_keep_alive(body)
-        started = time.monotonic()
-        vectors, used = node.embed(req)
-        return vectors, used, started
 
-    @app.post("/api/embed")
-    @api
-    def embed():
-        body = body_of(("model", "input", "truncate", "options", "keep_alive", "dimensions"))
-        refuse(body, "truncate", lambda v: v is True, "inputs longer than the context are refused, "
-               "not truncated")
-        vectors, used, started = embed_inputs(body, body.get("input"))
-        return {"model": body["model"], "embeddings": vectors,
-                "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
-                "prompt_eval_count": used}
+@route("POST", "/api/show")
+def ollama_show(node):
+    body = ollama_body(node, ("model", "verbose", "system", "template", "options"))
+    ref = names.parse(_model(body))
+    manifest, layer, meta, details, extras = node.describe(ref)
+    params = ollama_params_layer(extras)
+    parameters = "\n".join("%-30s %s" % (k, json.dumps(x) if isinstance(x, str) else x)
+                           for k, v in params.items() for x in (v if isinstance(v, list) else [v]))
+    template = extras.get("template") or meta.get("tokenizer.chat_template", "")
+    modelfile = "# Modelfile generated by llmnode\nFROM %s\n" % node.store.blob_path(layer["digest"])
+    if extras.get("template"):
+        modelfile += 'TEMPLATE """%s"""\n' % extras["template"]
+    if extras.get("system"):
+        modelfile += 'SYSTEM """%s"""\n' % extras["system"]
+    modelfile += "".join("PARAMETER %s\n" % line for line in parameters.splitlines())
+    answer = {"modelfile": modelfile, "parameters": parameters, "template": template,
+              "details": details, "model_info": meta, "capabilities": ["completion", "tools"],
+              "modified_at": rfc3339(os.stat(node.store.manifest_path(ref)).st_mtime)}
+    if extras.get("license") or meta.get("general.license"):
+        answer["license"] = extras.get("license") or meta["general.license"]
+    if extras.get("system"):
+        answer["system"] = extras["system"]
+    return answer
 
-    @app.post("/api/embeddings")
-    @api
-    def embeddings_legacy():
-        body = body_of(("model", "prompt", "options", "keep_alive"))
-        vectors, _used, _started = embed_inputs(body, body.get("prompt"))
-        return {"embedding": vectors[0]}
 
-    @app.post("/api/pull")
-    @api
-    def pull():
-        body = body_of(("model", "insecure", "stream"))
-        ref = names.parse(_model(body))
-        refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
-               "LLM_INSECURE_REGISTRIES")
-        events = queue.Queue()
-        call = _Call(lambda: node.repairs.pull(ref, report=events.put), name="api-pull")
-        if not stream_flag(body):
-            call.result(node.settings.repair_timeout_secs * 4)
-            return {"status": "success"}
-        bottle.response.content_type = "application/x-ndjson"
-        return ndjson(_pull_events(node, call, events), bottle.request.path)
+@route("GET", "/api/ps")
+def ollama_ps(node):
+    by_digest = {}
+    for ref in node.store.models():
+        try:
+            layer = model_layer(node.store.read_manifest(ref))
+        except LLMNodeError:
+            continue
+        by_digest.setdefault(node.store.blob_path(layer["digest"]), []).append(ref)
+    models = []
+    for path, size, _loaded_at, expires in node.pool.running():
+        for ref in by_digest.get(path, []):
+            _m, _l, _meta, details, _e = node.describe(ref, check_weights=False)
+            raw = node.store.read_manifest_raw(ref)
+            models.append({"name": str(ref), "model": str(ref), "size": size, "size_vram": 0,
+                           "digest": hashlib.sha256(raw).hexdigest(), "details": details,
+                           "expires_at": FOREVER if expires is None else rfc3339(expires),
+                           "context_length": node.settings.n_ctx})
+    return {"models": models}
 
-    @app.delete("/api/delete")
-    @api
-    def delete():
-        body = body_of(("model",))
-        ref = names.parse(_model(body))
-        for digest in node.repairs.delete(ref):
-            node.pool.drop(node.store.blob_path(digest))
-        return {}
 
-    @app.post("/api/copy")
-    @api
-    def copy():
-        body = body_of(("source", "destination"))
-        for key in ("source", "destination"):
-            if not isinstance(body.get(key), str) or not body[key]:
-                raise InvalidRequest("'%s' is required and must be a model name" % key)
-        node.repairs.copy(names.parse(body["source"]), names.parse(body["destination"]))
-        return {}
+@route("POST", "/api/chat")
+def ollama_chat(node):
+    body = ollama_body(node, OLLAMA_CHAT_FIELDS)
+    refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
+    messages = ollama_messages(body.get("messages") or [])
+    if not messages:
+        return ollama_load_only(node, body, "message")
+    return ollama_generation(node, body, messages, "message")
+
+
+@route("POST", "/api/generate")
+def ollama_generate(node):
+    body = ollama_body(node, OLLAMA_GENERATE_FIELDS)
+    refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
+    refuse(body, "images", lambda v: not v, "no vision models")
+    refuse(body, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
+    refuse(body, "context", lambda v: not v, "pass the conversation as /api/chat messages")
+    refuse(body, "template", lambda v: v == "", "the model's own chat template (from its GGUF) "
+           "is used; Go templates are not rendered")
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' must be a string")
+    if not prompt:
+        return ollama_load_only(node, body, "response")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise InvalidRequest("'system' must be a string")
+    if _bool(body, "raw"):
+        return ollama_generation(node, body, None, "response", raw_prompt=prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": prompt}]
+    return ollama_generation(node, body, messages, "response")
+
+
+def ollama_embed_inputs(node, body, inputs):
+    refuse(body, "dimensions", lambda v: False, "embeddings have the model's own size")
+    ollama_options(body, {}, node.settings.n_ctx)
+    req = validate_embeddings({"model": _model(body), "input": inputs})
+    req["keep_alive"] = ollama_keep_alive(body)
+    started = time.monotonic()
+    vectors, used = node.embed(req)
+    return vectors, used, started
+
+
+@route("POST", "/api/embed")
+def ollama_embed(node):
+    body = ollama_body(node, ("model", "input", "truncate", "options", "keep_alive", "dimensions"))
+    refuse(body, "truncate", lambda v: v is True, "inputs longer than the context are refused, "
+           "not truncated")
+    vectors, used, started = ollama_embed_inputs(node, body, body.get("input"))
+    return {"model": body["model"], "embeddings": vectors,
+            "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
+            "prompt_eval_count": used}
+
+
+@route("POST", "/api/embeddings")
+def ollama_embeddings(node):
+    body = ollama_body(node, ("model", "prompt", "options", "keep_alive"))
+    vectors, _used, _started = ollama_embed_inputs(node, body, body.get("prompt"))
+    return {"embedding": vectors[0]}
+
+
+@route("POST", "/api/pull")
+def ollama_pull(node):
+    body = ollama_body(node, ("model", "insecure", "stream"))
+    ref = names.parse(_model(body))
+    refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
+           "LLM_INSECURE_REGISTRIES")
+    events = queue.Queue()
+    call = _Call(lambda: node.repairs.pull(ref, report=events.put), name="api-pull")
+    if not ollama_stream(body):
+        call.result(node.settings.repair_timeout_secs * 4)
+        return {"status": "success"}
+    bottle.response.content_type = "application/x-ndjson"
+    return ndjson(_pull_events(node, call, events), bottle.request.path)
+
+
+@route("DELETE", "/api/delete")
+def ollama_delete(node):
+    body = ollama_body(node, ("model",))
+    ref = names.parse(_model(body))
+    for digest in node.repairs.delete(ref):
+        node.pool.drop(node.store.blob_path(digest))
+    return {}
+
+
+@route("POST", "/api/copy")
+def ollama_copy(node):
+    body = ollama_body(node, ("source", "destination"))
+    for key in ("source", "destination"):
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise InvalidRequest("'%s' is required and must be a model name" % key)
+    node.repairs.copy(names.parse(body["source"]), names.parse(body["destination"]))
+    return {}
 
 
 def _ollama_chunks(chunks, model, key, timings, started):
