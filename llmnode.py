@@ -164,9 +164,10 @@ def chat_formatter(llm):
 
 
 def embed_tokens(llm, tokens):
-    """One normalised embedding of a token sequence, on the generation context itself (switched
-    into embeddings mode for the call, so a model's weights are in memory once): the pooling the
-    GGUF names, or the mean over the tokens for a chat model (which names none)."""
+    """One normalised embedding of a token sequence, on the Llama's own small context (switched
+    into embeddings mode for the call; answers are decoded in the model's BatchedContext, on the
+    same weights): the pooling the GGUF names, or the mean over the tokens for a chat model
+    (which names none)."""
     import llama_cpp
     import numpy as np
 
@@ -307,8 +308,8 @@ class BatchedContext:
         self._candidates = (C.llama_token_data * self.n_vocab)()
         self._ids_logits = np.ctypeslib.as_array(self._candidates)
         self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
-        self._one = (C.llama_token_data * 1)()
-        self._one_array = C.llama_token_data_array(self._one, 1, -1, False)
+        self._few = (C.llama_token_data * max(1, self.GREEDY_FIRST))()
+        self._greedy = C.llama_sampler_init_greedy()
 
     def decode(self, items):
         """One llama_decode of [(token, position, [sequence ids], wants logits)]."""
@@ -327,17 +328,47 @@ class BatchedContext:
         (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
         all the logits, and only a token the grammar refuses makes it pick again from the
         grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
-        chain, gram = sampler
+        chain, gram, greedy = sampler
         if gram is None:
             return self.C.llama_sampler_sample(chain, self.ctx, i)  # applies and accepts
-        token = self._apply(chain, i)
-        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
-        self.C.llama_sampler_apply(gram, ctypes.byref(self._one_array))
-        if self._one[0].logit == float("-inf"):
-            token = self._apply(chain, i, gram)
-        self.C.llama_sampler_accept(gram, token)
-        self.C.llama_sampler_accept(chain, token)
+        if greedy:
+            token = self._greedy_in_grammar(gram, i)
+        else:
+            token = self._apply(chain, i)
+            if not self._allows(gram, [token]):
+                token = self._apply(chain, i, gram)
+        self.accept(sampler, token)
         return token
+
+    def accept(self, sampler, token):
+        """Advance a (chain, grammar) sampler past `token`."""
+        for part in sampler[:2]:
+            if part is not None:
+                self.C.llama_sampler_accept(part, token)
+
+    # Greedy under a grammar: the likeliest tokens the grammar allows are usually among the
+    # likeliest few, so these are checked before the whole vocabulary.
+    GREEDY_FIRST = 128
+
+    def _greedy_in_grammar(self, gram, i):
+        """The likeliest token `gram` allows at batch index `i`: what greedy after the grammar
+        would pick, exactly."""
+        logits = self.logits(i)
+        top = logits.argpartition(-self.GREEDY_FIRST)[-self.GREEDY_FIRST:]
+        top = top[(-logits[top]).argsort(kind="stable")]
+        allowed = self._allows(gram, top)
+        if allowed:
+            return allowed[0]
+        return self._apply(self._greedy, i, gram)
+
+    def _allows(self, gram, tokens):
+        """Those of `tokens` (in their order) that `gram` allows next."""
+        n = len(tokens)
+        for k, token in enumerate(tokens):
+            self._few[k].id, self._few[k].logit, self._few[k].p = int(token), 0.0, 0.0
+        arr = self.C.llama_token_data_array(self._few, n, -1, False)
+        self.C.llama_sampler_apply(gram, ctypes.byref(arr))
+        return [self._few[k].id for k in range(n) if self._few[k].logit != float("-inf")]
 
     def _apply(self, chain, i, first=None):
         """The token `chain` selects from the logits at batch index `i` (after `first`, if
@@ -378,10 +409,10 @@ class BatchedContext:
         return self.C.llama_vocab_is_eog(self.vocab, token)
 
     def sampler(self, s, history=()):
-        """A sampler for one answer, (chain, grammar or None): the chain is logit bias, penalties
-        (fed the prompt's last tokens), then greedy at temperature 0 or top-k, top-p, min-p,
-        temperature and a seeded draw, as llama.cpp's common sampler orders them; the grammar is
-        applied as `sample` says."""
+        """A sampler for one answer, (chain, grammar or None, whether the chain is greedy alone):
+        the chain is logit bias, penalties (fed the prompt's last tokens), then greedy at
+        temperature 0 or top-k, top-p, min-p, temperature and a seeded draw, as llama.cpp's
+        common sampler orders them; the grammar is applied as `sample` says."""
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 
@@ -404,6 +435,7 @@ class BatchedContext:
             if not gram:
                 C.llama_sampler_free(chain)
                 raise InvalidRequest("The grammar could not be parsed by llama.cpp")
+        greedy = s.temperature <= 0 and C.llama_sampler_chain_n(chain) == 0
         if s.temperature <= 0:
             add(C.llama_sampler_init_greedy())
         else:
@@ -413,15 +445,16 @@ class BatchedContext:
             add(C.llama_sampler_init_min_p(s.min_p, 1))
             add(C.llama_sampler_init_temp(s.temperature))
             add(C.llama_sampler_init_dist(s.seed))
-        return chain, gram
+        return chain, gram, greedy
 
     def free_sampler(self, sampler):
-        for part in sampler:
+        for part in sampler[:2]:
             if part is not None:
                 self.C.llama_sampler_free(part)
 
     def close(self):
         if self.ctx:
+            self.C.llama_sampler_free(self._greedy)
             self.C.llama_batch_free(self.batch)
             self.C.llama_free(self.ctx)
             self.ctx = None

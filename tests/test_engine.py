@@ -264,3 +264,43 @@ def test_the_same_request_gives_the_same_tokens_through_v1_and_api_chat(served, 
                                               options={"temperature": 0, "num_predict": 30})
     assert v1.choices[0].message.content == api.message.content
     assert api.eval_count == v1.usage.completion_tokens
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_pass_picks(which, tmp_path, tiny_gguf):
+    """The shortcut (the grammar checked on the likeliest tokens first) against the grammar applied
+    to every token, step by step along one answer, on random weights (whose likeliest tokens the
+    grammar mostly refuses) and on the real model."""
+    if which == "tiny":
+        path = tmp_path / "tiny.gguf"
+        path.write_bytes(tiny_gguf)
+    else:
+        from tests.conftest import smollm2_path
+        path = smollm2_path()
+    settings = settings_for(str(tmp_path / "models"), "http://127.0.0.1:9", LLM_CPU_THREADS="2")
+    llm = llmnode.load_llama(str(path), settings)
+    ctx = llmnode.BatchedContext(llm, 1, 512, 2)
+    gram = llmnode.grammar({"type": "object", "properties": {"city": {"type": "string"},
+                                                             "rank": {"type": "integer"}}})
+    fast = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
+    whole = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
+    assert fast[2] and whole[2]  # greedy alone in the chain: the shortcut applies
+    prompt = llm.tokenize(b"Describe Paris as JSON:", add_bos=True, special=False)
+    ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
+    at, pos, shortcuts = len(prompt) - 1, len(prompt), 0
+    for _step in range(40):
+        expected = ctx._apply(ctx._greedy, at, whole[1])
+        top = [int(t) for t in ctx.logits(at).argsort()[::-1][:ctx.GREEDY_FIRST]]
+        shortcuts += expected in ctx._allows(fast[1], top)  # found among the likeliest
+        got = ctx.sample(fast, at)
+        assert got == expected
+        ctx.accept(whole, expected)
+        if ctx.is_eog(got):
+            break
+        ctx.decode([(got, pos, [0], True)])
+        at, pos = 0, pos + 1
+    assert shortcuts > 0
+    for sampler in (fast, whole):
+        ctx.free_sampler(sampler)
+    ctx.close()
+    llm.close()
