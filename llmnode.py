@@ -7,7 +7,6 @@ registry client, downloads and repair live in the `repair` package.
 import argparse
 import base64
 import codecs
-import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -1177,6 +1176,56 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
+@dataclass
+class Ended:
+    """Answer `index` has ended, as every dialect renders it: its message (content, and tool calls
+    parsed once, in `chat_message`), why (stop, length, tool_calls), the stop string met, the
+    whole text as generated."""
+
+    index: int
+    message: dict  # {"role": "assistant", "content": str or None, "tool_calls": [...] (if any)}
+    reason: str
+    stop_sequence: str = None
+    text: str = ""
+
+
+class Answer:
+    """A started answer, as a Node hands it to a dialect: `Piece`s as text is made (none in a tool
+    mode, which holds the text until it can be parsed), then an `Ended` per choice; `usage` and
+    `timings` once it has been read to the end. close() stops it (a client that went away)."""
+
+    def __init__(self, run, tools=None, mode=None, prompts=None):
+        self._run, self._tools, self._mode = run, tools, mode
+        self.choices = run._open  # how many answers (n per prompt)
+        self.held = mode is not None  # no Pieces: the text is parsed for tool calls at the end
+        self.usage, self.timings = run.usage, run.timings
+        self.prompts = prompts  # completions: each prompt's text (for `echo`)
+
+    def __iter__(self):
+        try:
+            for event in self._run:
+                if isinstance(event, Piece):
+                    yield event
+                    continue
+                message, reason = chat_message(event, self._tools, self._mode)
+                yield Ended(event.index, message, reason, event.stop_sequence, event.text)
+        finally:
+            self._run.close()
+
+    def close(self):
+        self._run.close()
+
+    def collect(self):
+        """The whole answer: ({index: Ended}, {index: logprob items})."""
+        ended, logprobs = {}, {}
+        for event in self:
+            if isinstance(event, Piece):
+                logprobs.setdefault(event.index, []).extend(event.logprobs)
+            else:
+                ended[event.index] = event
+        return ended, logprobs
+
+
 # llama-cpp-python's defaults, which this node has always answered with.
 CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
@@ -1577,8 +1626,7 @@ class Node:
     # -- generation: every dialect's request ends here, as Generations on the model's Slots --
 
     def chat(self, req):
-        """Run a validated chat request; a dict, or an iterator of chunks when streaming. A
-        `timings` dict in the request is filled with load, prompt and generation times."""
+        """Start a checked chat request (any dialect's, translated): its `Answer`."""
         started = time.monotonic()
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
@@ -1591,9 +1639,7 @@ class Node:
             entry.release()
             raise
         run.timings["load"] = run.started - started
-        if req["stream"]:
-            return self._chat_chunks(run, req, mode)
-        return self._chat_result(run, req, mode)
+        return Answer(run, req["tools"], mode)
 
     def _chat_prompt(self, entry, req):
         """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native" or
@@ -1648,63 +1694,8 @@ class Node:
         entry.llm.slots.submit(run)
         return run
 
-    def _chat_result(self, run, req, mode):
-        finishes, logprobs = {}, {}
-        try:
-            for event in run:
-                if isinstance(event, Piece):
-                    logprobs.setdefault(event.index, []).extend(event.logprobs)
-                else:
-                    finishes[event.index] = event
-        finally:
-            run.close()
-        choices = []
-        for i in sorted(finishes):
-            message, reason = chat_message(finishes[i], req["tools"], mode)
-            choices.append({"index": i, "message": message, "finish_reason": reason,
-                            "stop_sequence": finishes[i].stop_sequence,
-                            "logprobs": chat_logprobs(logprobs.get(i, [])) if req.get("logprobs") else None})
-        self._timings(run, req)
-        return {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion",
-                "created": int(time.time()), "model": req["model"], "choices": choices,
-                "usage": run.usage.openai()}
-
-    def _chat_chunks(self, run, req, mode):
-        head = {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": req["model"]}
-        try:
-            for i in range(run._open):
-                yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}])
-            for event in run:
-                if isinstance(event, Piece):
-                    lp = chat_logprobs(event.logprobs) if req.get("logprobs") else None
-                    yield dict(head, choices=[{"index": event.index, "delta": {"content": event.text},
-                                               "logprobs": lp, "finish_reason": None}])
-                    continue
-                message, reason = chat_message(event, req["tools"], mode)
-                if mode is not None:
-                    delta = {"content": message["content"]}
-                    if message.get("tool_calls"):
-                        delta["tool_calls"] = [dict(call, index=k)
-                                               for k, call in enumerate(message["tool_calls"])]
-                    yield dict(head, choices=[{"index": event.index, "delta": delta, "logprobs": None,
-                                               "finish_reason": None}])
-                yield dict(head, choices=[{"index": event.index, "delta": {}, "logprobs": None,
-                                           "finish_reason": reason, "stop_sequence": event.stop_sequence}])
-        finally:
-            run.close()
-        self._timings(run, req)
-        if req["include_usage"]:
-            yield dict(head, choices=[], usage=run.usage.openai())
-
-    def _timings(self, run, req):
-        if req.get("timings") is not None:
-            req["timings"].update(run.timings)
-            req["timings"]["usage"] = run.usage
-
     def complete(self, req):
-        """Run a validated text completion; a dict, or an iterator of chunks when streaming."""
+        """Start a checked text completion: its `Answer` (its prompts' text in `prompts`)."""
         started = time.monotonic()
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
@@ -1723,49 +1714,7 @@ class Node:
             entry.release()
             raise
         run.timings["load"] = run.started - started
-        echo = {i: texts[i // req["n"]] for i in range(run._open)} if req["echo"] else {}
-        if req["stream"]:
-            return self._completion_chunks(run, req, echo)
-        return self._completion_result(run, req, echo)
-
-    def _completion_result(self, run, req, echo):
-        finishes, logprobs = {}, {}
-        try:
-            for event in run:
-                if isinstance(event, Piece):
-                    logprobs.setdefault(event.index, []).extend(event.logprobs)
-                else:
-                    finishes[event.index] = event
-        finally:
-            run.close()
-        self._timings(run, req)
-        choices = [{"index": i, "text": echo.get(i, "") + finishes[i].text,
-                    "logprobs": completion_logprobs(logprobs.get(i, [])) if req.get("logprobs") is not None
-                    else None, "finish_reason": finishes[i].reason} for i in sorted(finishes)]
-        return {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
-                "created": int(time.time()), "model": req["model"], "choices": choices,
-                "usage": run.usage.openai()}
-
-    def _completion_chunks(self, run, req, echo):
-        head = {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
-                "created": int(time.time()), "model": req["model"]}
-        try:
-            for i, text in sorted(echo.items()):
-                yield dict(head, choices=[{"index": i, "text": text, "logprobs": None,
-                                           "finish_reason": None}])
-            for event in run:
-                if isinstance(event, Piece):
-                    lp = completion_logprobs(event.logprobs) if req.get("logprobs") is not None else None
-                    yield dict(head, choices=[{"index": event.index, "text": event.text, "logprobs": lp,
-                                               "finish_reason": None}])
-                else:
-                    yield dict(head, choices=[{"index": event.index, "text": "", "logprobs": None,
-                                               "finish_reason": event.reason}])
-        finally:
-            run.close()
-        self._timings(run, req)
-        if req["include_usage"]:
-            yield dict(head, choices=[], usage=run.usage.openai())
+        return Answer(run, prompts=texts)
 
     def embed(self, req):
         """Embeddings of each input, on the same loaded model (and guard) as generation:
@@ -1958,13 +1907,21 @@ def read_json(node):
         raise InvalidRequest("The request body is not valid JSON: %s" % e) from None
 
 
-def event_stream(chunks):
+def event_stream(chunks, answer):
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
-    return sse(chunks)
+    return sse(chunks, answer)
 
 
-def sse(chunks):
+def closing(*streams):
+    """Close each (a client gone before or while its answer streamed: the answer is stopped and
+    its model released, even if the stream never started)."""
+    for stream in streams:
+        if hasattr(stream, "close"):
+            stream.close()
+
+
+def sse(chunks, answer=None):
     """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
     try:
         for chunk in chunks:
@@ -1973,12 +1930,11 @@ def sse(chunks):
         log.exception("stream failed")
         yield "data: %s\n\n" % json.dumps(LLMNodeError("Stream failed: %s" % e).body())
     finally:
-        if hasattr(chunks, "close"):
-            chunks.close()
+        closing(chunks, answer)
     yield "data: [DONE]\n\n"
 
 
-def named_events(events, error_event):
+def named_events(events, error_event, answer=None):
     """Server-sent events with `event:` lines, as Anthropic and the Responses API send them; an
     error after the 200 is sent becomes the dialect's `error` event."""
     try:
@@ -1990,33 +1946,7 @@ def named_events(events, error_event):
             e = LLMNodeError("Stream failed: %s" % e)
         yield "event: error\ndata: %s\n\n" % json.dumps(error_event(e))
     finally:
-        if hasattr(events, "close"):
-            events.close()
-
-
-###############################################################################
-# Operations ##################################################################
-###############################################################################
-# Health, readiness and metrics: answered at once, whatever the models are doing.
-
-@route("GET", "/health", plain=True)
-def health(node):
-    """Never waits: not for a load, a generation or a repair."""
-    return {"status": "ok", "repairs": node.repairs.active()}
-
-
-@route("GET", "/ready", plain=True)
-def ready(node):
-    if node.ready.is_set():
-        return {"status": "ready", "loaded": [os.path.basename(p) for p in node.pool.loaded()]}
-    bottle.response.status = 503
-    return {"status": "not ready", "preload": dict(node.preload_errors)}
-
-
-@route("GET", "/metrics", plain=True)
-def metrics_text(node):
-    bottle.response.content_type = "text/plain; version=0.0.4"
-    return node.metrics.render()
+        closing(events, answer)
 
 
 ###############################################################################
@@ -2028,21 +1958,22 @@ def metrics_text(node):
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def _number(req, key, low, high):
+def _number(req, key, low, high, where=None):
+    """req[key] checked; errors name `where` (the field as the dialect spells it), else `key`."""
     value = req.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidRequest("'%s' must be a number from %s to %s" % (key, low, high))
+        raise InvalidRequest("'%s' must be a number from %s to %s" % (where or key, low, high))
     return value
 
 
-def _integer(req, key, low, high):
+def _integer(req, key, low, high, where=None):
     value = req.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest("'%s' must be an integer from %d to %d" % (key, low, high))
+        raise InvalidRequest("'%s' must be an integer from %d to %d" % (where or key, low, high))
     return value
 
 
@@ -2103,13 +2034,13 @@ def _model(req):
     return model
 
 
-def _stop(req):
+def _stop(req, where="stop"):
     stop = req.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and s for s in stop)):
-        raise InvalidRequest("'stop' must be a string or an array of up to 4 strings")
+        raise InvalidRequest("'%s' must be a string or an array of up to 4 strings" % where)
     return stop
 
 
@@ -2366,9 +2297,74 @@ def function_tool(where, name, description, parameters):
     return {"name": name, "description": description or "", "parameters": parameters}
 
 
-def cached_tokens(usage):
-    """Prompt tokens read from the prompt cache, as the engine reports them (0 if it does not)."""
-    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+def openai_chat_result(answer, req):
+    """A finished answer as a chat.completion."""
+    ended, logprobs = answer.collect()
+    choices = [{"index": i, "message": ended[i].message, "finish_reason": ended[i].reason,
+                "logprobs": chat_logprobs(logprobs.get(i, [])) if req.get("logprobs") else None}
+               for i in sorted(ended)]
+    return {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion",
+            "created": int(time.time()), "model": req["model"], "choices": choices,
+            "usage": answer.usage.openai()}
+
+
+def openai_chat_chunks(answer, req):
+    """An answer as chat.completion.chunk objects; a tool mode's message comes whole at its end."""
+    head = {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": req["model"]}
+    for i in range(answer.choices):
+        yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}])
+    for event in answer:
+        if isinstance(event, Piece):
+            lp = chat_logprobs(event.logprobs) if req.get("logprobs") else None
+            yield dict(head, choices=[{"index": event.index, "delta": {"content": event.text},
+                                       "logprobs": lp, "finish_reason": None}])
+            continue
+        if answer.held:  # a tool mode: the parsed message, whole
+            delta = {"content": event.message["content"]}
+            calls = event.message.get("tool_calls")
+            if calls:
+                delta["tool_calls"] = [dict(call, index=k) for k, call in enumerate(calls)]
+            yield dict(head, choices=[{"index": event.index, "delta": delta, "logprobs": None,
+                                       "finish_reason": None}])
+        yield dict(head, choices=[{"index": event.index, "delta": {}, "logprobs": None,
+                                   "finish_reason": event.reason}])
+    if req["include_usage"]:
+        yield dict(head, choices=[], usage=answer.usage.openai())
+
+
+def openai_completion_result(answer, req):
+    ended, logprobs = answer.collect()
+    echo = _echoed(answer, req)
+    choices = [{"index": i, "text": echo.get(i, "") + ended[i].text,
+                "logprobs": completion_logprobs(logprobs.get(i, [])) if req.get("logprobs") is not None
+                else None, "finish_reason": ended[i].reason} for i in sorted(ended)]
+    return {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
+            "created": int(time.time()), "model": req["model"], "choices": choices,
+            "usage": answer.usage.openai()}
+
+
+def openai_completion_chunks(answer, req):
+    head = {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
+            "created": int(time.time()), "model": req["model"]}
+    for i, text in sorted(_echoed(answer, req).items()):
+        yield dict(head, choices=[{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+    for event in answer:
+        if isinstance(event, Piece):
+            lp = completion_logprobs(event.logprobs) if req.get("logprobs") is not None else None
+            yield dict(head, choices=[{"index": event.index, "text": event.text, "logprobs": lp,
+                                       "finish_reason": None}])
+        else:
+            yield dict(head, choices=[{"index": event.index, "text": "", "logprobs": None,
+                                       "finish_reason": event.reason}])
+    if req["include_usage"]:
+        yield dict(head, choices=[], usage=answer.usage.openai())
+
+
+def _echoed(answer, req):
+    """{choice index: its prompt's text} with `echo`, else {}."""
+    return {i: answer.prompts[i // req["n"]] for i in range(answer.choices)} if req["echo"] else {}
 
 
 @route("GET", "/v1/models")
@@ -2389,19 +2385,22 @@ def openai_model(node, name):
 def openai_chat(node):
     req = validate_chat(read_json(node), node.settings.n_ctx)
     started = time.monotonic()
-    result = node.chat(req)
+    answer = node.chat(req)
     if not req["stream"]:
+        result = openai_chat_result(answer, req)
         log.info("chat %s: %d tokens in %.2fs", req["model"],
                  result["usage"]["completion_tokens"], time.monotonic() - started)
         return result
-    return event_stream(result)
+    return event_stream(openai_chat_chunks(answer, req), answer)
 
 
 @route("POST", "/v1/completions")
 def openai_completions(node):
     req = validate_completion(read_json(node), node.settings.n_ctx)
-    result = node.complete(req)
-    return event_stream(result) if req["stream"] else result
+    answer = node.complete(req)
+    if not req["stream"]:
+        return openai_completion_result(answer, req)
+    return event_stream(openai_completion_chunks(answer, req), answer)
 
 
 @route("POST", "/v1/embeddings")
@@ -2630,10 +2629,10 @@ def response_head(rid, body, req, created):
 
 
 def response_usage(usage):
-    cached = cached_tokens(usage)
-    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
 def response_finished(head, output, usage, finish):
@@ -2657,22 +2656,30 @@ def _call_item(call):
 
 
 def response_output(message, finish):
-    """A chat.completion's message as Responses output items."""
+    """An ended answer's message as Responses output items."""
     output = [] if message.get("tool_calls") and not message.get("content") else \
         [_message_item(message.get("content") or "", finish)]
     return output + [_call_item(c) for c in message.get("tool_calls") or []]
 
 
-def _response_events(chunks, head):
-    """The internal stream as the Responses event sequence, each with its sequence number."""
+def _response_events(answer, head):
+    """An answer as the Responses event sequence, each with its sequence number."""
     seq = itertools.count()
-    output, text, message, finish, usage = [], "", None, "stop", None
+    output, text, message, finish = [], "", None, "stop"
 
     def event(kind, **fields):
         return dict(fields, type=kind, sequence_number=next(seq))
 
-    def close_message():
-        item = dict(message, status="incomplete" if finish == "length" else "completed",
+    def open_message():
+        item = dict(_message_item("", None), status="in_progress", content=[])
+        yield event("response.output_item.added", output_index=len(output), item=item)
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        yield event("response.content_part.added", item_id=item["id"], output_index=len(output),
+                    content_index=0, part=part)
+        return item
+
+    def close_message(item):
+        item = dict(item, status="incomplete" if finish == "length" else "completed",
                     content=[{"type": "output_text", "text": text, "annotations": [], "logprobs": []}])
         at = dict(item_id=item["id"], output_index=len(output))
         yield event("response.output_text.done", content_index=0, text=text, logprobs=[], **at)
@@ -2682,39 +2689,34 @@ def _response_events(chunks, head):
 
     yield event("response.created", response=head)
     yield event("response.in_progress", response=head)
-    for chunk in chunks:
-        usage = chunk.get("usage") or usage
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content") or (message is None and not output and choice.get("finish_reason")
-                                        and not delta.get("tool_calls")):
-                if message is None:
-                    message = dict(_message_item("", None), status="in_progress", content=[])
-                    yield event("response.output_item.added", output_index=len(output), item=message)
-                    yield event("response.content_part.added", item_id=message["id"],
-                                output_index=len(output), content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-                if delta.get("content"):
-                    text += delta["content"]
-                    yield event("response.output_text.delta", item_id=message["id"], output_index=len(output),
-                                content_index=0, delta=delta["content"], logprobs=[])
-            finish = choice.get("finish_reason") or finish
-            for call in delta.get("tool_calls") or []:
-                if message is not None:
-                    yield from close_message()
-                    message = None
-                item = _call_item(call)
-                at = dict(item_id=item["id"], output_index=len(output))
-                yield event("response.output_item.added", output_index=len(output),
-                            item=dict(item, status="in_progress", arguments=""))
-                yield event("response.function_call_arguments.delta", delta=item["arguments"], **at)
-                yield event("response.function_call_arguments.done", arguments=item["arguments"],
-                            name=item["name"], **at)
-                yield event("response.output_item.done", output_index=len(output), item=item)
-                output.append(item)
+    for ev in answer:
+        piece = ev.text if isinstance(ev, Piece) else ev.message.get("content") if answer.held else None
+        calls = [] if isinstance(ev, Piece) else ev.message.get("tool_calls") or []
+        if not isinstance(ev, Piece):
+            finish = ev.reason
+        if piece or (message is None and not output and not calls and not isinstance(ev, Piece)):
+            if message is None:
+                message = yield from open_message()
+            if piece:
+                text += piece
+                yield event("response.output_text.delta", item_id=message["id"], output_index=len(output),
+                            content_index=0, delta=piece, logprobs=[])
+        for call in calls:
+            if message is not None:
+                yield from close_message(message)
+                message = None
+            item = _call_item(call)
+            at = dict(item_id=item["id"], output_index=len(output))
+            yield event("response.output_item.added", output_index=len(output),
+                        item=dict(item, status="in_progress", arguments=""))
+            yield event("response.function_call_arguments.delta", delta=item["arguments"], **at)
+            yield event("response.function_call_arguments.done", arguments=item["arguments"],
+                        name=item["name"], **at)
+            yield event("response.output_item.done", output_index=len(output), item=item)
+            output.append(item)
     if message is not None:
-        yield from close_message()
-    done = response_finished(head, output, usage or {"prompt_tokens": 0, "completion_tokens": 0}, finish)
+        yield from close_message(message)
+    done = response_finished(head, output, answer.usage, finish)
     yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
                 response=done)
 
@@ -2724,15 +2726,15 @@ def responses_create(node):
     body = read_json(node)
     req = validate_responses(body, node.settings.n_ctx)
     head = response_head("resp_%s" % os.urandom(12).hex(), body, req, int(time.time()))
-    result = node.chat(req)
+    answer = node.chat(req)
     if not req["stream"]:
-        choice = result["choices"][0]
-        return response_finished(head, response_output(choice["message"], choice["finish_reason"]),
-                                 result["usage"], choice["finish_reason"])
+        ended = answer.collect()[0][0]
+        return response_finished(head, response_output(ended.message, ended.reason), answer.usage,
+                                 ended.reason)
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
-    return named_events(_response_events(result, head), lambda e: {
-        "type": "error", "code": e.code, "message": e.message, "param": None})
+    return named_events(_response_events(answer, head), lambda e: {
+        "type": "error", "code": e.code, "message": e.message, "param": None}, answer)
 
 
 ###############################################################################
@@ -2944,23 +2946,22 @@ def anthropic_format(body):
     return "schema", fmt["schema"]
 
 
-def anthropic_stop(choice):
-    """(stop_reason, stop_sequence) of a finished choice."""
-    finish = choice.get("finish_reason")
-    if finish == "length":
+def anthropic_stop(ended):
+    """(stop_reason, stop_sequence) of an ended answer."""
+    if ended.reason == "length":
         return "max_tokens", None
-    if finish == "tool_calls":
+    if ended.reason == "tool_calls":
         return "tool_use", None
-    if choice.get("stop_sequence"):
-        return "stop_sequence", choice["stop_sequence"]
+    if ended.stop_sequence:
+        return "stop_sequence", ended.stop_sequence
     return "end_turn", None
 
 
 def anthropic_usage(usage):
     """Anthropic's usage: input_tokens are those not read from the prompt cache."""
-    cached = cached_tokens(usage)
-    return {"input_tokens": usage["prompt_tokens"] - cached, "output_tokens": usage["completion_tokens"],
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens,
+            "output_tokens": usage.completion_tokens, "cache_read_input_tokens": usage.cached_tokens,
+            "cache_creation_input_tokens": 0}
 
 
 def _tool_use(call):
@@ -2968,53 +2969,51 @@ def _tool_use(call):
             "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"] or "{}")}
 
 
-def anthropic_message(result, model):
-    """A chat.completion as an Anthropic message."""
-    choice = result["choices"][0]
-    calls = choice["message"].get("tool_calls") or []
-    text = choice["message"].get("content") or ""
+def anthropic_message(answer, model):
+    """A finished answer as an Anthropic message."""
+    ended = answer.collect()[0][0]
+    calls = ended.message.get("tool_calls") or []
+    text = ended.message.get("content") or ""
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
-    reason, sequence = anthropic_stop(choice)
+    reason, sequence = anthropic_stop(ended)
     return {"id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
-            "usage": anthropic_usage(result["usage"])}
+            "usage": anthropic_usage(answer.usage)}
 
 
-def _anthropic_events(chunks, model):
-    """The internal stream as Anthropic's event sequence."""
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+def _anthropic_events(answer, model):
+    """An answer as Anthropic's event sequence."""
     yield {"type": "message_start", "message": {
         "id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
-        "content": [], "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(usage)}}
+        "content": [], "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(Usage())}}
     yield {"type": "ping"}
     index, text_open, stop = 0, False, ("end_turn", None)
-    for chunk in chunks:
-        usage = chunk.get("usage") or usage
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if not text_open:
-                    yield {"type": "content_block_start", "index": index,
-                           "content_block": {"type": "text", "text": ""}}
-                    text_open = True
-                yield {"type": "content_block_delta", "index": index,
-                       "delta": {"type": "text_delta", "text": delta["content"]}}
-            for call in delta.get("tool_calls") or []:
-                if text_open:
-                    yield {"type": "content_block_stop", "index": index}
-                    index, text_open = index + 1, False
-                block = _tool_use(call)
-                yield {"type": "content_block_start", "index": index, "content_block": dict(block, input={})}
-                yield {"type": "content_block_delta", "index": index,
-                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}
+    for ev in answer:
+        text = ev.text if isinstance(ev, Piece) else ev.message.get("content") if answer.held else None
+        if text:
+            if not text_open:
+                yield {"type": "content_block_start", "index": index,
+                       "content_block": {"type": "text", "text": ""}}
+                text_open = True
+            yield {"type": "content_block_delta", "index": index,
+                   "delta": {"type": "text_delta", "text": text}}
+        if isinstance(ev, Piece):
+            continue
+        for call in ev.message.get("tool_calls") or []:
+            if text_open:
                 yield {"type": "content_block_stop", "index": index}
-                index += 1
-            if choice.get("finish_reason"):
-                stop = anthropic_stop(choice)
+                index, text_open = index + 1, False
+            block = _tool_use(call)
+            yield {"type": "content_block_start", "index": index, "content_block": dict(block, input={})}
+            yield {"type": "content_block_delta", "index": index,
+                   "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}
+            yield {"type": "content_block_stop", "index": index}
+            index += 1
+        stop = anthropic_stop(ev)
     if text_open:
         yield {"type": "content_block_stop", "index": index}
     yield {"type": "message_delta", "delta": {"stop_reason": stop[0], "stop_sequence": stop[1]},
-           "usage": anthropic_usage(usage)}
+           "usage": anthropic_usage(answer.usage)}
     yield {"type": "message_stop"}
 
 
@@ -3031,12 +3030,12 @@ def count_prompt_tokens(node, req):
 @route("POST", "/v1/messages")
 def anthropic_create(node):
     req = validate_anthropic(read_json(node), node.settings.n_ctx)
-    result = node.chat(req)
+    answer = node.chat(req)
     if not req["stream"]:
-        return anthropic_message(result, req["model"])
+        return anthropic_message(answer, req["model"])
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
-    return named_events(_anthropic_events(result, req["model"]), anthropic_error)
+    return named_events(_anthropic_events(answer, req["model"]), anthropic_error, answer)
 
 
 @route("POST", "/v1/messages/count_tokens")
@@ -3048,9 +3047,10 @@ def anthropic_count_tokens(node):
 ###############################################################################
 # Ollama dialect ##############################################################
 ###############################################################################
-# A translation at the edge: each route turns Ollama's body into the OpenAI dialect's checked
-# request, runs the same Node call (guard, repair, pool, generation), and turns the answer
-# back. Errors are Ollama's `{"error": "..."}` with the same statuses.
+# A translation at the edge, as Ollama's own OpenAI middleware is the other way round: each route
+# checks Ollama's body into the internal request (errors naming Ollama's fields: `options.*`,
+# `format`, `messages[i]`), runs the same Node call (guard, repair, pool, engine), and renders
+# the answer as Ollama's objects. Errors are Ollama's `{"error": "..."}` with the same statuses.
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API level these routes follow
 
@@ -3060,9 +3060,8 @@ OLLAMA_HARMLESS_OPTIONS = ("numa", "num_batch", "num_gpu", "main_gpu", "low_vram
                            "use_mmap", "use_mlock")
 
 
-OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                  "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
-                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
+                  "presence_penalty", "frequency_penalty")
 
 
 OLLAMA_CHAT_FIELDS = ("model", "messages", "tools", "format", "options", "stream", "keep_alive", "think")
@@ -3089,31 +3088,36 @@ def ollama_keep_alive(body):
 
 
 def ollama_options(body, defaults, n_ctx):
-    """Ollama's `options` (over the model's params layer) as the OpenAI dialect's fields."""
+    """Ollama's `options` over the model's params layer, checked into the internal request's
+    sampling fields (errors name `options.<key>`), and the request's `num_ctx` or None."""
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("'options' must be an object")
-    merged = dict(defaults, **options)
-    out = {}
-    for key, value in merged.items():
-        if key in OLLAMA_OPTIONS:
-            out[OLLAMA_OPTIONS[key]] = value
-        elif key == "num_predict":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidRequest("'options.num_predict' must be an integer")
-            out["max_tokens"] = value if value > 0 else None  # -1 and -2: until the context ends
-        elif key == "num_ctx":
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n_ctx:
-                raise UnsupportedParameter("'options.num_ctx' above the node's context (%d, "
-                                           "LLM_CTX_SIZE) is not supported" % n_ctx)
-        elif key not in OLLAMA_HARMLESS_OPTIONS and key in options:
+    for key in options:
+        if key not in OLLAMA_OPTIONS and key not in OLLAMA_HARMLESS_OPTIONS + ("num_predict", "num_ctx"):
             raise UnsupportedParameter("'options.%s' is not supported by this node" % key)
-    for key in ("top_k", "min_p", "repeat_penalty"):
-        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], (int, float))
-                           or out[key] < 0):
-            raise InvalidRequest("'options.%s' must be a non-negative number" % key)
-    ctx = merged.get("num_ctx") if "num_ctx" in options else None
-    return out, ctx
+    merged = dict(defaults, **options)
+    at = {key: "options." + key for key in merged}
+    fields = {"temperature": _number(merged, "temperature", 0, 2, at.get("temperature")),
+              "top_p": _number(merged, "top_p", 0, 1, at.get("top_p")),
+              "top_k": _integer(merged, "top_k", 0, 2 ** 31 - 1, at.get("top_k")),
+              "min_p": _number(merged, "min_p", 0, 1, at.get("min_p")),
+              "seed": _integer(merged, "seed", -(2 ** 63), 2 ** 64 - 1, at.get("seed")),
+              "stop": _stop(merged, "options.stop"),
+              "repeat_penalty": _number(merged, "repeat_penalty", 0, 100, at.get("repeat_penalty")),
+              "presence_penalty": _number(merged, "presence_penalty", -2, 2, at.get("presence_penalty")),
+              "frequency_penalty": _number(merged, "frequency_penalty", -2, 2, at.get("frequency_penalty"))}
+    predict = merged.get("num_predict")
+    if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
+        raise InvalidRequest("'options.num_predict' must be an integer")
+    # -1 and -2 (and no num_predict): until the context ends, Ollama's default.
+    fields["max_tokens"] = _integer(merged, "num_predict", 1, n_ctx, "options.num_predict") \
+        if predict is not None and predict > 0 else None
+    ctx = options.get("num_ctx")  # a params layer's own num_ctx is the model's, not asked for here
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= n_ctx):
+        raise UnsupportedParameter("'options.num_ctx' above the node's context (%d, LLM_CTX_SIZE) "
+                                   "is not supported" % n_ctx)
+    return fields, ctx
 
 
 def ollama_params_layer(extras):
@@ -3127,13 +3131,15 @@ def ollama_params_layer(extras):
 
 
 def ollama_format(body):
+    """(format, schema) of the internal request from Ollama's `format`."""
     fmt = body.get("format")
     if fmt in (None, ""):
-        return None
+        return None, None
     if fmt == "json":
-        return {"type": "json_object"}
+        return "json", None
     if isinstance(fmt, dict):
-        return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+        check_schema(fmt, "format")
+        return "schema", fmt
     raise InvalidRequest("'format' must be \"json\" or a JSON schema object")
 
 
@@ -3150,8 +3156,8 @@ def ollama_messages(messages):
         raise InvalidRequest("'messages' must be an array")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequest("'messages[%d]' must be an object" % i)
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequest("'messages[%d].role' must be one of system, user, assistant, tool" % i)
         if m.get("images"):
             raise UnsupportedParameter("'messages[%d].images' is not supported: no vision models" % i)
         if m.get("thinking"):
@@ -3171,36 +3177,20 @@ def ollama_messages(messages):
     return out
 
 
-@contextlib.contextmanager
-def ollama_field_names(options):
-    """Errors of the shared checks, naming Ollama's fields (`options.num_predict`, `format`)
-    rather than the OpenAI ones they were checked as."""
-    try:
-        yield
-    except InvalidRequest as e:
-        names_ = {"max_tokens": "options.num_predict", "response_format": "format"}
-        names_.update({k: "options." + k for k in options if k != "max_tokens"})
-        e.message = re.sub(r"'([a-z_]+)([.'\[])", lambda m: "'%s%s" % (names_.get(m.group(1), m.group(1)),
-                                                                        m.group(2)), e.message)
-        e.args = (e.message,)
-        raise
-
-
-def ollama_final(model, timings, usage, started, done_reason, **extra):
+def ollama_final(model, answer, started, done_reason, **extra):
     """Ollama's last object: prompt_eval_count counts the prompt tokens evaluated, not those
     the prompt cache held."""
-    total = time.monotonic() - started
+    total, timings, usage = time.monotonic() - started, answer.timings, answer.usage
     return dict({"model": model, "created_at": rfc3339(time.time()), "done": True,
                  "done_reason": done_reason, "total_duration": int(total * 1e9),
                  "load_duration": int(timings.get("load", 0) * 1e9),
-                 "prompt_eval_count": usage["prompt_tokens"]
-                 - (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                 "prompt_eval_count": usage.prompt_tokens - usage.cached_tokens,
                  "prompt_eval_duration": int(timings.get("prompt_eval", 0) * 1e9),
-                 "eval_count": usage["completion_tokens"],
+                 "eval_count": usage.completion_tokens,
                  "eval_duration": int(timings.get("eval", 0) * 1e9)}, **extra)
 
 
-def ndjson(events, path):
+def ndjson(events, path, answer=None):
     """One JSON object a line; an error after the 200 is sent becomes an `{"error": ...}` line,
     which the ollama client raises."""
     try:
@@ -3212,8 +3202,7 @@ def ndjson(events, path):
         log.exception("stream failed")
         yield json.dumps({"error": "Stream failed: %s" % e}) + "\n"
     finally:
-        if hasattr(events, "close"):
-            events.close()
+        closing(events, answer)
 
 
 def ollama_body(node, fields=None):
@@ -3249,48 +3238,48 @@ def ollama_load_only(node, body, key):
     return event
 
 
-def ollama_generation(node, body, messages, key, raw_prompt=None):
-    """A chat or generate answer: the model's params and system layers under the request's own,
-    checked as the OpenAI dialect's request with errors naming Ollama's fields."""
+def ollama_request(node, body, messages, raw_prompt=None):
+    """The internal request of an Ollama chat or generate body: the model's params and system
+    layers under the request's own options and messages; errors name Ollama's fields."""
     model = _model(body)
     _manifest, _layer, _meta, _details, extras = node.describe(names.parse(model))
-    options, ctx = ollama_options(body, ollama_params_layer(extras), node.settings.n_ctx)
-    if raw_prompt is None and extras.get("system") and not any(
-            m.get("role") == "system" for m in messages):
-        messages = [{"role": "system", "content": extras["system"]}] + messages
+    fields, ctx = ollama_options(body, ollama_params_layer(extras), node.settings.n_ctx)
+    fmt, schema = ollama_format(body)
     stream = ollama_stream(body)
-    openai_body = dict({k: v for k, v in options.items() if k != "max_tokens"}, model=model,
-                       stream=stream, max_tokens=options.get("max_tokens"))
-    fmt = ollama_format(body)
-    if fmt is not None:
-        openai_body["response_format"] = fmt
-    if stream:
-        openai_body["stream_options"] = {"include_usage": True}
-    if body.get("tools"):  # the ollama client sends [] for none
-        openai_body["tools"] = body["tools"]
-    timings, started = {}, time.monotonic()
-    own = {k: openai_body.pop(k) for k in ("top_k", "min_p", "repeat_penalty") if k in openai_body}
-    with ollama_field_names(options):
-        if raw_prompt is not None:
-            req = validate_completion(dict(openai_body, prompt=raw_prompt), node.settings.n_ctx)
-            req["format"], req["format_schema"] = _response_format(openai_body)
-            req["max_tokens"] = openai_body["max_tokens"]  # Ollama's default: until the context ends
-        else:
-            req = validate_chat(dict(openai_body, messages=messages), node.settings.n_ctx)
-    req.update(own, keep_alive=ollama_keep_alive(body), timings=timings, ctx_limit=ctx)
-    result = node.complete(req) if raw_prompt is not None else node.chat(req)
-    if not stream:
-        choice = result["choices"][0]
-        if key == "message":
-            message = {"role": "assistant", "content": choice["message"]["content"] or ""}
-            if choice["message"].get("tool_calls"):
-                message["tool_calls"] = ollama_tool_calls(choice["message"])
-            reason = "stop" if choice["finish_reason"] == "tool_calls" else choice["finish_reason"]
-            return ollama_final(model, timings, result["usage"], started, reason, message=message)
-        return ollama_final(model, timings, result["usage"], started, choice["finish_reason"],
-                            response=choice.get("text", choice.get("message", {}).get("content", "")))
-    bottle.response.content_type = "application/x-ndjson"
-    return ndjson(_ollama_chunks(result, model, key, timings, started), bottle.request.path)
+    fields.update(stream=stream, include_usage=stream, format=fmt, format_schema=schema,
+                  keep_alive=ollama_keep_alive(body), ctx_limit=ctx)
+    if raw_prompt is not None:
+        return dict(dialect_request(model, [], **fields), prompts=[raw_prompt], echo=False, logprobs=None)
+    if extras.get("system") and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": extras["system"]}] + messages
+    tools, choice = _tools({"tools": body.get("tools") or None})  # the ollama client sends [] for none
+    return dialect_request(model, messages, tools=tools, tool_choice=choice, **fields)
+
+
+def ollama_generation(node, body, messages, key, raw_prompt=None):
+    """A chat or generate answer, as one object or NDJSON lines."""
+    started = time.monotonic()
+    req = ollama_request(node, body, messages, raw_prompt)
+    answer = node.complete(req) if raw_prompt is not None else node.chat(req)
+    if req["stream"]:
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson(_ollama_chunks(answer, req["model"], key, started), bottle.request.path, answer)
+    ended = answer.collect()[0][0]
+    said = ollama_message(ended.message) if key == "message" else ended.message["content"]
+    return ollama_final(req["model"], answer, started, ollama_reason(ended), **{key: said})
+
+
+def ollama_reason(ended):
+    """Ollama's done_reason: a tool call is a `stop`."""
+    return "stop" if ended.reason == "tool_calls" else ended.reason
+
+
+def ollama_message(message):
+    """An answer's message as Ollama's: tool calls' arguments as objects, no ids."""
+    out = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        out["tool_calls"] = ollama_tool_calls(message)
+    return out
 
 
 @route("GET", "/api/version")
@@ -3458,33 +3447,21 @@ def ollama_copy(node):
     return {}
 
 
-def _ollama_chunks(chunks, model, key, timings, started):
-    """The OpenAI dialect's stream as Ollama's NDJSON objects, ending in the final one."""
-    reason, usage = "stop", {"prompt_tokens": 0, "completion_tokens": 0}
-    for chunk in chunks:
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            if choice.get("finish_reason"):
-                reason = "stop" if choice["finish_reason"] == "tool_calls" else choice["finish_reason"]
-            if key == "message":
-                delta = choice.get("delta") or {}
-                if not delta.get("content") and not delta.get("tool_calls"):
-                    continue
-                message = {"role": "assistant", "content": delta.get("content") or ""}
-                if delta.get("tool_calls"):
-                    message["tool_calls"] = ollama_tool_calls(delta)
-                yield {"model": model, "created_at": rfc3339(time.time()), "message": message,
-                       "done": False}
-            else:
-                text = choice.get("text")
-                if text is None:
-                    text = (choice.get("delta") or {}).get("content")
-                if text:
-                    yield {"model": model, "created_at": rfc3339(time.time()), "response": text,
-                           "done": False}
+def _ollama_chunks(answer, model, key, started):
+    """An answer as Ollama's NDJSON objects, ending in the final one."""
+    reason = "stop"
+    for ev in answer:
+        if isinstance(ev, Piece):
+            if ev.text:
+                part = {"role": "assistant", "content": ev.text} if key == "message" else ev.text
+                yield {"model": model, "created_at": rfc3339(time.time()), key: part, "done": False}
+            continue
+        reason = ollama_reason(ev)
+        if answer.held and (ev.message.get("content") or ev.message.get("tool_calls")):
+            yield {"model": model, "created_at": rfc3339(time.time()), key: ollama_message(ev.message),
+                   "done": False}
     last = {"role": "assistant", "content": ""} if key == "message" else ""
-    yield ollama_final(model, timings, usage, started, reason, **{key: last})
+    yield ollama_final(model, answer, started, reason, **{key: last})
 
 
 def ollama_pull_status(event):
@@ -3516,6 +3493,31 @@ def _pull_events(node, call, events):
         yield ollama_pull_status(event)
         if event.step == "done":
             return
+
+
+###############################################################################
+# Operations ##################################################################
+###############################################################################
+# Health, readiness and metrics: answered at once, whatever the models are doing.
+
+@route("GET", "/health", plain=True)
+def health(node):
+    """Never waits: not for a load, a generation or a repair."""
+    return {"status": "ok", "repairs": node.repairs.active()}
+
+
+@route("GET", "/ready", plain=True)
+def ready(node):
+    if node.ready.is_set():
+        return {"status": "ready", "loaded": [os.path.basename(p) for p in node.pool.loaded()]}
+    bottle.response.status = 503
+    return {"status": "not ready", "preload": dict(node.preload_errors)}
+
+
+@route("GET", "/metrics", plain=True)
+def metrics_text(node):
+    bottle.response.content_type = "text/plain; version=0.0.4"
+    return node.metrics.render()
 
 
 ###############################################################################

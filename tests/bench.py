@@ -567,7 +567,9 @@ def constrained_vs_free(node, settings, rounds):
                                      "seed": 1, "messages": [{"role": "user", "content": "Describe Paris."}],
                                      **fmt}, settings.n_ctx)
         started = time.perf_counter()
-        tokens = node.chat(req)["usage"]["completion_tokens"]
+        answer = node.chat(req)
+        answer.collect()
+        tokens = answer.usage.completion_tokens
         return tokens / (time.perf_counter() - started)
 
     schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {

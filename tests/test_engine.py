@@ -88,14 +88,15 @@ def test_a_client_that_goes_away_frees_its_sequence_within_one_step(served):
     req = llmnode.validate_chat({"model": SMOL, "stream": True, "max_tokens": 1000, "temperature": 0,
                                  "messages": [{"role": "user", "content": "Count to a thousand."}]},
                                 node.settings.n_ctx)
-    chunks = node.chat(req)
-    for chunk in chunks:
-        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+    answer = node.chat(req)
+    stream = llmnode.sse(llmnode.openai_chat_chunks(answer, req), answer)  # the route's body
+    for line in stream:
+        if '"content": "' in line and '"content": ""' not in line:
             break
     slots = node.pool._models[blob_of(served.models_dir, ("smollm2", "135m"))[1]].llm.slots
     assert any(slots.busy)
     at_close = slots.steps
-    chunks.close()  # what waitress does when the client's socket is gone
+    stream.close()  # what waitress does when the client's socket is gone
     wait_for(lambda: not any(slots.busy), "the sequence to be free")
     assert slots.steps - at_close <= 1
 
