@@ -258,7 +258,7 @@ def pick_model(out):
     cache = model_cache()
     weights = smollm2_weights(cache, out)
     if weights is not None:
-        return DemoModel("smollm2:135m", weights, "Which city is the capital of France?",
+        return DemoModel("smollm2:135m", weights, "Name the capital of France.",
                          "SmolLM2-135M-Instruct Q4_1 (98 MB, cached in %s)" % cache)
     out("== falling back to the tiny model: random weights, so its answers are noise; the repair "
         "is the same")
