@@ -235,15 +235,6 @@ def test_a_streamed_ollama_chat_with_tools_ends_like_the_unstreamed_one(served):
         assert all(x.function.name == "get_weather" for x in tool_calls)
 
 
-def test_an_ollama_error_names_ollamas_field(served):
-    for options, field in (({"num_predict": 10 ** 7}, "options.num_predict"),
-                           ({"temperature": 9}, "options.temperature")):
-        r = requests.post(served.url + "/api/chat", timeout=60, json={
-            "model": SMOL, "messages": [{"role": "user", "content": "x"}], "options": options})
-        assert r.status_code == 400 and field in r.json()["error"], r.text
-        assert "max_tokens" not in r.json()["error"]
-
-
 def test_the_same_request_gives_the_same_tokens_through_v1_and_api_chat(served, client):
     messages = [{"role": "user", "content": "What is the sea?"}]
     v1 = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=30, temperature=0)
