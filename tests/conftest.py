@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: a tiny GGUF, a loopback registry, a real node process, and the
-few ways a test damages, checks and waits on the store."""
+"""Shared fixtures and helpers: a tiny GGUF, a loopback registry, a real node process, the few
+ways a test damages, checks and waits on the store, and the checks and scenarios several test
+files run (a store's tree, an error's shape, a fuzzed body, a corrupted model's repair)."""
 
 import hashlib
 import json
@@ -19,11 +20,15 @@ import conf
 import llmnode
 from repair import names
 from repair.coordinator import RepairCoordinator
+from repair.retry import Retry
+from repair.store import Store, model_layer
 from tests.fakeregistry import FakeRegistry
 from tests.tinymodel import write_tiny_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "gpt-oss:7b"
+SMOL = "smollm2:135m"  # the real model, as the loopback registries serve it
+TINY = MODEL  # the tiny model, as the dialect files call it
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -72,6 +77,66 @@ def wait_for(predicate, what, timeout=30):
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+
+
+def weights(node):
+    layer = model_layer(node.store.read_manifest(names.parse("gpt-oss:7b")))
+    return layer, node.store.blob_path(layer["digest"])
+
+
+def tree(root):
+    """Every file under root with its size and modification time."""
+    return sorted((os.path.join(d, f), os.stat(os.path.join(d, f)).st_size,
+                   os.stat(os.path.join(d, f)).st_mtime_ns)
+                  for d, _, files in os.walk(root) for f in files)
+
+
+def assert_no_blob_under_a_wrong_digest(models_dir):
+    blobs = os.path.join(models_dir, "blobs")
+    checked = 0
+    for name in os.listdir(blobs):
+        m = re.fullmatch(r"sha256-([0-9a-f]{64})", name)
+        if m:
+            with open(os.path.join(blobs, name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == m.group(1), name
+            checked += 1
+    partials = [n for n in os.listdir(Store(models_dir).partials_dir) if n.endswith("-partial")]
+    assert len(partials) <= 1, partials
+    return checked
+
+
+def assert_error(r, status, type_, code):
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["type"] == type_ and err["code"] == code and err["message"]
+    return err
+
+
+def post_without_5xx(url, path, body):
+    """POST a (fuzzed) body: anything but a 5xx, errors in the OpenAI shape; the status."""
+    r = requests.post(url + path, data=json.dumps(body), timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "code"}
+    return r.status_code
+
+
+def bodies(text):
+    """The JSON documents curl printed back to back."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while i < len(text):
+        doc, i = decoder.raw_decode(text, i)
+        out.append(doc)
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return out
+
+
+def no_sleep(_):
+    pass
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -265,3 +330,101 @@ def serve(registry, models_dir):
     yield start
     for s in servers:
         s.close()
+
+
+# -- a dialect's scenarios: the dialect files run each on a node of their own ---------------------
+
+def start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name):
+    """A node process over a store with SmolLM2 and the tiny model (its registry as `.registry`)."""
+    reg = FakeRegistry().start()
+    reg.add_model("library/smollm2", "135m", smollm2)
+    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
+    models = str(tmp_path_factory.mktemp(name) / "models")
+    env = node_env(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2", LLM_MAX_LOADED_MODELS="2")
+    for model in (SMOL, TINY):
+        assert run_cli("pull", model, env=env).returncode == 0
+    proc = NodeProcess(env)
+    proc.registry, proc.models_dir = reg, models
+    return proc
+
+
+def corrupt(node):
+    """`echo "corrupted" >` the tiny model's weights; (layer, blob, repairs logged so far)."""
+    layer, blob = blob_of(node.models_dir)
+    repairs = node.log().count("Starting auto-repair for model: gpt-oss:7b")
+    subprocess.run('echo "corrupted" > %s' % blob, shell=True, check=True)
+    return layer, blob, repairs
+
+
+def concurrent_answers(node, n, call):
+    """`call()` from n threads while the registry holds the repair's download until all n wait
+    on it; their results (or exceptions) and the bytes of the weights served meanwhile."""
+    layer, blob, repairs = corrupt(node)
+    served = node.registry.bytes_served[layer["digest"]]
+    node.registry.gate = threading.Event()
+    results = []
+
+    def run():
+        try:
+            results.append(call())
+        except Exception as e:  # reported by the test's assertion on results
+            results.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: [r["waiting_requests"] for r in requests.get(
+            node.url + "/health", timeout=5).json()["repairs"]] == [n], "all requests waiting on one repair",
+            timeout=60)
+    finally:
+        node.registry.gate.set()
+        node.registry.gate = None
+    for t in threads:
+        t.join(120)
+    assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
+    assert node.log().count("Starting auto-repair for model: gpt-oss:7b") == repairs + 1
+    return results, node.registry.bytes_served[layer["digest"]] - served, layer["size"]
+
+
+def repair_fault(kind, serve, registry, mount_tmpfs, path, body):
+    """The answer to `body` at `path` on an in-process node whose model is corrupted and whose
+    repair meets `kind` of fault: unreachable, slow (past the timeout), disk-full, disabled."""
+    if kind == "disk-full":
+        tmpfs = mount_tmpfs("2m")
+        node = llmnode.Node(settings_for(tmpfs, registry.url))
+        pull(node.client, node.store, node.guard, names.parse(TINY))
+        layer, blob = weights(node)
+        rot(blob, keep_times=False)
+        free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+        with open(os.path.join(tmpfs, "filler"), "wb") as f:
+            f.write(b"\0" * (free - layer["size"] // 2))
+        s = Served(node)
+        try:
+            return s.post(path, body)
+        finally:
+            s.close()
+    serve()
+    env = {"unreachable": {"LLM_REGISTRY_URL": "http://127.0.0.1:9"},
+           "slow": {"LLM_REPAIR_TIMEOUT_SECS": "2", "LLM_REGISTRY_TIMEOUT_SECS": "1"},
+           "disabled": {"LLM_AUTO_REPAIR": "false"}}[kind]
+    s = serve(**env)
+    s.node.repairs.retry = Retry(total=2)
+    rot(weights(s.node)[1], keep_times=False)
+    if kind != "slow":
+        return s.post(path, body)
+    registry.gate = threading.Event()
+    try:
+        r = s.post(path, body)
+        wait_for(lambda: not requests.get(s.url + "/health", timeout=5).json()["repairs"],
+                 "the timed-out attempt to give up")
+        return r
+    finally:
+        registry.gate.set()
+        registry.gate = None
+
+
+FAULTS = [("unreachable", 503, "Model repair failed: network error"),
+          ("slow", 504, "Model repair timed out"),
+          ("disk-full", 507, "Insufficient storage for model repair"),
+          ("disabled", 503, "auto-repair is disabled")]

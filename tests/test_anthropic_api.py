@@ -4,9 +4,6 @@ the user's two scenarios and the repair errors in Anthropic's error shape."""
 
 import hashlib
 import json
-import os
-import subprocess
-import threading
 
 import anthropic
 import pytest
@@ -14,13 +11,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import llmnode
-from repair import names
-from repair.retry import Retry
-from tests.conftest import NodeProcess, Served, blob_of, node_env, pull, rot, run_cli, settings_for, wait_for
-from tests.fakeregistry import FakeRegistry
-from tests.test_coordinator import weights
-from tests.test_llmnode import tree
+from tests.conftest import FAULTS, concurrent_answers, corrupt, repair_fault, start_smol_node, tree
 
 SMOL = "smollm2:135m"
 TINY = "gpt-oss:7b"
@@ -32,20 +23,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
 # The client no longer takes sampling fields as arguments; the API (and older clients) still send them.
 T0 = {"temperature": 0}
-
-
-def start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name):
-    """A node process over a store with SmolLM2 and the tiny model (its registry as `.registry`)."""
-    reg = FakeRegistry().start()
-    reg.add_model("library/smollm2", "135m", smollm2)
-    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
-    models = str(tmp_path_factory.mktemp(name) / "models")
-    env = node_env(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2", LLM_MAX_LOADED_MODELS="2")
-    for model in (SMOL, TINY):
-        assert run_cli("pull", model, env=env).returncode == 0
-    proc = NodeProcess(env)
-    proc.registry, proc.models_dir = reg, models
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -326,45 +303,6 @@ def test_fuzzed_bodies_never_get_a_5xx(node, path):
 
 # -- the user's scenarios and the repair errors, in this dialect -------------------------------------
 
-def corrupt(node):
-    """`echo "corrupted" >` the tiny model's weights; (layer, blob, repairs logged so far)."""
-    layer, blob = blob_of(node.models_dir)
-    repairs = node.log().count("Starting auto-repair for model: gpt-oss:7b")
-    subprocess.run('echo "corrupted" > %s' % blob, shell=True, check=True)
-    return layer, blob, repairs
-
-
-def concurrent_answers(node, n, call):
-    """`call()` from n threads while the registry holds the repair's download until all n wait
-    on it; their results (or exceptions) and the bytes of the weights served meanwhile."""
-    layer, blob, repairs = corrupt(node)
-    served = node.registry.bytes_served[layer["digest"]]
-    node.registry.gate = threading.Event()
-    results = []
-
-    def run():
-        try:
-            results.append(call())
-        except Exception as e:  # reported by the test's assertion on results
-            results.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(n)]
-    try:
-        for t in threads:
-            t.start()
-        wait_for(lambda: [r["waiting_requests"] for r in requests.get(
-            node.url + "/health", timeout=5).json()["repairs"]] == [n], "all requests waiting on one repair",
-            timeout=60)
-    finally:
-        node.registry.gate.set()
-        node.registry.gate = None
-    for t in threads:
-        t.join(120)
-    assert "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"]
-    assert node.log().count("Starting auto-repair for model: gpt-oss:7b") == repairs + 1
-    return results, node.registry.bytes_served[layer["digest"]] - served, layer["size"]
-
-
 def test_scenario_1_a_corrupted_model_is_repaired_and_answered(node, client):
     layer, blob, repairs = corrupt(node)
     m = client.messages.create(model=TINY, max_tokens=4, messages=[{"role": "user", "content": "test"}])
@@ -378,49 +316,6 @@ def test_scenario_2_five_concurrent_requests_share_one_repair(node, client):
         model=TINY, max_tokens=4, messages=[{"role": "user", "content": "test"}]))
     assert [getattr(m, "type", m) for m in results] == ["message"] * 5
     assert served == size
-
-
-def repair_fault(kind, serve, registry, mount_tmpfs, path, body):
-    """The answer to `body` at `path` on an in-process node whose model is corrupted and whose
-    repair meets `kind` of fault: unreachable, slow (past the timeout), disk-full, disabled."""
-    if kind == "disk-full":
-        tmpfs = mount_tmpfs("2m")
-        node = llmnode.Node(settings_for(tmpfs, registry.url))
-        pull(node.client, node.store, node.guard, names.parse(TINY))
-        layer, blob = weights(node)
-        rot(blob, keep_times=False)
-        free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
-        with open(os.path.join(tmpfs, "filler"), "wb") as f:
-            f.write(b"\0" * (free - layer["size"] // 2))
-        s = Served(node)
-        try:
-            return s.post(path, body)
-        finally:
-            s.close()
-    serve()
-    env = {"unreachable": {"LLM_REGISTRY_URL": "http://127.0.0.1:9"},
-           "slow": {"LLM_REPAIR_TIMEOUT_SECS": "2", "LLM_REGISTRY_TIMEOUT_SECS": "1"},
-           "disabled": {"LLM_AUTO_REPAIR": "false"}}[kind]
-    s = serve(**env)
-    s.node.repairs.retry = Retry(total=2)
-    rot(weights(s.node)[1], keep_times=False)
-    if kind != "slow":
-        return s.post(path, body)
-    registry.gate = threading.Event()
-    try:
-        r = s.post(path, body)
-        wait_for(lambda: not requests.get(s.url + "/health", timeout=5).json()["repairs"],
-                 "the timed-out attempt to give up")
-        return r
-    finally:
-        registry.gate.set()
-        registry.gate = None
-
-
-FAULTS = [("unreachable", 503, "Model repair failed: network error"),
-          ("slow", 504, "Model repair timed out"),
-          ("disk-full", 507, "Insufficient storage for model repair"),
-          ("disabled", 503, "auto-repair is disabled")]
 
 
 @pytest.mark.parametrize("kind, status, message", FAULTS, ids=[f[0] for f in FAULTS])

@@ -1,7 +1,6 @@
 """The user's two scenarios, as written, against a real node process and a loopback registry."""
 
 import hashlib
-import json
 import subprocess
 import threading
 import time
@@ -9,23 +8,11 @@ import time
 import pytest
 import requests
 
-from tests.conftest import MODEL, blob_of, node_env
+from tests.conftest import MODEL, blob_of, bodies, node_env
 
 CURL = ('curl -X POST {url}/v1/chat/completions \\\n'
         '  -H "Content-Type: application/json" \\\n'
         '  -d \'{{"model": "gpt-oss:7b", "messages": [{{"role": "user", "content": "test"}}]}}\'')
-
-
-def bodies(text):
-    """The JSON documents curl printed back to back."""
-    decoder, out, i = json.JSONDecoder(), [], 0
-    text = text.strip()
-    while i < len(text):
-        doc, i = decoder.raw_decode(text, i)
-        out.append(doc)
-        while i < len(text) and text[i].isspace():
-            i += 1
-    return out
 
 
 def test_scenario_1_a_corrupted_model_is_repaired_and_answered(pulled, registry, start_node, tmp_path):

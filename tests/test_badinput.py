@@ -9,7 +9,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_llmnode import tree
+from tests.conftest import post_without_5xx, tree
 
 GOOD = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -138,16 +138,6 @@ NEAR_VALID = st.fixed_dictionaries({}, optional={
     "seed": st.integers(-(2 ** 63), 2 ** 63),
     "stream": st.booleans(),
 }).map(lambda changes: dict(GOOD, **changes))
-
-
-def post_without_5xx(url, path, body):
-    """POST a (fuzzed) body: anything but a 5xx, errors in the OpenAI shape; the status."""
-    r = requests.post(url + path, data=json.dumps(body), timeout=60,
-                      headers={"Content-Type": "application/json"})
-    assert r.status_code < 500, (body, r.text)
-    if r.status_code >= 400:
-        assert set(r.json()["error"]) == {"message", "type", "code"}
-    return r.status_code
 
 
 def test_fuzzed_chat_bodies_never_get_a_5xx(node, models_dir):

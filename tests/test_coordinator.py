@@ -1,6 +1,10 @@
-"""Auto-repair in process: a real waitress node, llama.cpp on the tiny model, a loopback registry."""
+"""The repair coordinator in process: auto-repair on a real waitress node (llama.cpp on the tiny
+model, a loopback registry) of damaged blobs and manifests, the SPEC's errors when a repair
+cannot finish, a blob llama.cpp cannot load though it is intact, a pull that keeps intact blobs,
+and a bug in a repair answered 500 with its traceback logged."""
 
 import json
+import logging
 import os
 import threading
 import time
@@ -10,16 +14,26 @@ import requests
 
 import llmnode
 from repair import names
+from repair.coordinator import RepairCoordinator
+from repair.errors import DownloadError, LLMNodeError
+from repair.guard import IntegrityGuard
+from repair.registry import RegistryClient
 from repair.retry import Retry
-from repair.store import model_layer
-from tests.conftest import Served, intact, pull, rot, settings_for
+from repair.store import Store, model_layer
+from tests.conftest import (
+    MODEL,
+    Served,
+    assert_error,
+    blob_of,
+    intact,
+    pull,
+    rot,
+    settings_for,
+    weights,
+)
+from tests.fakeregistry import MODEL_TYPE, make_manifest
 
 CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}], "max_tokens": 4}
-
-
-def weights(node):
-    layer = model_layer(node.store.read_manifest(names.parse("gpt-oss:7b")))
-    return layer, node.store.blob_path(layer["digest"])
 
 
 def counting_loads(node):
@@ -193,3 +207,79 @@ def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, mount_tmpf
     finally:
         s.close()
     assert not os.path.exists(node.store.partial_path(layer["digest"]))
+
+
+def test_a_blob_llama_cpp_cannot_load_is_500_model_load_failed(serve, registry, models_dir):
+    s = serve()
+    raw, blobs = make_manifest([(MODEL_TYPE, b"GGUF" + b"\0" * 100)])
+    store = Store(models_dir)
+    for digest, data in blobs.items():
+        with open(store.blob_path(digest), "wb") as f:
+            f.write(data)
+    store.write_manifest(names.parse("broken:1"), raw)
+    requests_before = len(registry.requests)
+    err = assert_error(s.post("/v1/chat/completions", dict(CHAT, model="broken:1")),
+                       500, "server_error", "model_load_failed")
+    assert "Failed to load" in err["message"] and "matches its digest" in err["message"]
+    assert len(registry.requests) == requests_before
+
+
+def test_pull_keeps_intact_blobs_and_fetches_broken_ones(registry, models_dir):
+    store, client = Store(models_dir), RegistryClient(registry.url)
+    guard = IntegrityGuard(store)
+    ref = names.parse("gpt-oss:7b")
+    pull(client, store, guard, ref)
+    first = sum(registry.bytes_served.values())
+    pull(client, store, guard, ref)
+    assert sum(registry.bytes_served.values()) == first
+    weights = model_layer(store.read_manifest(ref))
+    with open(store.blob_path(weights["digest"]), "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff" * 64)
+    pull(client, store, guard, ref)
+    assert sum(registry.bytes_served.values()) == first + weights["size"]
+
+
+class _Exploding:
+    """A registry client whose blob requests hit a bug."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def get_manifest(self, ref, digest=None):
+        return self.real.get_manifest(ref, digest)
+
+    def blob_bytes(self, *args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+
+def test_an_unexpected_error_in_a_repair_is_a_500_with_its_traceback_logged(pulled, registry, caplog):
+    store = Store(pulled)
+    guard = IntegrityGuard(store)
+    coordinator = RepairCoordinator(store, _Exploding(RegistryClient(registry.url)), guard)
+    ref = names.parse(MODEL)
+    layer = model_layer(store.read_manifest(ref))
+    with open(store.blob_path(layer["digest"]), "wb") as f:
+        f.write(b"corrupted\n")
+    with caplog.at_level(logging.ERROR), pytest.raises(LLMNodeError) as raised:
+        coordinator.check_layer(ref, layer, gguf=True)
+    assert not isinstance(raised.value, DownloadError)
+    assert raised.value.status == 500 and raised.value.code == "internal_error"
+    assert "ZeroDivisionError: a bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_served_repair_with_a_bug_answers_500_internal_error(pulled, registry):
+    node = llmnode.Node(settings_for(pulled, registry.url))
+    node.repairs.client = _Exploding(node.client)
+    layer, blob = blob_of(pulled)
+    with open(blob, "wb") as f:
+        f.write(b"corrupted\n")
+    from tests.conftest import Served
+    s = Served(node)
+    try:
+        r = s.post("/v1/chat/completions", CHAT)
+    finally:
+        s.close()
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error"
+    assert "Retry-After" not in r.headers

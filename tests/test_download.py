@@ -11,6 +11,7 @@ from repair.errors import BadRange, DigestMismatch, InsufficientStorage, Registr
 from repair.registry import RegistryClient
 from repair.retry import Retry
 from repair.store import Store, model_layer
+from tests.conftest import no_sleep
 from tests.fakeregistry import digest_of
 
 REF = names.parse("gpt-oss:7b")
@@ -22,10 +23,6 @@ def setup(registry, tmp_path):
     client = RegistryClient(registry.url)
     layer = model_layer(__import__("json").loads(registry.manifests[("library/gpt-oss", "7b")]))
     return store, client, layer, registry.blobs[layer["digest"]]
-
-
-def no_sleep(_):
-    pass
 
 
 def test_blob_is_installed_under_its_digest_and_verified(setup, registry):

@@ -249,15 +249,6 @@ def test_an_answer_cut_by_its_budget_in_the_tool_format_is_its_text_so_far(clien
     assert '"response"' not in choice.message.content
 
 
-def test_an_ollama_error_names_ollamas_field(served):
-    for options, field in (({"num_predict": 10 ** 7}, "options.num_predict"),
-                           ({"temperature": 9}, "options.temperature")):
-        r = requests.post(served.url + "/api/chat", timeout=60, json={
-            "model": SMOL, "messages": [{"role": "user", "content": "x"}], "options": options})
-        assert r.status_code == 400 and field in r.json()["error"], r.text
-        assert "max_tokens" not in r.json()["error"]
-
-
 def test_the_same_request_gives_the_same_tokens_through_v1_and_api_chat(served, client):
     messages = [{"role": "user", "content": "What is the sea?"}]
     v1 = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=30, temperature=0)

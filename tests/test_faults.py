@@ -4,31 +4,17 @@ SPEC's error; after every case no blob sits under a digest its bytes do not hash
 import hashlib
 import os
 import random
-import re
 
 import pytest
 
 from repair import names
 from repair.retry import Retry
-from repair.store import Store, model_layer
+from repair.store import model_layer
+from tests.conftest import assert_no_blob_under_a_wrong_digest
 
 CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}], "max_tokens": 2}
 SIZE = 469440  # the tiny model's size; offsets below are spread across it
 OFFSETS = sorted(random.Random(20261124).sample(range(1, SIZE), 24))
-
-
-def assert_no_blob_under_a_wrong_digest(models_dir):
-    blobs = os.path.join(models_dir, "blobs")
-    checked = 0
-    for name in os.listdir(blobs):
-        m = re.fullmatch(r"sha256-([0-9a-f]{64})", name)
-        if m:
-            with open(os.path.join(blobs, name), "rb") as f:
-                assert hashlib.sha256(f.read()).hexdigest() == m.group(1), name
-            checked += 1
-    partials = [n for n in os.listdir(Store(models_dir).partials_dir) if n.endswith("-partial")]
-    assert len(partials) <= 1, partials
-    return checked
 
 
 @pytest.fixture

@@ -1,10 +1,15 @@
+"""The integrity guard: a verified blob trusted by its stat until it changes, the full check
+naming what is wrong, a flip only the digest catches, and an unreadable blob taken as corrupted."""
+
 import os
 
 import pytest
 
+import llmnode
 from repair.errors import ModelCorrupted
 from repair.guard import IntegrityGuard
 from repair.store import Store
+from tests.conftest import blob_of
 from tests.fakeregistry import digest_of
 
 
@@ -64,3 +69,16 @@ def test_a_flip_that_keeps_size_and_times_is_caught_only_by_the_digest(blob):
     assert guard.unchanged(layer)
     with pytest.raises(ModelCorrupted, match="sha256 mismatch"):
         guard.verify(layer)
+
+
+def test_an_unreadable_blob_counts_as_corrupted(pulled, registry):
+    from tests.conftest import settings_for
+    node = llmnode.Node(settings_for(pulled, registry.url))
+    layer, blob = blob_of(pulled)
+    # A directory where the blob should be: opening it for reading fails like a bad disk does.
+    os.unlink(blob)
+    os.mkdir(blob)
+    with pytest.raises(ModelCorrupted) as raised:
+        node.guard.verify(dict(layer, size=os.stat(blob).st_size), gguf=True)
+    assert raised.value.reason.startswith("unreadable: ")
+    os.rmdir(blob)

@@ -3,9 +3,9 @@ import re
 import requests
 
 from repair.metrics import Metrics
-from tests.conftest import rot
-from tests.test_coordinator import CHAT, weights
+from tests.conftest import rot, weights
 
+CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}], "max_tokens": 4}
 LINE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
 
 

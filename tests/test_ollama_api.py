@@ -14,10 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repair.records import VerifiedRecords
-from tests.conftest import NodeProcess, node_env, run_cli
+from tests.conftest import NodeProcess, bodies, node_env, run_cli, tree
 from tests.fakeregistry import FakeRegistry, digest_of
-from tests.test_autorepair import bodies
-from tests.test_llmnode import tree
 from tests.tinymodel import write_tiny_gguf
 
 SMOL = "smollm2:135m"
@@ -242,6 +240,15 @@ def test_a_refused_option_names_itself(client):
     with pytest.raises(ollama.ResponseError) as raised:
         client.generate(model=TINY, prompt="x", template="{{ .Prompt }}")
     assert "template" in raised.value.error
+
+
+def test_an_ollama_error_names_ollamas_field(node):
+    for options, field in (({"num_predict": 10 ** 7}, "options.num_predict"),
+                           ({"temperature": 9}, "options.temperature")):
+        r = requests.post(node.url + "/api/chat", timeout=60, json={
+            "model": SMOL, "messages": [{"role": "user", "content": "x"}], "options": options})
+        assert r.status_code == 400 and field in r.json()["error"], r.text
+        assert "max_tokens" not in r.json()["error"]
 
 
 CURL = ("curl -s -X POST {url}/api/chat -d '{{\"model\": \"gpt-oss:7b\", \"stream\": false, "

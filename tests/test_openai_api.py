@@ -1,5 +1,8 @@
 """The OpenAI API as clients send it, through the real `openai` client against a real node
-process on the real model (SmolLM2): structured output, tools, completions, embeddings."""
+process on the real model (SmolLM2): structured output, tools, completions, embeddings, refusals
+by name, bad and fuzzed bodies, repair under the new endpoints; then the chat endpoint on the tiny
+model in process: the answer's and the stream's shape, seeds, /v1/models, a model not in the store,
+a prompt over the context, and each invalid field a 400 that touches nothing."""
 
 import base64
 import hashlib
@@ -15,10 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from tests.conftest import node_env, run_cli
-from tests.test_autorepair import blob_of
-from tests.test_badinput import post_without_5xx
-from tests.test_llmnode import tree
+from tests.conftest import assert_error, blob_of, post_without_5xx, start_smol_node, tree
 
 SMOL = "smollm2:135m"
 WEATHER = {"type": "function", "function": {
@@ -35,22 +35,10 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, smollm2, tiny_gguf):
     """One node process over a store with SmolLM2 and the tiny model, shared by this module."""
-    from tests.conftest import NodeProcess
-    from tests.fakeregistry import FakeRegistry
-
-    reg = FakeRegistry().start()
-    reg.add_model("library/smollm2", "135m", smollm2)
-    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
-    models = str(tmp_path_factory.mktemp("openai") / "models")
-    env = node_env(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
-                   LLM_MAX_LOADED_MODELS="2")
-    for name in (SMOL, "gpt-oss:7b"):
-        assert run_cli("pull", name, env=env).returncode == 0
-    proc = NodeProcess(env)
-    proc.registry, proc.models_dir = reg, models
+    proc = start_smol_node(tmp_path_factory, smollm2, tiny_gguf, "openai")
     yield proc
     proc.stop()
-    reg.stop()
+    proc.registry.stop()
 
 
 @pytest.fixture
@@ -324,3 +312,96 @@ def test_the_env_has_no_stray_files(node, client):
     client.chat.completions.create(model="gpt-oss:7b", messages=ASK, max_tokens=2)
     assert hashlib.sha256(open(blob, "rb").read()).hexdigest() == layer["digest"][7:]
     assert not [f for d, _, fs in os.walk(node.models_dir) for f in fs if ".tmp-" in f or "-partial" in f]
+
+
+# -- the chat endpoint on the tiny model, on a node in this process -------------------------------
+
+CHAT = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+def test_chat_completion_has_the_openai_shape(serve):
+    r = serve().post("/v1/chat/completions", CHAT)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "gpt-oss:7b"
+    assert body["id"].startswith("chatcmpl-")
+    assert isinstance(body["created"], int)
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert 0 < body["usage"]["completion_tokens"] <= 4
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_consecutive_requests_without_max_tokens_are_answered(serve):
+    s = serve()
+    req = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "test"}]}
+    for seed in range(4):
+        r = s.post("/v1/chat/completions", dict(req, seed=seed))
+        assert r.status_code == 200, r.text
+
+
+def test_the_same_seed_gives_the_same_answer(serve):
+    s = serve()
+    req = dict(CHAT, seed=42, temperature=1.0, max_tokens=8)
+    first = s.post("/v1/chat/completions", req).json()["choices"][0]["message"]["content"]
+    second = s.post("/v1/chat/completions", req).json()["choices"][0]["message"]["content"]
+    assert first == second
+
+
+def test_streaming_sends_chunks_and_ends_with_done(serve):
+    r = serve().post("/v1/chat/completions", dict(CHAT, stream=True))
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in r.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all(c["model"] == "gpt-oss:7b" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_lists_the_store(serve):
+    r = requests.get(serve().url + "/v1/models", timeout=10)
+    assert r.json()["object"] == "list"
+    assert [m["id"] for m in r.json()["data"]] == ["gpt-oss:7b"]
+
+
+def test_a_model_not_in_the_store_is_404_with_the_pull_command(serve):
+    err = assert_error(serve().post("/v1/chat/completions", dict(CHAT, model="nothing:1")),
+                       404, "invalid_request_error", "model_not_found")
+    assert "nothing:1" in err["message"] and "python llmnode.py pull nothing:1" in err["message"]
+
+
+def test_a_streamed_prompt_over_the_context_is_an_error_before_any_event(serve):
+    long = dict(CHAT, stream=True, messages=[{"role": "user", "content": "x" * 2000}])
+    assert_error(serve().post("/v1/chat/completions", long),
+                 400, "invalid_request_error", "context_length_exceeded")
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"model": None}, "invalid_request"),
+    ({"model": "../../etc/passwd"}, "invalid_model_name"),
+    ({"messages": []}, "invalid_request"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "invalid_request"),
+    ({"messages": [{"role": "user", "content": 5}]}, "invalid_request"),
+    ({"max_tokens": 0}, "invalid_request"),
+    ({"max_tokens": "10"}, "invalid_request"),
+    ({"temperature": 3}, "invalid_request"),
+    ({"top_p": -1}, "invalid_request"),
+    ({"stop": [1]}, "invalid_request"),
+    ({"stream": "yes"}, "invalid_request"),
+])
+def test_invalid_fields_are_400(serve, models_dir, change, code):
+    s = serve()
+    before = tree(models_dir)
+    r = s.post("/v1/chat/completions", dict(CHAT, **change))
+    assert_error(r, 400, "invalid_request_error", code)
+    assert tree(models_dir) == before
+
+
+def test_content_parts_and_developer_role_are_accepted(serve):
+    req = dict(CHAT, messages=[{"role": "developer", "content": "Be brief."},
+                               {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert serve().post("/v1/chat/completions", req).status_code == 200

@@ -15,7 +15,7 @@ from repair.download import DownloadState, fetch_blob
 from repair.errors import InsufficientStorage, RepairTimeout
 from repair.registry import RegistryClient
 from repair.store import Store
-from tests.conftest import wait_for
+from tests.conftest import no_sleep, wait_for
 from tests.fakeregistry import digest_of
 
 REF = names.parse("gpt-oss:7b")
@@ -40,10 +40,6 @@ def setup(registry, tmp_path, big):
 def blob_requests(registry):
     with registry.lock:
         return [headers for path, headers in registry.requests if "/blobs/" in path]
-
-
-def no_sleep(_):
-    pass
 
 
 def test_plan_splits_only_blobs_of_two_parts_or_more():

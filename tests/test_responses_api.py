@@ -12,17 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from tests.test_anthropic_api import (
+from tests.conftest import (
     FAULTS,
     SMOL,
     TINY,
     concurrent_answers,
     corrupt,
+    post_without_5xx,
     repair_fault,
     start_smol_node,
+    tree,
 )
-from tests.test_badinput import post_without_5xx
-from tests.test_llmnode import tree
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"},

@@ -1,21 +1,18 @@
-"""The runtime: every load verified (on the real model), the loaded-model limit, keep-alive,
-preload and readiness, the body limit, and a scrubber that survives a failing disk."""
+"""The runtime: every load verified (on the real model), the model pool (the loaded-model limit,
+sharing, keep-alive, the least recently used model out first), the model lock's arrival order,
+preload and readiness, and the compute thread every load and generation runs on."""
 
-import errno
-import json
-import os
 import re
-import socket
 import threading
 import time
 
 import pytest
 import requests
 
+import conf
 import llmnode
-from repair.errors import ModelCorrupted
-from repair.scrub import Scrubber
 from tests.conftest import blob_of, intact, node_env, rot, run_cli, wait_for
+from tests.tinymodel import write_tiny_gguf
 
 SMOL = "smollm2:135m"
 QUESTION = {"model": SMOL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -31,13 +28,6 @@ def smol_store(registry, smollm2, models_dir):
         result = run_cli("pull", name, env=env)
         assert result.returncode == 0, result.stderr
     return env
-
-
-def smol_blob(models_dir):
-    manifest = json.load(open(os.path.join(models_dir, "manifests", "registry.ollama.ai", "library",
-                                           "smollm2", "135m")))
-    layer = next(la for la in manifest["layers"] if la["mediaType"].endswith(".model"))
-    return layer, os.path.join(models_dir, "blobs", layer["digest"].replace(":", "-"))
 
 
 def ask(node, body=QUESTION):
@@ -58,7 +48,7 @@ def test_bit_rot_across_a_restart_is_repaired_before_the_real_model_answers(smol
     node = start_node(smol_store)
     answer = ask(node)
     node.stop()
-    layer, blob = smol_blob(models_dir)
+    layer, blob = blob_of(models_dir, ("smollm2", "135m"))
     rot(blob, n=4 << 20)
     # The rotten weights load and answer differently: only a digest check tells.
     unchecked = start_node(dict(smol_store, LLM_VERIFY_ON_LOAD="false"))
@@ -77,7 +67,7 @@ def test_bit_rot_across_an_eviction_is_repaired_before_the_real_model_answers(sm
     answer = ask(node)
     ask(node, {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert "unloading model sha256-" in node.log()  # the real model left memory
-    layer, blob = smol_blob(models_dir)
+    layer, blob = blob_of(models_dir, ("smollm2", "135m"))
     rot(blob, n=4 << 20)
     assert ask(node) == answer
     assert intact(blob, layer)
@@ -203,7 +193,63 @@ def test_an_idle_model_leaves_after_its_keep_alive(fakes):
     assert fakes.count(("load", "a")) == 2
 
 
-# -- operations ----------------------------------------------------------------------------------
+# -- the pool on real (tiny) models ---------------------------------------------------------------
+
+def test_least_recently_used_model_leaves_first(tmp_path):
+    paths = [str(write_tiny_gguf(tmp_path / ("m%d.gguf" % i), seed=i)) for i in range(3)]
+    loads = []
+
+    def loader(path):
+        loads.append(path)
+        return llmnode.load_llama(path, conf.load(environ={"LLM_CTX_SIZE": "256",
+                                                           "LLM_CPU_THREADS": "1"}))
+
+    pool = llmnode.ModelPool(capacity=2)
+    for p in (paths[0], paths[1], paths[0], paths[2]):
+        pool.acquire(p, lambda p=p: loader(p)).release()
+    assert sorted(pool.loaded()) == sorted([paths[0], paths[2]])
+    assert loads == [paths[0], paths[1], paths[2]]
+
+
+# -- the model lock: waiters served in arrival order ----------------------------------------------
+
+def test_the_model_lock_is_handed_over_in_arrival_order():
+    lock = llmnode.FairLock()
+    assert lock.acquire()
+    order = []
+
+    def waiter(name):
+        assert lock.acquire(timeout=30)
+        order.append(name)
+        lock.release()
+
+    threads = []
+    for i, name in enumerate("abcde"):
+        t = threading.Thread(target=waiter, args=(name,))
+        t.start()
+        threads.append(t)
+        # The next thread starts only once this one is queued.
+        deadline = time.monotonic() + 10
+        while lock.waiting() != i + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(30)
+    assert order == list("abcde")
+    assert lock.acquire(timeout=0)  # free again once everyone has been
+
+
+def test_a_timed_out_waiter_leaves_the_queue():
+    lock = llmnode.FairLock()
+    lock.acquire()
+    assert not lock.acquire(timeout=0.01)
+    assert lock.waiting() == 0
+    lock.release()
+    assert lock.acquire(timeout=0)
+
+
+# -- preload and readiness ------------------------------------------------------------------------
 
 def test_ready_waits_for_the_preloaded_models_and_health_does_not(pulled, registry, start_node):
     layer, blob = blob_of(pulled)
@@ -227,79 +273,6 @@ def test_ready_waits_for_the_preloaded_models_and_health_does_not(pulled, regist
 
 def test_a_node_without_preload_is_ready_at_once(serve):
     assert requests.get(serve().url + "/ready", timeout=5).status_code == 200
-
-
-def test_an_oversized_body_is_refused_before_it_is_read(serve):
-    s = serve(LLM_MAX_BODY_BYTES="1024")
-    port = int(s.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        # Announce 300 MiB and send none of it: the answer must come without the body.
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % (300 << 20))
-        reply = b""
-        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413")
-    assert b"application/json" in head
-    assert json.loads(body)["error"]["code"] == "request_too_large"
-
-
-def test_a_body_at_the_limit_is_read(serve):
-    s = serve(LLM_MAX_BODY_BYTES="200")
-    body = b'{"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}'
-    body += b" " * (200 - len(body))
-    r = s.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == 200, r.text
-
-
-class _FailingDisk:
-    """A coordinator whose first model's check meets EIO (a failing disk), then works."""
-
-    def __init__(self, real):
-        self.real = real
-        self.calls = []
-
-    def check_model(self, ref):
-        self.calls.append(str(ref))
-        if len(self.calls) == 1:
-            raise OSError(errno.EIO, "Input/output error")
-        return self.real.check_model(ref)
-
-
-def test_the_scrubber_goes_on_after_a_failing_disk(registry, models_dir, caplog):
-    from tests.conftest import settings_for
-    from tests.tinymodel import write_tiny_gguf
-    write_tiny_gguf(models_dir + "-o.gguf", seed=2)
-    registry.add_model("library/other", "1", open(models_dir + "-o.gguf", "rb").read())
-    env = node_env(models_dir, registry.url)
-    for name in ("gpt-oss:7b", "other:1"):
-        assert run_cli("pull", name, env=env).returncode == 0
-    node = llmnode.Node(settings_for(models_dir, registry.url))
-    disk = _FailingDisk(node.repairs)
-    scrub = Scrubber(node.store, disk, interval=3600, metrics=node.metrics)
-    findings = scrub.run_once()
-    assert len(disk.calls) == 2  # the second model was still checked
-    assert [f[0] for f in findings] == [disk.calls[0]] and "Input/output error" in findings[0][2]
-    assert "llmnode_scrub_errors_total 1" in node.metrics.render()
-    assert "Traceback" in caplog.text
-    assert scrub.run_once() == []  # and the next pass runs
-
-
-def test_an_unreadable_blob_counts_as_corrupted(pulled, registry):
-    from tests.conftest import settings_for
-    node = llmnode.Node(settings_for(pulled, registry.url))
-    layer, blob = blob_of(pulled)
-    # A directory where the blob should be: opening it for reading fails like a bad disk does.
-    os.unlink(blob)
-    os.mkdir(blob)
-    with pytest.raises(ModelCorrupted) as raised:
-        node.guard.verify(dict(layer, size=os.stat(blob).st_size), gguf=True)
-    assert raised.value.reason.startswith("unreadable: ")
-    os.rmdir(blob)
 
 
 # -- the compute thread: one OpenMP team for the whole process -----------------------------------

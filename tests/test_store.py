@@ -1,3 +1,7 @@
+"""The store on disk: Ollama's manifests read as they are, a missing or unusable manifest, atomic
+manifest writes, listing only valid names, leftovers of interrupted writes, and paths that come
+only from validated names and digests."""
+
 import json
 import os
 
@@ -78,3 +82,11 @@ def test_leftovers_of_interrupted_writes_are_removed_but_partials_stay(tmp_path)
         open(p, "wb").close()
     assert store.remove_temporaries() == [leftover]
     assert os.path.exists(partial) and not os.path.exists(leftover)
+
+
+def test_store_paths_come_only_from_validated_names(models_dir):
+    store = Store(models_dir)
+    raw, _ = make_manifest([(MODEL_TYPE, b"GGUF")])
+    store.write_manifest(names.parse("me/m:1"), raw)
+    layer = model_layer(store.read_manifest(names.parse("me/m:1")))
+    assert os.path.dirname(store.blob_path(layer["digest"])) == os.path.join(models_dir, "blobs")

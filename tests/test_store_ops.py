@@ -23,7 +23,8 @@ def missing_blobs(models_dir):
             for d in named_in(store.read_manifest_raw(ref)) if not os.path.exists(store.blob_path(d))]
 
 
-def pull(url, name):
+def api_pull(url, name):
+    """Pull through the node's /api/pull (not conftest's in-process `pull`)."""
     return requests.post(url + "/api/pull", json={"model": name, "stream": False}, timeout=120)
 
 
@@ -35,13 +36,13 @@ def test_deleting_a_model_while_another_sharing_its_weights_is_pulled_keeps_them
     env = node_env(models_dir, registry.url)
     node = start_node(env)
     for round_ in range(20):
-        assert pull(node.url, "a:1").json() == {"status": "success"}
+        assert api_pull(node.url, "a:1").json() == {"status": "success"}
         gated = round_ % 2 == 0
         if gated:
             # B's pull has checked the shared weights and is fetching its own layer when A goes.
             registry.gate = threading.Event()
         pulled = []
-        puller = threading.Thread(target=lambda into=pulled: into.append(pull(node.url, "b:1")))
+        puller = threading.Thread(target=lambda into=pulled: into.append(api_pull(node.url, "b:1")))
         puller.start()
         try:
             if gated:
