@@ -310,8 +310,8 @@ def bench_serving(work, rounds, threads=2):
     on = Served(env)
     port = free_port()
     ref_server = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(threads),
-         "--n_ctx", "512", "--port", str(port), "--host", "127.0.0.1"],
+        llama_cpp_server("--model", str(gguf), "--n_threads", str(threads),
+                         "--n_ctx", "512", "--port", str(port), "--host", "127.0.0.1"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ref_url = "http://127.0.0.1:%d" % port
     try:
@@ -381,6 +381,18 @@ def bench_guard(env, p50):
           % ("d. guard (manifest + stat check) per request", cost * 1e6, 100 * cost / p50))
 
 
+def llama_cpp_server(*args):
+    """The command that runs `python -m llama_cpp.server` with these arguments. On a CPU with AMX
+    it loads without llama.cpp's extra weight buffers, as our node does there (their AMX kernel
+    crashes on SmolLM2's Q4_1 weights; see llmnode.without_extra_buffers)."""
+    if not llmnode.cpu_has_amx():
+        return [sys.executable, "-m", "llama_cpp.server", *args]
+    code = ("import runpy, sys; sys.path.insert(0, %r); import llmnode; llmnode.without_extra_buffers(); "
+            "sys.argv = ['llama_cpp.server'] + sys.argv[1:]; runpy.run_module('llama_cpp.server', "
+            "run_name='__main__', alter_sys=True)" % str(ROOT))
+    return [sys.executable, "-c", code, *args]
+
+
 def bench_api(work, rounds, threads=2):
     """On the real model (SmolLM2): json_schema-constrained chat and embeddings against
     `python -m llama_cpp.server`, and Ollama's /api/chat against /v1/chat/completions."""
@@ -394,9 +406,9 @@ def bench_api(work, rounds, threads=2):
     refs = {}
     for kind, extra in (("chat", []), ("embed", ["--embedding", "true"])):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
-                                 str(threads), "--n_ctx", "1024", "--port", str(port), "--host",
-                                 "127.0.0.1"] + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(llama_cpp_server("--model", gguf, "--n_threads", str(threads), "--n_ctx",
+                                                 "1024", "--port", str(port), "--host", "127.0.0.1", *extra),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         refs[kind] = ("http://127.0.0.1:%d" % port, proc)
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
               "required": ["name", "country"]}
