@@ -1109,9 +1109,10 @@ class ModelPool:
 ###############################################################################
 # The request type and the tool/grammar layer #################################
 ###############################################################################
-# What every dialect's request becomes for the engine (`Generation`) and what comes back (`Piece`,
-# `Finish`, `Usage`); grammars for structured output and tool calls; the chat template's prompt and
-# the parsing of tool calls, done once here for every dialect.
+# What every dialect's request becomes for the engine (`Generation`) and what comes back (`Piece`
+# and `Finish` from the engine; `Answer` and its `Ended`, as every dialect renders them; `Usage`);
+# grammars for structured output and tool calls; the chat template's prompt and the parsing of tool
+# calls, done once here for every dialect.
 
 @dataclass
 class Sampling:
