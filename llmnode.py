@@ -1517,9 +1517,9 @@ class Node:
         from a blob that failed its check are dropped and the repaired blob is loaded (and
         verified) again."""
         for _attempt in range(3):
-            # The load keeps one core busy: the check takes the others (at least one).
+            # The check hashes on every core; the load (a one-core copy) shares them.
             check = _Call(lambda: self.repairs.check_layer(
-                ref, layer, gguf=True, workers=max(1, (os.cpu_count() or 1) - 1)))
+                ref, layer, gguf=True, workers=os.cpu_count() or 1))
             started = time.monotonic()
             llm, load_error = None, None
             try:
