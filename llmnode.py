@@ -1518,8 +1518,7 @@ class Node:
         verified) again."""
         for _attempt in range(3):
             # The check hashes on every core; the load (a one-core copy) shares them.
-            check = _Call(lambda: self.repairs.check_layer(
-                ref, layer, gguf=True, workers=os.cpu_count() or 1))
+            check = _Call(lambda: self.repairs.check_layer(ref, layer, gguf=True))
             started = time.monotonic()
             llm, load_error = None, None
             try:

@@ -108,12 +108,10 @@ class RepairCoordinator:
             on_change(path)
         return Resolved(ref, path, self.check_layer(ref, layer, gguf=True))
 
-    def check_layer(self, ref, layer, gguf=False, pulling=False, workers=None):
+    def check_layer(self, ref, layer, gguf=False, pulling=False):
         """Full check of one blob, repaired if corrupted; True if it was repaired. One run per
         digest however many callers ask; each waits at most LLM_REPAIR_TIMEOUT_SECS. A pull
-        (`pulling`) fetches a missing or corrupted blob whatever LLM_AUTO_REPAIR says.
-        `workers`: threads for a chunk-table check (fewer than the cores when a load runs
-        beside it)."""
+        (`pulling`) fetches a missing or corrupted blob whatever LLM_AUTO_REPAIR says."""
         digest = layer["digest"]
         with self._lock:
             if sum(self._waiting.values()) >= self.max_waiters:
@@ -122,7 +120,7 @@ class RepairCoordinator:
             self._waiting[digest] = self._waiting.get(digest, 0) + 1
         try:
             flight, _ = self.blob_flights.submit(
-                digest, lambda: self._check_blob(ref, layer, gguf, pulling, workers))
+                digest, lambda: self._check_blob(ref, layer, gguf, pulling))
             return self._wait(flight)
         finally:
             with self._lock:
@@ -202,10 +200,10 @@ class RepairCoordinator:
         except TimeoutError:
             raise RepairTimeout() from None
 
-    def _check_blob(self, ref, layer, gguf, pulling=False, workers=None):
+    def _check_blob(self, ref, layer, gguf, pulling=False):
         """Runs once per digest: full check, then a repair if the blob is corrupted."""
         try:
-            self.guard.verify(layer, gguf=gguf, workers=workers)
+            self.guard.verify(layer, gguf=gguf)
             return False
         except ModelCorrupted as e:
             if not (pulling and e.reason == "missing"):

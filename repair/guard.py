@@ -27,10 +27,9 @@ class IntegrityGuard:
             return False
         return st.st_size == layer["size"] and self.records.blob_unchanged(layer["digest"], st)
 
-    def verify(self, layer, gguf=False, workers=None):
-        """Full check: size, GGUF header, then the chunk table on `workers` threads (all cores
-        by default) if the blob has one, else the whole-file sha256 (which writes the table).
-        Raise ModelCorrupted or record."""
+    def verify(self, layer, gguf=False):
+        """Full check: size, GGUF header, then the chunk table on all cores if the blob has one,
+        else the whole-file sha256 (which writes the table). Raise ModelCorrupted or record."""
         digest, size = layer["digest"], layer["size"]
         path = self.store.blob_path(digest)
         started = time.monotonic()
@@ -38,7 +37,7 @@ class IntegrityGuard:
             st = check_present(path, size, gguf=gguf)
             table = self.tables.load(digest, size, self.records.table_sha(digest))
             if table:
-                bad = bad_chunks(path, table, size, workers=workers)
+                bad = bad_chunks(path, table, size)
                 if bad:
                     raise ModelCorrupted(path, "sha256 mismatch in %d of %d chunks (chunk table)"
                                         % (len(bad), len(table)), bad_chunks=bad)
