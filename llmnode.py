@@ -1115,6 +1115,100 @@ class ModelPool:
 # calls, done once here for every dialect.
 
 @dataclass
+class ToolCall:
+    """A call of a function tool: by the model in an answer, or sent back in a conversation."""
+
+    id: str
+    name: str
+    arguments: dict
+
+
+@dataclass
+class Message:
+    """One message of a conversation, whatever dialect it came in: a role (system, user,
+    assistant, tool), its text, an assistant's tool calls, a tool result's call id and name."""
+
+    role: str
+    content: str = ""
+    tool_calls: list = field(default_factory=list)  # [ToolCall]
+    tool_call_id: str = None
+    name: str = None  # a tool result's function name, when the dialect says it
+
+
+@dataclass
+class Tool:
+    """A function the model may call: its name, what it does, its parameters' JSON schema."""
+
+    name: str
+    description: str
+    parameters: dict
+    kind: str = "function"  # or "custom": free-form, one string (`FREE_FORM_INPUT`), its input
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request of any dialect, as the Node runs it. A sampling field left None is
+    the model's Modelfile `params` layer's, else llama.cpp's server default (`SAMPLING_DEFAULTS`)."""
+
+    model: str
+    messages: list  # [Message]
+    tools: list = field(default_factory=list)  # [Tool]
+    tool_choice: str = "none"  # none, auto, required, or a tool's name
+    format: str = None  # None, "json" or "schema"
+    format_schema: dict = None
+    strict_format: bool = False  # a `strict` schema: refused if it cannot be constrained whole
+    max_tokens: int = None
+    temperature: float = None
+    top_p: float = None
+    top_k: int = None
+    min_p: float = None
+    seed: int = None
+    repeat_penalty: float = None
+    presence_penalty: float = None
+    frequency_penalty: float = None
+    logit_bias: dict = None
+    stop: list = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = None
+    stream: bool = False
+    include_usage: bool = False
+    keep_alive: object = KEEP_DEFAULT
+    ctx_limit: int = None  # Ollama's options.num_ctx
+    cache_key: str = None  # prompt_cache_key: keep the conversation on the sequence with its prefix
+    ignored: list = field(default_factory=list)  # fields no real API has: named in a header and the log
+
+
+@dataclass
+class CompletionRequest:
+    """A checked raw-text completion (OpenAI's /v1/completions, Ollama's `raw` generate)."""
+
+    model: str
+    prompts: list  # strings or token arrays
+    echo: bool = False
+    max_tokens: int = None
+    temperature: float = None
+    top_p: float = None
+    top_k: int = None
+    min_p: float = None
+    seed: int = None
+    repeat_penalty: float = None
+    presence_penalty: float = None
+    frequency_penalty: float = None
+    logit_bias: dict = None
+    stop: list = None
+    n: int = 1
+    logprobs: int = None  # completions' logprobs: how many alternatives
+    stream: bool = False
+    include_usage: bool = False
+    keep_alive: object = KEEP_DEFAULT
+    ctx_limit: int = None
+    format: str = None
+    format_schema: dict = None
+    ignored: list = field(default_factory=list)
+
+
+@dataclass
 class Sampling:
     """How one answer's tokens are picked."""
 
@@ -1184,7 +1278,7 @@ class Ended:
     whole text as generated."""
 
     index: int
-    message: dict  # {"role": "assistant", "content": str or None, "tool_calls": [...] (if any)}
+    message: Message  # the assistant's, its tool calls parsed
     reason: str
     stop_sequence: str = None
     text: str = ""
@@ -1227,41 +1321,272 @@ class Answer:
         return ended, logprobs
 
 
-# llama-cpp-python's defaults, which this node has always answered with.
-CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+# The sampling fields a request, a Modelfile's params layer or the defaults set.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty")
 
 
-COMPLETION_DEFAULTS = dict(CHAT_DEFAULTS, temperature=0.8)
+# llama.cpp's server defaults (Ollama's too, but for its repeat_penalty), where neither the request
+# nor the model's params layer sets a field.
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-# JSON Schema keywords llama.cpp's schema-to-grammar converter cannot express; a schema using
-# one is refused by name rather than half-honoured.
-UNSUPPORTED_SCHEMA_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired",
-                               "patternProperties", "propertyNames", "unevaluatedProperties",
-                               "unevaluatedItems", "contains", "uniqueItems", "multipleOf",
-                               "$dynamicRef")
+# -- the checks every dialect shares; errors name `where`, the field as the dialect spells it --
+
+def unknown_fields(body, known, where, ignored):
+    """Note in `ignored` each field of `body` that no real API has (not in `known`): it is left
+    alone, and named in the answer's `llmnode-ignored-fields` header and the log."""
+    for key in body:
+        if key not in known:
+            ignored.append("%s.%s" % (where, key) if where else key)
+
+
+def refuse(req, key, ok, why):
+    """Refuse a field whose value cannot be honoured where ignoring it would change the answer."""
+    if req.get(key) is not None and not ok(req[key]):
+        raise UnsupportedParameter("'%s' is not supported: %s" % (key, why))
+
+
+def _number(req, key, low, high, where=None):
+    """req[key] checked; errors name `where` (the field as the dialect spells it), else `key`."""
+    value = req.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidRequest("'%s' must be a number from %s to %s" % (where or key, low, high))
+    return value
+
+
+def _integer(req, key, low, high, where=None):
+    value = req.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest("'%s' must be an integer from %d to %d" % (where or key, low, high))
+    return value
+
+
+def _bool(req, key, default=False, where=None):
+    value = req.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest("'%s' must be true or false" % (where or key))
+    return value
+
+
+def _model(req):
+    if not isinstance(req, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string")
+    names.parse(model)
+    return model
+
+
+def _stop(req, where="stop", key="stop", most=4):
+    stop = req.get(key)
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > most
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise InvalidRequest("'%s' must be a string or an array of up to %d strings" % (where, most))
+    return stop
+
+
+def _logit_bias(req):
+    bias = req.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise InvalidRequest("'logit_bias' must be an object of up to 1024 token ids")
+    clean = {}
+    for token, value in bias.items():
+        if not str(token).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise InvalidRequest("'logit_bias' maps token ids to numbers from -100 to 100")
+        clean[int(token)] = float(value)
+    return clean
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def function_tool(where, name, description, parameters):
+    """One `Tool`, its parts checked; errors name `where`. Any valid JSON schema is taken: what the
+    grammar cannot express becomes "any JSON value" there (`grammar_schema`)."""
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise InvalidRequest("'%s.name' must be 1-128 letters, digits, _, ., : or -" % where)
+    if description is not None and not isinstance(description, str):
+        raise InvalidRequest("'%s.description' must be a string" % where)
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("'%s' must have a JSON schema object as its parameters" % where)
+    return Tool(name, description or "", parameters)
+
+
+# A free-form (custom) tool is offered as a function taking one string, its input.
+FREE_FORM_INPUT = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
+
+
+def tool_choice(choice, tools, where="tool_choice"):
+    """A checked choice: none, auto, required, or the name of one of `tools`."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice not in ("none", "auto", "required") and choice not in [t.name for t in tools]:
+        raise InvalidRequest("'%s' must be none, auto, required or name a function in 'tools'" % where)
+    if choice != "none" and not tools:
+        raise InvalidRequest("'%s' needs 'tools'" % where)
+    return choice
+
+
+def format_schema(schema, where, strict=False):
+    """("schema", a JSON schema) checked: a `strict` one that the grammar cannot hold whole is
+    refused by name; any other valid schema is taken, loosened where it must be."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest("'%s' must be a JSON schema object" % where)
+    if strict:
+        loose = loosened_keywords(schema)
+        if loose:
+            raise UnsupportedParameter("'%s': the JSON Schema keyword '%s' cannot be enforced by the "
+                                       "grammar, and the schema is strict" % (where, loose[0]))
+    return "schema", schema
+
+
+# Any JSON value, as a schema the grammar converter takes (its `{}` would be an object only).
+ANY_VALUE = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+
+
+# JSON Schema keywords the grammar cannot enforce: dropped, so the answer is held to the rest.
+LOOSE_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "dependencies",
+                  "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+                  "contains", "minContains", "maxContains", "uniqueItems", "multipleOf", "$dynamicRef",
+                  "$dynamicAnchor", "$recursiveRef")
+
+
+_PRIMITIVE_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def _converter_takes(s):
+    """Whether llama-cpp-python's schema converter recognises this (sub)schema's shape."""
+    kind = s.get("type")
+    if isinstance(kind, list):
+        return all(t in _PRIMITIVE_TYPES for t in kind)
+    if "$ref" in s:
+        return isinstance(s["$ref"], str) and s["$ref"].startswith("#/")
+    if any(k in s for k in ("oneOf", "anyOf", "const", "enum")):
+        return True
+    if kind in (None, "object") and any(k in s for k in ("properties", "additionalProperties", "allOf")):
+        return True
+    if kind in (None, "array") and any(k in s for k in ("items", "prefixItems")):
+        return True
+    if kind in (None, "string") and "pattern" in s:
+        return True
+    return kind in _PRIMITIVE_TYPES
+
+
+def _loosen(schema, dropped):
+    """A copy of `schema` the grammar converter takes: keywords it cannot enforce dropped (named in
+    `dropped`), and any place it does not recognise (no `type`, a remote `$ref`, ...) any JSON value."""
+    if isinstance(schema, bool):
+        return ANY_VALUE if schema else {"const": None}
+    if not isinstance(schema, dict):
+        return ANY_VALUE
+    s = {}
+    for key, value in schema.items():
+        if key in LOOSE_KEYWORDS:
+            dropped.append(key)
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            s[key] = {k: _loosen(v, dropped) for k, v in value.items()}
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
+            s[key] = [_loosen(v, dropped) for v in value]
+        elif key == "items" and isinstance(value, list):
+            s[key] = [_loosen(v, dropped) for v in value]
+        elif key in ("items", "additionalProperties") and isinstance(value, (dict, bool)):
+            s[key] = value if value is False else _loosen(value, dropped) if value is not True else True
+        else:
+            s[key] = value
+    if "additionalProperties" in s and s["additionalProperties"] is True:
+        del s["additionalProperties"]
+    if not _converter_takes(s):
+        if s and not set(s) <= {"description", "title", "default", "examples", "$schema", "$id",
+                                "$comment", "deprecated", "readOnly", "writeOnly"}:
+            dropped.append(next((k for k in s if k not in ("description", "title")), "type"))
+        return dict(ANY_VALUE, **{k: s[k] for k in ("$defs", "definitions") if k in s})
+    return s
+
+
+def loosened_keywords(schema):
+    """The keywords of `schema` that its grammar cannot enforce (empty: it is held whole)."""
+    dropped = []
+    _loosen(schema, dropped)
+    return dropped
+
+
+def grammar_schema(schema):
+    """The schema a grammar is made from: `schema` loosened where the converter cannot follow it."""
+    return _loosen(schema, [])
+
+
+def params_layer(extras):
+    """A model's params layer (Ollama's JSON of default options) as checked options; a value of
+    the wrong kind is left out, with a warning (the layer matches its digest: it was made so)."""
+    try:
+        params = json.loads(extras.get("params") or "{}")
+    except ValueError:
+        params = None
+    if not isinstance(params, dict):
+        log.warning("a params layer that is not a JSON object is not applied")
+        return {}
+    checks = {"temperature": (0, 2), "top_p": (0, 1), "min_p": (0, 1), "repeat_penalty": (0, 100),
+              "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+    clean = {}
+    for key in params:
+        try:
+            if key in checks:
+                clean[key] = _number(params, key, *checks[key])
+            elif key in ("top_k", "seed", "num_predict"):
+                clean[key] = _integer(params, key, -(2 ** 63), 2 ** 64 - 1)
+            elif key == "stop":
+                clean[key] = _stop(params, most=64)
+        except InvalidRequest as e:
+            log.warning("the params layer's %s is not applied: %s", key, e)
+    return {k: v for k, v in clean.items() if v is not None}
+
+
+def template_messages(messages, native):
+    """`Message`s as a chat template takes them: for a template that renders tools itself
+    (`native`), structured as Hugging Face's templates take them; else tool calls and results as
+    the generic format's JSON, in plain text."""
+    out = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            if native:
+                out.append({"role": "assistant", "content": m.content, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in m.tool_calls]})
+            else:
+                text = "\n".join(json.dumps({"tool_call": {"name": c.name, "arguments": c.arguments}})
+                                 for c in m.tool_calls)
+                out.append({"role": "assistant", "content": (m.content + "\n" + text).strip()})
+        elif m.role == "tool":
+            if native:
+                out.append(dict({"role": "tool", "content": m.content, "tool_call_id": m.tool_call_id},
+                                **({"name": m.name} if m.name else {})))
+            else:
+                out.append({"role": "tool", "content": json.dumps({"tool_response": {
+                    "tool_call_id": m.tool_call_id, "content": m.content}})})
+        else:
+            out.append({"role": m.role, "content": m.content})
+    return out
 
 
 _GRAMMARS = OrderedDict()  # schema text -> compiled LlamaGrammar text (most recent last)
 
 
 _GRAMMARS_LOCK = threading.Lock()  # guards _GRAMMARS
-
-
-def check_schema(schema, where):
-    """Refuse a JSON schema the grammar converter cannot honour, naming the keyword."""
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in UNSUPPORTED_SCHEMA_KEYWORDS:
-                raise UnsupportedParameter("%s: the JSON Schema keyword '%s' cannot be enforced by "
-                                           "the grammar and is not supported" % (where, key))
-            if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
-                raise UnsupportedParameter("%s: only local '$ref's (#/...) are supported" % where)
-            if key not in ("const", "enum", "default", "examples"):
-                check_schema(value, where)
-    elif isinstance(schema, list):
-        for item in schema:
-            check_schema(item, where)
 
 
 def grammar(schema=None, wrap=None):
@@ -1277,12 +1602,15 @@ def grammar(schema=None, wrap=None):
     if text is None:
         try:
             # From the schema as given: its property order is the order of the answer's keys.
-            text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(schema))
-            if wrap:
-                text = re.sub(r"^root ::=", "wrapped-json ::=", text, flags=re.M)
-                text = "root ::= %s wrapped-json %s\n%s" % (json.dumps(wrap[0]), json.dumps(wrap[1]), text)
+            text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(grammar_schema(schema)))
         except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
-            raise InvalidRequest("The JSON schema cannot be turned into a grammar: %s" % e) from e
+            # A valid schema is never refused: held to any JSON value where it cannot be followed.
+            log.warning("the JSON schema could not be turned into a grammar (%s); any JSON value is "
+                        "allowed in its place", e)
+            text = JSON_GBNF
+        if wrap:
+            text = re.sub(r"^root ::=", "wrapped-json ::=", text, flags=re.M)
+            text = "root ::= %s wrapped-json %s\n%s" % (json.dumps(wrap[0]), json.dumps(wrap[1]), text)
         with _GRAMMARS_LOCK:
             _GRAMMARS[key] = text
             while len(_GRAMMARS) > 64:
@@ -1294,10 +1622,9 @@ def tool_call_schema(tools, choice, response=None):
     """The JSON a constrained answer must be (llama.cpp's generic tool format): a call of one
     of `tools`, or (with `auto`) a plain answer in `response` (a string, or JSON matching the
     `response` schema)."""
-    calls = [{"type": "object", "properties": {"name": {"const": t["name"]},
-                                                "arguments": t["parameters"]},
+    calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
               "required": ["name", "arguments"]}
-             for t in tools if choice in ("auto", "required") or t["name"] == choice]
+             for t in tools if choice in ("auto", "required") or t.name == choice]
     call = {"type": "object", "properties": {"tool_call": calls[0] if len(calls) == 1 else
                                               {"anyOf": calls}},
             "required": ["tool_call"]}
@@ -1312,8 +1639,8 @@ def tool_system_prompt(tools, schema):
     """What llama.cpp's generic format tells the model: the tools and the JSON to answer in."""
     return ("You can call these tools:\n%s\n\nRespond in JSON format, either with `tool_call` "
             "(a request to call a tool) or with `response` (a reply to the user), matching this "
-            "schema:\n%s" % (json.dumps([{"name": t["name"], "description": t["description"],
-                                          "parameters": t["parameters"]} for t in tools], indent=1),
+            "schema:\n%s" % (json.dumps([{"name": t.name, "description": t.description,
+                                          "parameters": t.parameters} for t in tools], indent=1),
                              json.dumps(schema)))
 
 
@@ -1367,16 +1694,16 @@ def renders_tools(formatter):
 def native_tool_grammar(tools, choice):
     """A grammar for one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block of
     one of `tools` (or the one named)."""
-    calls = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+    calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
               "required": ["name", "arguments"]}
-             for t in tools if choice == "required" or t["name"] == choice]
+             for t in tools if choice == "required" or t.name == choice]
     return grammar(calls[0] if len(calls) == 1 else {"anyOf": calls},
                    wrap=("<tool_call>\n", "\n</tool_call>"))
 
 
 def parse_native_calls(text, tools):
     """([{"name", "arguments"}] from the `<tool_call>` blocks of an answer, the rest of it)."""
-    known = {t["name"] for t in tools}
+    known = {t.name for t in tools}
     calls = []
     for block in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
         try:
@@ -1405,22 +1732,22 @@ def render_chat(llm, formatter, messages, tools=None):
 
 
 def chat_message(finish, tools, mode):
-    """(the assistant message, finish reason) of an ended answer: tool calls parsed once here,
+    """(the assistant `Message`, finish reason) of an ended answer: tool calls parsed once here,
     for every dialect to render."""
     text, reason = finish.text, finish.reason
     if mode is None:
-        return {"role": "assistant", "content": text}, reason
+        return Message("assistant", text), reason
     if mode == "native":
         calls, plain = parse_native_calls(text, tools)
     else:
         call, plain = parse_tool_answer(text)
         calls = [call] if call is not None else []
     if not calls:
-        return {"role": "assistant", "content": plain}, reason
-    return {"role": "assistant", "content": plain or None, "tool_calls": [
-        {"id": "call_%s" % os.urandom(12).hex(), "type": "function",
-         "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
-        for c in calls]}, "tool_calls"
+        return Message("assistant", plain), reason
+    return Message("assistant", plain or "", [
+        ToolCall("call_%s" % os.urandom(12).hex(), c["name"],
+                 c["arguments"] if isinstance(c.get("arguments"), dict) else {})
+        for c in calls]), "tool_calls"
 
 
 def _token_bytes(text):
@@ -1625,96 +1952,118 @@ class Node:
 
     # -- generation: every dialect's request ends here, as Generations on the model's Slots --
 
+    def modelfile(self, model):
+        """(system prompt or None, params: option -> value) of a model's Modelfile layers, each
+        checked against its digest (and repaired) before it is read; they apply on every dialect."""
+        extras = self.repairs.layer_texts(names.parse(model))
+        return extras.get("system") or None, params_layer(extras)
+
     def chat(self, req):
-        """Start a checked chat request (any dialect's, translated): its `Answer`."""
-        started = time.monotonic()
-        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
-        try:
-            prompt, stop, gram, mode = self._chat_prompt(entry, req)
-            gen = self._generation(entry, req, prompt, gram, stop, CHAT_DEFAULTS,
-                                   logprobs=req.get("top_logprobs") or 0 if req.get("logprobs") else -1,
-                                   hold=mode is not None)
-            run = self._start(entry, [gen])
-        except BaseException:
-            entry.release()
-            raise
-        run.timings["load"] = run.started - started
-        return Answer(run, req["tools"], mode)
+        """Start a checked `ChatRequest` (any dialect's): its `Answer`."""
+        system, params = self.modelfile(req.model)
+        if system and not any(m.role == "system" for m in req.messages):
+            req = replace(req, messages=[Message("system", system)] + req.messages)
+        modes = []  # the tool mode the prompt was rendered in
 
-    def _chat_prompt(self, entry, req):
-        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native" or
-        "generic") of a chat, as the model's own template renders it."""
-        messages, tools, gram, mode = req["messages"], None, None, None
-        if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
-            messages, mode = req["native_messages"], "native"
-            tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
-                                                        "parameters": t["parameters"]}} for t in req["tools"]]
-            if req["tool_choice"] != "auto":
-                gram = native_tool_grammar(req["tools"], req["tool_choice"])
-        elif req["tools"] and req["tool_choice"] != "none":
-            schema = tool_call_schema(req["tools"], req["tool_choice"], req["format_schema"])
-            messages, gram, mode = with_tools(messages, req["tools"], schema), grammar(schema), "generic"
-        elif req["format"] is not None:
-            gram = grammar(req["format_schema"])
-        tokens, stop = render_chat(entry.llm, entry.formatter, messages, tools)
-        if self.on_prompt is not None:
-            self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
-        return tokens, stop, gram, mode
+        def generations(entry):
+            prompt, stop, gram, mode = self.chat_prompt(entry, req)
+            modes.append(mode)
+            return [self._generation(entry, req, params, prompt, gram, stop, hold=mode is not None,
+                                     logprobs=(req.top_logprobs or 0) if req.logprobs else -1)]
 
-    def _generation(self, entry, req, prompt, gram, stop, defaults, logprobs=-1, hold=False):
-        n_ctx = self.settings.n_ctx
-        _check_tokens(entry.llm, prompt, "prompt", n_ctx)
-        budget = n_ctx - len(prompt) - CONTEXT_MARGIN
-        if req.get("ctx_limit"):
-            budget = min(budget, req["ctx_limit"] - len(prompt))
-        if budget < 1:
-            raise ContextTooLong("The prompt (%d tokens) does not leave room for an answer in the "
-                                 "context of %d tokens (LLM_CTX_SIZE)" % (len(prompt), n_ctx))
-        if req["n"] > self.settings.parallel:
-            raise UnsupportedParameter("'n' above %d (LLM_PARALLEL, the answers decoded at once) is "
-                                       "not supported" % self.settings.parallel)
-        given = {k: req[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                                     "presence_penalty", "frequency_penalty") if req.get(k) is not None}
-        seed = req.get("seed")
-        seed = seed % (2 ** 32) if seed is not None else int.from_bytes(os.urandom(4), "little")
-        vocab = entry.llm.n_vocab()
-        if any(not 0 <= t < vocab for t in (req.get("logit_bias") or {})):
-            raise InvalidRequest("'logit_bias' names token ids outside the model's vocabulary (0-%d)"
-                                 % (vocab - 1))
-        sampling = Sampling(**dict(defaults, **given), seed=seed, logit_bias=req.get("logit_bias") or {},
-                            grammar=gram)
-        asked = list(req.get("stop") or [])
-        return Generation(prompt=prompt, sampling=sampling,
-                          max_tokens=min(req["max_tokens"] or budget, budget),
-                          stop=asked + [s for s in stop if s not in asked],
-                          n=req["n"], logprobs=logprobs, hold=hold)
-
-    def _start(self, entry, gens):
-        run = Run(self.compute, entry.llm.slots, gens, entry.release)
-        entry.llm.slots.submit(run)
-        return run
+        return self._run(req, generations, lambda run: Answer(run, req.tools, modes[0]))
 
     def complete(self, req):
-        """Start a checked text completion: its `Answer` (its prompts' text in `prompts`)."""
-        started = time.monotonic()
-        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
-        try:
-            gram = grammar(req["format_schema"]) if req.get("format") is not None else None
-            gens, texts = [], []
-            for prompt in req["prompts"]:
+        """Start a checked `CompletionRequest`: its `Answer` (its prompts' text in `prompts`)."""
+        _system, params = self.modelfile(req.model)
+        texts = []
+
+        def generations(entry):
+            gram = grammar(req.format_schema) if req.format is not None else None
+            gens = []
+            for prompt in req.prompts:
                 tokens = prompt if isinstance(prompt, list) else entry.llm.tokenize(
                     prompt.encode("utf-8"), add_bos=True, special=False)
                 _check_tokens(entry.llm, tokens, "prompt", self.settings.n_ctx)
                 texts.append(prompt if isinstance(prompt, str) else
                              entry.llm.detokenize(prompt).decode("utf-8", "replace"))
-                logprobs = req["logprobs"] if req.get("logprobs") is not None else -1
-                gens.append(self._generation(entry, req, tokens, gram, [], COMPLETION_DEFAULTS, logprobs))
-            run = self._start(entry, gens)
+                logprobs = req.logprobs if req.logprobs is not None else -1
+                gens.append(self._generation(entry, req, params, tokens, gram, [], logprobs))
+            return gens
+
+        return self._run(req, generations, lambda run: Answer(run, prompts=texts))
+
+    def _run(self, req, generations, answer):
+        """Load the model (guard, repair), start the request's generations on its Slots, and hand
+        back `answer(run)`; the model is released when the answer ends, or here on an error."""
+        started = time.monotonic()
+        entry = self.load(req.model, req.keep_alive)
+        try:
+            gens = generations(entry)
+            run = Run(self.compute, entry.llm.slots, gens, entry.release)
+            entry.llm.slots.submit(run)
         except BaseException:
             entry.release()
             raise
         run.timings["load"] = run.started - started
-        return Answer(run, prompts=texts)
+        return answer(run)
+
+    def chat_prompt(self, entry, req):
+        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native" or
+        "generic") of a chat, as the model's own template renders it."""
+        tools, gram, mode, native = None, None, None, False
+        if req.tools and req.tool_choice != "none" and renders_tools(entry.formatter):
+            mode, native = "native", True
+            tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                        "parameters": t.parameters}} for t in req.tools]
+            if req.tool_choice != "auto":
+                gram = native_tool_grammar(req.tools, req.tool_choice)
+        elif req.tools and req.tool_choice != "none":
+            schema = tool_call_schema(req.tools, req.tool_choice, req.format_schema)
+            gram, mode = grammar(schema), "generic"
+        elif req.format is not None:
+            gram = grammar(req.format_schema)
+        messages = template_messages(req.messages, native)
+        if mode == "generic":
+            messages = with_tools(messages, req.tools, schema)
+        tokens, stop = render_chat(entry.llm, entry.formatter, messages, tools)
+        if self.on_prompt is not None:
+            self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
+        return tokens, stop, gram, mode
+
+    def _generation(self, entry, req, params, prompt, gram, stop, logprobs=-1, hold=False):
+        """The engine's `Generation` of a prompt: the request's fields over the model's params
+        layer over llama.cpp's server defaults."""
+        n_ctx = self.settings.n_ctx
+        _check_tokens(entry.llm, prompt, "prompt", n_ctx)
+        budget = n_ctx - len(prompt) - CONTEXT_MARGIN
+        if req.ctx_limit:
+            budget = min(budget, req.ctx_limit - len(prompt))
+        if budget < 1:
+            raise ContextTooLong("The prompt (%d tokens) does not leave room for an answer in the "
+                                 "context of %d tokens (LLM_CTX_SIZE)" % (len(prompt), n_ctx))
+        if req.n > self.settings.parallel:
+            raise UnsupportedParameter("'n' above %d (LLM_PARALLEL, the answers decoded at once) is "
+                                       "not supported" % self.settings.parallel)
+        chosen = dict(SAMPLING_DEFAULTS)
+        for key in SAMPLING_FIELDS:
+            value = getattr(req, key) if getattr(req, key) is not None else params.get(key)
+            if value is not None:
+                chosen[key] = value
+        seed = req.seed if req.seed is not None else params.get("seed")
+        seed = seed % (2 ** 32) if seed is not None else int.from_bytes(os.urandom(4), "little")
+        vocab = entry.llm.n_vocab()
+        if any(not 0 <= t < vocab for t in (req.logit_bias or {})):
+            raise InvalidRequest("'logit_bias' names token ids outside the model's vocabulary (0-%d)"
+                                 % (vocab - 1))
+        sampling = Sampling(**chosen, seed=seed, logit_bias=req.logit_bias or {}, grammar=gram)
+        asked = list(req.stop if req.stop is not None else params.get("stop") or [])
+        wanted = req.max_tokens if req.max_tokens is not None else params.get("num_predict")
+        if wanted is not None and wanted <= 0:
+            wanted = None  # Ollama's -1 and -2: until the context ends
+        return Generation(prompt=prompt, sampling=sampling, max_tokens=min(wanted or budget, budget),
+                          stop=asked + [s for s in stop if s not in asked],
+                          n=req.n, logprobs=logprobs, hold=hold)
 
     def embed(self, req):
         """Embeddings of each input, on the same loaded model (and guard) as generation:
@@ -1779,22 +2128,51 @@ class _Call:
 # HTTP: the app, the API key, errors and event streams ########################
 ###############################################################################
 
-def error_response(err):
-    """Set the status and headers of an error and return its body: OpenAI's shape, or Ollama's
-    `{"error": "..."}` under /api/."""
+@dataclass(frozen=True)
+class Dialect:
+    """How one API speaks: the body of its errors, and how its streams are framed."""
+
+    name: str
+    error: object  # LLMNodeError -> the error's body (a dict)
+    frame: object  # one event (a dict) -> the text sent for it
+    stream_type: str = "text/event-stream"
+    end: str = ""  # sent after the last event
+    stream_error: object = None  # LLMNodeError -> a stream's last event after the 200 (else its body)
+
+    def error_frame(self, err):
+        """An error after the 200 went out, as the stream's own last event."""
+        return self.frame((self.stream_error or self.error)(err))
+
+
+def _sse_data(event):
+    return "data: %s\n\n" % json.dumps(event)
+
+
+def _sse_named(event):
+    return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
+
+
+# OpenAI's chat, completions and embeddings: errors `{"error": {...}}`, streams of `data:` lines.
+OPENAI = Dialect("openai", lambda err: err.body(), _sse_data, end="data: [DONE]\n\n")
+
+
+# Which dialect answers the errors of a path no route matched (and the API key's 401): the
+# longest registered prefix; OpenAI's elsewhere. Each dialect's section registers its own.
+DIALECT_PREFIXES = {}
+
+
+def dialect_of(path):
+    prefixes = [p for p in DIALECT_PREFIXES if path == p or path.startswith(p.rstrip("/") + "/")]
+    return DIALECT_PREFIXES[max(prefixes, key=len)] if prefixes else OPENAI
+
+
+def error_response(err, dialect):
+    """Set the status and headers of an error and return its body, in the dialect's shape."""
     bottle.response.status = err.status
     bottle.response.content_type = "application/json"
     if err.retry_after:
         bottle.response.set_header("Retry-After", str(err.retry_after))
-    return json.dumps(error_body(err, bottle.request.path))
-
-
-def error_body(err, path):
-    if path.startswith("/api/"):
-        return {"error": err.message}
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return anthropic_error(err)
-    return err.body()
+    return json.dumps(dialect.error(err))
 
 
 def make_app(node):
@@ -1818,7 +2196,7 @@ def guarded(app, api_key, metrics):
             if not (hmac.compare_digest(given, expected) or hmac.compare_digest(given_key, expected_key)):
                 err = Unauthorized("Missing or wrong API key: send Authorization: Bearer <LLM_API_KEY> "
                                    "or x-api-key: <LLM_API_KEY>")
-                body = json.dumps(error_body(err, environ.get("PATH_INFO", ""))).encode()
+                body = json.dumps(dialect_of(environ.get("PATH_INFO", "")).error(err)).encode()
                 counting_start_response("401 Unauthorized", [
                     ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                     ("WWW-Authenticate", 'Bearer realm="llmnode"')])
@@ -1829,15 +2207,15 @@ def guarded(app, api_key, metrics):
 
 
 # Every route is one module-level function of the node (and the URL's parts), registered with
-# @route; `routes` puts them all on one Bottle app behind the error handling they share.
+# @route and its dialect; `routes` puts them all on one Bottle app behind the error handling they share.
 ROUTES = []
 
 
-def route(method, path, plain=False):
-    """Register a route. A `plain` one (health, readiness, metrics) is answered without the API
-    routes' error handling and endpoint count."""
+def route(method, path, dialect=OPENAI, plain=False):
+    """Register a route of a dialect. A `plain` one (health, readiness, metrics) is answered
+    without the API routes' error handling and endpoint count."""
     def register(handler):
-        ROUTES.append((method, path, handler, plain))
+        ROUTES.append((method, path, handler, dialect, plain))
         return handler
     return register
 
@@ -1846,8 +2224,8 @@ def routes(node):
     """The Bottle app of every registered route: every answer, errors included, is JSON."""
     app = bottle.Bottle(catchall=True, autojson=True)
     app.default_error_handler = lambda res: bottle_error(res, node.settings.max_body_bytes)
-    for method, path, handler, plain in ROUTES:
-        app.route(path, method, plain_call(node, handler) if plain else api_call(node, handler))
+    for method, path, handler, dialect, plain in ROUTES:
+        app.route(path, method, plain_call(node, handler) if plain else api_call(node, handler, dialect))
     return app
 
 
@@ -1857,7 +2235,7 @@ def plain_call(node, handler):
     return call
 
 
-def api_call(node, handler):
+def api_call(node, handler, dialect):
     """An API route: counted by endpoint; the node's errors answered in the dialect's shape."""
     def call(**parts):
         node.metrics.inc("llmnode_endpoint_requests_total", endpoint=bottle.request.route.rule)
@@ -1866,7 +2244,7 @@ def api_call(node, handler):
         except LLMNodeError as e:
             log.log(logging.ERROR if e.status >= 500 else logging.INFO,
                     "%s %s -> %d %s", bottle.request.method, bottle.request.path, e.status, e)
-            return error_response(e)
+            return error_response(e, dialect)
     return call
 
 
@@ -1888,7 +2266,7 @@ def bottle_error(res, limit):
             log.error("unhandled error on %s %s: %r\n%s", bottle.request.method,
                       bottle.request.path, res.exception, res.traceback)
         err = LLMNodeError("Internal server error")
-    return error_response(err)
+    return error_response(err, dialect_of(bottle.request.path))
 
 
 def read_json(node):
@@ -1907,320 +2285,264 @@ def read_json(node):
         raise InvalidRequest("The request body is not valid JSON: %s" % e) from None
 
 
-def event_stream(chunks, answer):
-    bottle.response.content_type = "text/event-stream"
+def report_ignored(ignored):
+    """Name the request's fields that no real API has (left alone) in the answer's
+    `llmnode-ignored-fields` header and one log line, so a typo is found and a new client's
+    field breaks nothing."""
+    if ignored:
+        names_ = ", ".join(ignored)
+        bottle.response.set_header("llmnode-ignored-fields", names_)
+        log.info("%s %s: ignored fields no API has: %s", bottle.request.method, bottle.request.path, names_)
+
+
+def stream(dialect, events, answer=None):
+    """An answer's events as the dialect's stream; an error after the 200 went out becomes the
+    stream's last event, and a client that leaves stops the answer (even before it started)."""
+    bottle.response.content_type = dialect.stream_type
     bottle.response.set_header("Cache-Control", "no-cache")
-    return sse(chunks, answer)
+    return _frames(dialect, events, answer)
+
+
+def _frames(dialect, events, answer):
+    try:
+        for event in events:
+            yield dialect.frame(event)
+    except Exception as e:
+        if not isinstance(e, LLMNodeError):
+            log.exception("stream failed")
+            e = LLMNodeError("Stream failed: %s" % e)
+        yield dialect.error_frame(e)
+    finally:
+        closing(events, answer)
+    if dialect.end:
+        yield dialect.end
 
 
 def closing(*streams):
     """Close each (a client gone before or while its answer streamed: the answer is stopped and
     its model released, even if the stream never started)."""
-    for stream in streams:
-        if hasattr(stream, "close"):
-            stream.close()
-
-
-def sse(chunks, answer=None):
-    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
-    try:
-        for chunk in chunks:
-            yield "data: %s\n\n" % json.dumps(chunk)
-    except Exception as e:
-        log.exception("stream failed")
-        yield "data: %s\n\n" % json.dumps(LLMNodeError("Stream failed: %s" % e).body())
-    finally:
-        closing(chunks, answer)
-    yield "data: [DONE]\n\n"
-
-
-def named_events(events, error_event, answer=None):
-    """Server-sent events with `event:` lines, as Anthropic and the Responses API send them; an
-    error after the 200 is sent becomes the dialect's `error` event."""
-    try:
-        for event in events:
-            yield "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
-    except Exception as e:
-        if not isinstance(e, LLMNodeError):
-            log.exception("stream failed")
-            e = LLMNodeError("Stream failed: %s" % e)
-        yield "event: error\ndata: %s\n\n" % json.dumps(error_event(e))
-    finally:
-        closing(events, answer)
+    for s in streams:
+        if hasattr(s, "close"):
+            s.close()
 
 
 ###############################################################################
 # OpenAI dialect ##############################################################
 ###############################################################################
-# /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models. Its checked request is the
-# internal one the other dialects translate onto (`dialect_request`); the checks here are shared.
+# /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models: each body checked into the
+# request type (errors name OpenAI's fields), the answer rendered back as OpenAI's objects.
+# Every field OpenAI documents is known here: honoured, or accepted (changing nothing here, as
+# README's table says); a field no API has is ignored and named (`report_ignored`).
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def _number(req, key, low, high, where=None):
-    """req[key] checked; errors name `where` (the field as the dialect spells it), else `key`."""
-    value = req.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidRequest("'%s' must be a number from %s to %s" % (where or key, low, high))
-    return value
-
-
-def _integer(req, key, low, high, where=None):
-    value = req.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest("'%s' must be an integer from %d to %d" % (where or key, low, high))
-    return value
-
-
-def _content(i, message):
-    content = message.get("content")
-    if content is None and message["role"] == "assistant":
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    raise InvalidRequest("'messages[%d].content' must be a string or a list of text parts" % i)
-
-
-# Fields that change nothing in the answer: accepted and left alone.
-HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+# Fields that change nothing in the answer here: accepted and left alone (README's tables).
+OPENAI_ACCEPTED = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_retention",
+                   "parallel_tool_calls", "prediction", "verbosity", "web_search_options", "modalities",
+                   "reasoning_effort", "chat_template_kwargs")
 
 
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                "seed", "stop", "stream", "stream_options", "response_format", "tools", "tool_choice",
-               "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "n",
-               "logprobs", "top_logprobs") + HARMLESS
+               "presence_penalty", "frequency_penalty", "logit_bias", "n", "logprobs", "top_logprobs",
+               "prompt_cache_key", "audio", "functions", "function_call",
+               # llama.cpp's server's own sampling fields, honoured as it does
+               "top_k", "min_p", "repeat_penalty") + OPENAI_ACCEPTED
 
 
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
                      "stream_options", "echo", "presence_penalty", "frequency_penalty", "logit_bias",
-                     "n", "best_of", "logprobs", "suffix") + HARMLESS
+                     "n", "best_of", "logprobs", "suffix", "top_k", "min_p",
+                     "repeat_penalty") + OPENAI_ACCEPTED
 
 
-EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions") + HARMLESS
+EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 
 
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio",
+                   "function_call", "reasoning_content")
 
 
-def refuse_unknown(req, known):
-    """A field the node does not know could change the answer: refused by name."""
-    for key in req:
-        if key not in known:
-            raise UnsupportedParameter("'%s' is not supported by this node" % key)
+def _content(i, message, ignored):
+    """A message's text: a string, or its text (and refusal) parts; an image, audio or file part
+    is refused by name (this node reads text only)."""
+    content = message.get("content")
+    where = "messages[%d].content" % i
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest("'%s' must be a string or a list of text parts" % where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("image_url", "input_audio", "file"):
+            raise UnsupportedParameter("'%s[%d].type' %s is not supported: this node reads text only"
+                                       % (where, j, kind))
+        text = part.get("refusal" if kind == "refusal" else "text") if kind in ("text", "refusal") else None
+        if not isinstance(text, str):
+            raise InvalidRequest("'%s[%d]' must be a text part" % (where, j))
+        unknown_fields(part, ("type", "text", "refusal", "cache_control"), "%s[%d]" % (where, j), ignored)
+        texts.append(text)
+    return "".join(texts)
 
 
-def refuse(req, key, ok, why):
-    if req.get(key) is not None and not ok(req[key]):
-        raise UnsupportedParameter("'%s' is not supported: %s" % (key, why))
-
-
-def _model(req):
-    if not isinstance(req, dict):
-        raise InvalidRequest("The request body must be a JSON object")
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string")
-    names.parse(model)
-    return model
-
-
-def _stop(req, where="stop"):
-    stop = req.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise InvalidRequest("'%s' must be a string or an array of up to 4 strings" % where)
-    return stop
-
-
-def _bool(req, key, default=False):
-    value = req.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest("'%s' must be true or false" % key)
-    return value
-
-
-def _logit_bias(req):
-    bias = req.get("logit_bias")
-    if bias is None:
-        return None
-    if not isinstance(bias, dict) or len(bias) > 1024:
-        raise InvalidRequest("'logit_bias' must be an object of up to 1024 token ids")
-    clean = {}
-    for token, value in bias.items():
-        if not str(token).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not -100 <= value <= 100:
-            raise InvalidRequest("'logit_bias' maps token ids to numbers from -100 to 100")
-        clean[int(token)] = float(value)
-    return clean
-
-
-def _sampling_fields(req, n_ctx):
-    """The sampling fields both generation dialects share, checked."""
-    return {
-        "temperature": _number(req, "temperature", 0, 2),
-        "top_p": _number(req, "top_p", 0, 1),
-        "seed": _integer(req, "seed", -(2 ** 63), 2 ** 64 - 1),
-        "stop": _stop(req),
-        "presence_penalty": _number(req, "presence_penalty", -2, 2),
-        "frequency_penalty": _number(req, "frequency_penalty", -2, 2),
-        "logit_bias": _logit_bias(req),
-        "stream": _bool(req, "stream"),
-        "include_usage": _include_usage(req),
-        "n": _integer(req, "n", 1, 16) or 1,
-    }
+def _sampling_fields(req):
+    """The sampling fields both generation routes share, checked."""
+    n = _integer(req, "n", 1, 128)
+    return dict(temperature=_number(req, "temperature", 0, 2), top_p=_number(req, "top_p", 0, 1),
+                top_k=_integer(req, "top_k", 0, 2 ** 31 - 1), min_p=_number(req, "min_p", 0, 1),
+                repeat_penalty=_number(req, "repeat_penalty", 0, 100),
+                seed=_integer(req, "seed", -(2 ** 63), 2 ** 64 - 1), stop=_stop(req),
+                presence_penalty=_number(req, "presence_penalty", -2, 2),
+                frequency_penalty=_number(req, "frequency_penalty", -2, 2),
+                logit_bias=_logit_bias(req), stream=_bool(req, "stream"), include_usage=_include_usage(req),
+                n=n or 1)
 
 
 def _include_usage(req):
     options = req.get("stream_options")
     if options is None:
         return False
-    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
-        raise InvalidRequest("'stream_options' may only hold 'include_usage'")
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object")
     if not req.get("stream"):
         raise InvalidRequest("'stream_options' is only allowed with 'stream': true")
-    return _bool(options, "include_usage")
+    return _bool(options, "include_usage", where="stream_options.include_usage")
 
 
 def _response_format(req):
-    """(format: None, "json" or "schema", its JSON schema or None)."""
+    """(format: None, "json" or "schema", its JSON schema or None, strict)."""
     fmt = req.get("response_format")
     if fmt is None:
-        return None, None
+        return None, None, False
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise InvalidRequest("'response_format.type' must be text, json_object or json_schema")
     if fmt["type"] == "text":
-        return None, None
+        return None, None, False
     if fmt["type"] == "json_object":
-        return "json", None
+        return "json", None, False
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise InvalidRequest("'response_format.json_schema.schema' must be a JSON schema object")
-    schema = spec.get("schema") or {"type": "object"}
-    check_schema(schema, "response_format.json_schema.schema")
-    return "schema", schema
+    strict = _bool(spec, "strict", where="response_format.json_schema.strict")
+    kind, schema = format_schema(spec.get("schema") or {"type": "object"},
+                                 "response_format.json_schema.schema", strict)
+    return kind, schema, strict
 
 
-def _tools(req):
-    """([{name, description, parameters}], choice: "none", "auto", "required" or a name)."""
+def _tools(req, ignored):
+    """([Tool], choice: "none", "auto", "required" or a name) of OpenAI's tools and tool_choice."""
     tools, choice = req.get("tools"), req.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
             raise InvalidRequest("'tool_choice' needs 'tools'")
         return [], "none"
-    if not isinstance(tools, list) or not tools or len(tools) > 128:
-        raise InvalidRequest("'tools' must be a non-empty array of up to 128 tools")
+    if not isinstance(tools, list) or len(tools) > 512:
+        raise InvalidRequest("'tools' must be an array of up to 512 tools")
     clean = []
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and tool.get("type") == "custom" and isinstance(tool.get("custom"), dict):
+            custom = tool["custom"]
+            clean.append(replace(function_tool("tools[%d].custom" % i, custom.get("name"),
+                                               custom.get("description"), FREE_FORM_INPUT), kind="custom"))
+            continue
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
             raise InvalidRequest("'tools[%d]' must be {\"type\": \"function\", \"function\": {...}}" % i)
-        if not isinstance(fn.get("name"), str) or not _FUNCTION_NAME.fullmatch(fn["name"]):
-            raise InvalidRequest("'tools[%d].function.name' must be 1-64 letters, digits, _ or -" % i)
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise InvalidRequest("'tools[%d].function.parameters' must be a JSON schema object" % i)
-        check_schema(params, "tools[%d].function.parameters" % i)
-        description = fn.get("description") or ""
-        if not isinstance(description, str):
-            raise InvalidRequest("'tools[%d].function.description' must be a string" % i)
-        clean.append({"name": fn["name"], "description": description, "parameters": params})
-    if choice is None:
-        choice = "auto"
-    elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-        if name not in [t["name"] for t in clean]:
-            raise InvalidRequest("'tool_choice' names a function that is not in 'tools'")
-        choice = name
-    elif choice not in ("none", "auto", "required"):
+        unknown_fields(tool, ("type", "function"), "tools[%d]" % i, ignored)
+        unknown_fields(fn, ("name", "description", "parameters", "strict"), "tools[%d].function" % i, ignored)
+        clean.append(function_tool("tools[%d].function" % i, fn.get("name"), fn.get("description"),
+                                   fn.get("parameters")))
+    if isinstance(choice, dict):
+        if choice.get("type") == "allowed_tools":
+            choice = (choice.get("allowed_tools") or {}).get("mode", "auto")
+        else:
+            name = (choice.get("function") or choice.get("custom") or {}).get("name")
+            if name not in [t.name for t in clean]:
+                raise InvalidRequest("'tool_choice' names a function that is not in 'tools'")
+            choice = name
+    elif choice not in (None, "none", "auto", "required"):
         raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
-    return clean, choice
+    return clean, tool_choice(choice, clean) if clean else "none"
 
 
-def _history_message(i, m):
-    """(the message for any template: tool calls and results as the generic format's JSON,
-    the message for a template that renders tools itself: structured, as Hugging Face's
-    templates take it)."""
+def _arguments(i, call):
+    """A tool call's arguments (OpenAI's JSON string) as an object."""
+    args = call["function"].get("arguments") or "{}"
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise InvalidRequest("'messages[%d].tool_calls' arguments must be JSON" % i) from None
+    return args if isinstance(args, dict) else {"input": args}
+
+
+def _openai_message(i, m, ignored):
+    """One OpenAI chat message as a `Message` (a developer message is a system one)."""
+    unknown_fields(m, _MESSAGE_FIELDS, "messages[%d]" % i, ignored)
     role = "system" if m["role"] == "developer" else m["role"]
+    if m.get("audio") is not None:
+        raise UnsupportedParameter("'messages[%d].audio' is not supported: this node reads text only" % i)
     if role == "assistant" and m.get("tool_calls"):
         calls = m["tool_calls"]
         if not isinstance(calls, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("function"), dict)
                 and isinstance(c["function"].get("name"), str) for c in calls):
             raise InvalidRequest("'messages[%d].tool_calls' must be a list of function calls" % i)
-        rendered = []
-        for c in calls:
-            args = c["function"].get("arguments", "{}")
-            try:
-                args = json.loads(args) if isinstance(args, str) else args
-            except ValueError:
-                raise InvalidRequest("'messages[%d].tool_calls' arguments must be JSON" % i) from None
-            rendered.append({"tool_call": {"name": c["function"]["name"], "arguments": args}})
-        text = "\n".join(json.dumps(r) for r in rendered)
-        native = {"role": "assistant", "content": _content(i, m), "tool_calls": [
-            {"id": c.get("id") or "call_%d" % k, "type": "function",
-             "function": {"name": r["tool_call"]["name"], "arguments": r["tool_call"]["arguments"]}}
-            for k, (c, r) in enumerate(zip(calls, rendered, strict=True))]}
-        return {"role": "assistant", "content": (_content(i, m) + "\n" + text).strip()}, native
+        return Message("assistant", _content(i, m, ignored), [
+            ToolCall(c.get("id") or "call_%d" % k, c["function"]["name"], _arguments(i, c))
+            for k, c in enumerate(calls)])
     if role == "tool":
         if not isinstance(m.get("tool_call_id"), str):
             raise InvalidRequest("'messages[%d].tool_call_id' is required for a tool message" % i)
-        native = {"role": "tool", "content": _content(i, m), "tool_call_id": m["tool_call_id"]}
-        if isinstance(m.get("name"), str):
-            native["name"] = m["name"]
-        return {"role": "tool", "content": json.dumps({"tool_response": {
-            "tool_call_id": m["tool_call_id"], "content": _content(i, m)}})}, native
-    plain = {"role": role, "content": _content(i, m)}
-    return plain, plain
+        return Message("tool", _content(i, m, ignored), tool_call_id=m["tool_call_id"],
+                       name=m["name"] if isinstance(m.get("name"), str) else None)
+    return Message(role, _content(i, m, ignored))
 
 
 def validate_chat(req, n_ctx):
-    """Check a chat completion body; return the fields the runtime uses."""
+    """Check a chat completion body into a `ChatRequest`."""
     model = _model(req)
+    ignored = []
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array")
-    clean, native = [], []
+    clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise InvalidRequest("'messages[%d].role' must be one of %s" % (i, ", ".join(ROLES)))
-        generic, structured = _history_message(i, m)
-        clean.append(generic)
-        native.append(structured)
-    refuse_unknown(req, CHAT_FIELDS)
-    fields = _sampling_fields(req, n_ctx)
-    fields["logprobs"] = _bool(req, "logprobs")
-    fields["top_logprobs"] = _integer(req, "top_logprobs", 0, 20)
-    if fields["top_logprobs"] is not None and not fields["logprobs"]:
+        clean.append(_openai_message(i, m, ignored))
+    unknown_fields(req, CHAT_FIELDS, "", ignored)
+    refuse(req, "functions", lambda v: False, "the deprecated functions API: send 'tools'")
+    refuse(req, "function_call", lambda v: False, "the deprecated functions API: send 'tool_choice'")
+    refuse(req, "audio", lambda v: False, "this node answers in text only")
+    refuse(req, "modalities", lambda v: v == ["text"], "this node answers in text only")
+    fields = _sampling_fields(req)
+    logprobs = _bool(req, "logprobs")
+    top_logprobs = _integer(req, "top_logprobs", 0, 20)
+    if top_logprobs is not None and not logprobs:
         raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
     _bool(req, "parallel_tool_calls", True)
     max_tokens = req.get("max_tokens")
     if max_tokens is None:
         max_tokens = req.get("max_completion_tokens")
-    fmt, schema = _response_format(req)
-    tools, choice = _tools(req)
-    return dict(fields, model=model, messages=clean, native_messages=native, format=fmt,
-                format_schema=schema, tools=tools,
-                tool_choice=choice,
-                max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx))
+    fmt, schema, strict = _response_format(req)
+    tools, choice = _tools(req, ignored)
+    key = req.get("prompt_cache_key")
+    if key is not None and not isinstance(key, str):
+        raise InvalidRequest("'prompt_cache_key' must be a string")
+    return ChatRequest(model=model, messages=clean, tools=tools, tool_choice=choice, format=fmt,
+                       format_schema=schema, strict_format=strict, logprobs=logprobs,
+                       top_logprobs=top_logprobs, cache_key=key, ignored=ignored,
+                       max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx), **fields)
 
 
 def validate_completion(req, n_ctx):
-    """Check a text completion body."""
+    """Check a text completion body into a `CompletionRequest`."""
     model = _model(req)
+    ignored = []
     prompt = req.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
@@ -2231,14 +2553,14 @@ def validate_completion(req, n_ctx):
         prompts = prompt
     else:
         raise InvalidRequest("'prompt' must be a string, a list of up to 16 strings, or token arrays")
-    refuse_unknown(req, COMPLETION_FIELDS)
+    unknown_fields(req, COMPLETION_FIELDS, "", ignored)
     refuse(req, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
     refuse(req, "best_of", lambda v: v == 1, "only one candidate is generated per choice")
-    fields = _sampling_fields(req, n_ctx)
-    fields["logprobs"] = _integer(req, "logprobs", 0, 5)
+    fields = _sampling_fields(req)
     max_tokens = _integer(req, "max_tokens", 1, n_ctx)
-    return dict(fields, model=model, prompts=prompts, echo=_bool(req, "echo"), format=None,
-                format_schema=None, max_tokens=16 if max_tokens is None else max_tokens)
+    return CompletionRequest(model=model, prompts=prompts, echo=_bool(req, "echo"),
+                             logprobs=_integer(req, "logprobs", 0, 5), ignored=ignored,
+                             max_tokens=16 if max_tokens is None else max_tokens, **fields)
 
 
 def validate_embeddings(req):
@@ -2258,7 +2580,9 @@ def validate_embeddings(req):
         raise InvalidRequest("'input' must be a string, a list of strings, or token arrays")
     if any(isinstance(v, str) and not v for v in inputs):
         raise InvalidRequest("'input' must not hold empty strings")
-    refuse_unknown(req, EMBEDDING_FIELDS)
+    ignored = []
+    unknown_fields(req, EMBEDDING_FIELDS, "", ignored)
+    report_ignored(ignored)
     refuse(req, "dimensions", lambda v: False, "embeddings have the model's own size")
     fmt = req.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
@@ -2266,71 +2590,54 @@ def validate_embeddings(req):
     return {"model": model, "inputs": inputs, "encoding_format": fmt}
 
 
-def dialect_request(model, messages, **fields):
-    """The internal request for a dialect whose messages are already in OpenAI's shape (assistant
-    `tool_calls` with JSON-string arguments, `tool` messages with `tool_call_id`)."""
-    generic, native = [], []
-    for i, m in enumerate(messages):
-        plain, structured = _history_message(i, m)
-        generic.append(plain)
-        native.append(structured)
-    req = {"model": model, "messages": generic, "native_messages": native, "format": None,
-           "format_schema": None, "tools": [], "tool_choice": "none", "max_tokens": None,
-           "temperature": None, "top_p": None, "seed": None, "stop": None, "presence_penalty": None,
-           "frequency_penalty": None, "logit_bias": None, "stream": False, "include_usage": False,
-           "n": 1}
-    req.update(fields)
-    return req
+def openai_tool_calls(message):
+    """An answer's tool calls as OpenAI's: arguments as a JSON string."""
+    return [{"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in message.tool_calls]
 
 
-def function_tool(where, name, description, parameters):
-    """One tool of the internal request, its parts checked; errors name `where`."""
-    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
-        raise InvalidRequest("'%s.name' must be 1-64 letters, digits, _ or -" % where)
-    if description is not None and not isinstance(description, str):
-        raise InvalidRequest("'%s.description' must be a string" % where)
-    if parameters is None:
-        parameters = {"type": "object", "properties": {}}
-    if not isinstance(parameters, dict):
-        raise InvalidRequest("'%s' must have a JSON schema object as its parameters" % where)
-    check_schema(parameters, where)
-    return {"name": name, "description": description or "", "parameters": parameters}
+def openai_message(message):
+    """An answer's `Message` as OpenAI's assistant message (content null beside tool calls alone)."""
+    out = {"role": "assistant", "content": message.content or (None if message.tool_calls else "")}
+    if message.tool_calls:
+        out["tool_calls"] = openai_tool_calls(message)
+    return out
 
 
 def openai_chat_result(answer, req):
     """A finished answer as a chat.completion."""
     ended, logprobs = answer.collect()
-    choices = [{"index": i, "message": ended[i].message, "finish_reason": ended[i].reason,
-                "logprobs": chat_logprobs(logprobs.get(i, [])) if req.get("logprobs") else None}
+    choices = [{"index": i, "message": openai_message(ended[i].message), "finish_reason": ended[i].reason,
+                "logprobs": chat_logprobs(logprobs.get(i, [])) if req.logprobs else None}
                for i in sorted(ended)]
     return {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion",
-            "created": int(time.time()), "model": req["model"], "choices": choices,
+            "created": int(time.time()), "model": req.model, "choices": choices,
             "usage": answer.usage.openai()}
 
 
 def openai_chat_chunks(answer, req):
     """An answer as chat.completion.chunk objects; a tool mode's message comes whole at its end."""
     head = {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": req["model"]}
+            "created": int(time.time()), "model": req.model}
     for i in range(answer.choices):
         yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}])
     for event in answer:
         if isinstance(event, Piece):
-            lp = chat_logprobs(event.logprobs) if req.get("logprobs") else None
+            lp = chat_logprobs(event.logprobs) if req.logprobs else None
             yield dict(head, choices=[{"index": event.index, "delta": {"content": event.text},
                                        "logprobs": lp, "finish_reason": None}])
             continue
         if answer.held:  # a tool mode: the parsed message, whole
-            delta = {"content": event.message["content"]}
-            calls = event.message.get("tool_calls")
-            if calls:
-                delta["tool_calls"] = [dict(call, index=k) for k, call in enumerate(calls)]
+            delta = {"content": event.message.content or None}
+            if event.message.tool_calls:
+                delta["tool_calls"] = [dict(call, index=k)
+                                       for k, call in enumerate(openai_tool_calls(event.message))]
             yield dict(head, choices=[{"index": event.index, "delta": delta, "logprobs": None,
                                        "finish_reason": None}])
         yield dict(head, choices=[{"index": event.index, "delta": {}, "logprobs": None,
                                    "finish_reason": event.reason}])
-    if req["include_usage"]:
+    if req.include_usage:
         yield dict(head, choices=[], usage=answer.usage.openai())
 
 
@@ -2338,33 +2645,33 @@ def openai_completion_result(answer, req):
     ended, logprobs = answer.collect()
     echo = _echoed(answer, req)
     choices = [{"index": i, "text": echo.get(i, "") + ended[i].text,
-                "logprobs": completion_logprobs(logprobs.get(i, [])) if req.get("logprobs") is not None
+                "logprobs": completion_logprobs(logprobs.get(i, [])) if req.logprobs is not None
                 else None, "finish_reason": ended[i].reason} for i in sorted(ended)]
     return {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
-            "created": int(time.time()), "model": req["model"], "choices": choices,
+            "created": int(time.time()), "model": req.model, "choices": choices,
             "usage": answer.usage.openai()}
 
 
 def openai_completion_chunks(answer, req):
     head = {"id": "cmpl-%s" % os.urandom(12).hex(), "object": "text_completion",
-            "created": int(time.time()), "model": req["model"]}
+            "created": int(time.time()), "model": req.model}
     for i, text in sorted(_echoed(answer, req).items()):
         yield dict(head, choices=[{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
     for event in answer:
         if isinstance(event, Piece):
-            lp = completion_logprobs(event.logprobs) if req.get("logprobs") is not None else None
+            lp = completion_logprobs(event.logprobs) if req.logprobs is not None else None
             yield dict(head, choices=[{"index": event.index, "text": event.text, "logprobs": lp,
                                        "finish_reason": None}])
         else:
             yield dict(head, choices=[{"index": event.index, "text": "", "logprobs": None,
                                        "finish_reason": event.reason}])
-    if req["include_usage"]:
+    if req.include_usage:
         yield dict(head, choices=[], usage=answer.usage.openai())
 
 
 def _echoed(answer, req):
     """{choice index: its prompt's text} with `echo`, else {}."""
-    return {i: answer.prompts[i // req["n"]] for i in range(answer.choices)} if req["echo"] else {}
+    return {i: answer.prompts[i // req.n] for i in range(answer.choices)} if req.echo else {}
 
 
 @route("GET", "/v1/models")
@@ -2384,23 +2691,25 @@ def openai_model(node, name):
 @route("POST", "/v1/chat/completions")
 def openai_chat(node):
     req = validate_chat(read_json(node), node.settings.n_ctx)
+    report_ignored(req.ignored)
     started = time.monotonic()
     answer = node.chat(req)
-    if not req["stream"]:
+    if not req.stream:
         result = openai_chat_result(answer, req)
-        log.info("chat %s: %d tokens in %.2fs", req["model"],
+        log.info("chat %s: %d tokens in %.2fs", req.model,
                  result["usage"]["completion_tokens"], time.monotonic() - started)
         return result
-    return event_stream(openai_chat_chunks(answer, req), answer)
+    return stream(OPENAI, openai_chat_chunks(answer, req), answer)
 
 
 @route("POST", "/v1/completions")
 def openai_completions(node):
     req = validate_completion(read_json(node), node.settings.n_ctx)
+    report_ignored(req.ignored)
     answer = node.complete(req)
-    if not req["stream"]:
+    if not req.stream:
         return openai_completion_result(answer, req)
-    return event_stream(openai_completion_chunks(answer, req), answer)
+    return stream(OPENAI, openai_completion_chunks(answer, req), answer)
 
 
 @route("POST", "/v1/embeddings")
@@ -2429,25 +2738,43 @@ def encode_vector(vector, encoding):
 # stored response (`previous_response_id`, `conversation`, `background`) is refused by name.
 # Errors are OpenAI's shape, as in /v1/chat/completions.
 
+# Fields that change nothing in the answer here: accepted and left alone (README's tables).
+RESPONSES_ACCEPTED = ("store", "metadata", "user", "include", "truncation", "service_tier",
+                      "safety_identifier", "prompt_cache_retention", "client_metadata", "parallel_tool_calls",
+                      "max_tool_calls", "reasoning")
+
+
 RESPONSES_FIELDS = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
-                    "tools", "tool_choice", "parallel_tool_calls", "text", "stream", "stream_options",
-                    "store", "metadata", "user", "include", "truncation", "top_logprobs",
-                    "previous_response_id", "conversation", "background", "reasoning", "prompt",
-                    "max_tool_calls", "service_tier", "safety_identifier", "prompt_cache_key")
+                    "tools", "tool_choice", "text", "stream", "stream_options", "top_logprobs",
+                    "previous_response_id", "conversation", "background", "prompt",
+                    "prompt_cache_key") + RESPONSES_ACCEPTED
 
 
+# Tools the Responses API runs itself: accepted, and not offered to the model (none runs here).
 BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use",
-                 "computer_use_preview", "mcp", "image_generation", "local_shell", "shell",
-                 "apply_patch", "custom")
+                 "computer_use_preview", "mcp", "image_generation", "local_shell", "shell", "apply_patch",
+                 "tool_search")
+
+
+# Items of earlier turns that need no rendering: reasoning (its text is not kept here) and the
+# calls of built-in tools, which did not run on this node.
+_SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "image_generation_call",
+                  "code_interpreter_call", "computer_call", "computer_call_output", "local_shell_call",
+                  "local_shell_call_output", "shell_call", "shell_call_output", "apply_patch_call",
+                  "apply_patch_call_output", "mcp_call", "mcp_list_tools", "mcp_approval_request",
+                  "mcp_approval_response", "tool_search_call", "tool_search_output", "compaction")
 
 
 _RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
-                       "function_call": ("type", "call_id", "name", "arguments", "id", "status"),
-                       "function_call_output": ("type", "call_id", "output", "id", "status")}
+                       "function_call": ("type", "call_id", "name", "arguments", "id", "status", "namespace"),
+                       "function_call_output": ("type", "call_id", "output", "id", "status"),
+                       "custom_tool_call": ("type", "call_id", "name", "input", "id", "status"),
+                       "custom_tool_call_output": ("type", "call_id", "output", "id", "status")}
 
 
-def _text_parts(where, content, kinds):
-    """The text of a string, or of a list of parts of the given types; other parts refused by name."""
+def _text_parts(where, content, kinds, ignored):
+    """The text of a string, or of a list of parts of the given types; an image, file or audio
+    part is refused by name (this node reads text only)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -2458,169 +2785,185 @@ def _text_parts(where, content, kinds):
         if kind in ("input_image", "input_file", "input_audio", "image", "document"):
             raise UnsupportedParameter("'%s[%d].type' %s is not supported: this node reads text only"
                                        % (where, j, kind))
-        if kind not in kinds or not isinstance(part.get("text"), str):
+        text = part.get("refusal" if kind == "refusal" else "text") if isinstance(part, dict) else None
+        if kind not in kinds + ("refusal",) or not isinstance(text, str):
             raise InvalidRequest("'%s[%d]' must be a text part (%s)" % (where, j, ", ".join(kinds)))
-        texts.append(part["text"])
+        unknown_fields(part, ("type", "text", "refusal", "annotations", "logprobs"), "%s[%d]" % (where, j),
+                       ignored)
+        texts.append(text)
     return "".join(texts)
 
 
-def responses_messages(body):
-    """`instructions` and `input` as OpenAI-shaped chat messages."""
+def _append_call(messages, call):
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant" and last.tool_calls:
+        last.tool_calls.append(call)  # parallel calls: one assistant turn
+    else:
+        messages.append(Message("assistant", "", [call]))
+
+
+def responses_messages(body, ignored):
+    """`instructions` and `input` as `Message`s."""
     instructions, items = body.get("instructions"), body.get("input")
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequest("'instructions' must be a string")
-    messages = [{"role": "system", "content": instructions}] if instructions else []
+    messages = [Message("system", instructions)] if instructions else []
     if isinstance(items, str):
         items = [{"type": "message", "role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise InvalidRequest("'input' must be a string or a non-empty array of items")
+    parts = ("input_text", "output_text")
     for i, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind in _SKIPPED_ITEMS:
+            continue
+        if kind == "item_reference":
+            raise UnsupportedParameter("'input[%d].type' item_reference is not supported: no state is "
+                                       "kept here; send the item itself" % i)
         if kind not in _RESPONSE_ITEM_KEYS:
-            if kind in ("reasoning", "item_reference", "image_generation_call", "web_search_call",
-                        "file_search_call", "computer_call", "code_interpreter_call", "mcp_call"):
-                raise UnsupportedParameter("'input[%d].type' %s is not supported: no state is kept "
-                                           "and no built-in tools run here" % (i, kind))
-            raise InvalidRequest("'input[%d]' must be a message, function_call or function_call_output"
-                                 % i)
-        for key in item:
-            if key not in _RESPONSE_ITEM_KEYS[kind]:
-                raise UnsupportedParameter("'input[%d].%s' is not supported by this node" % (i, key))
+            raise InvalidRequest("'input[%d]' must be a message, function_call, function_call_output, "
+                                 "custom_tool_call or custom_tool_call_output" % i)
+        unknown_fields(item, _RESPONSE_ITEM_KEYS[kind], "input[%d]" % i, ignored)
         if kind == "message":
             if item.get("role") not in ("user", "assistant", "system", "developer"):
                 raise InvalidRequest("'input[%d].role' must be user, assistant, system or developer" % i)
-            messages.append({"role": item["role"], "content": _text_parts(
-                "input[%d].content" % i, item.get("content"), ("input_text", "output_text"))})
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append(Message(role, _text_parts("input[%d].content" % i, item.get("content"), parts,
+                                                      ignored)))
             continue
         if not isinstance(item.get("call_id"), str) or not item["call_id"]:
             raise InvalidRequest("'input[%d].call_id' must be a string" % i)
-        if kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text_parts(
-                "input[%d].output" % i, item.get("output"), ("input_text", "output_text"))})
+        if kind in ("function_call_output", "custom_tool_call_output"):
+            messages.append(Message("tool", _text_parts("input[%d].output" % i, item.get("output"), parts,
+                                                        ignored), tool_call_id=item["call_id"]))
             continue
-        if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments"), str):
-            raise InvalidRequest("'input[%d]' needs a string 'name' and JSON-string 'arguments'" % i)
+        if not isinstance(item.get("name"), str):
+            raise InvalidRequest("'input[%d].name' must be a string" % i)
+        if kind == "custom_tool_call":
+            if not isinstance(item.get("input"), str):
+                raise InvalidRequest("'input[%d].input' must be a string" % i)
+            _append_call(messages, ToolCall(item["call_id"], item["name"], {"input": item["input"]}))
+            continue
+        if not isinstance(item.get("arguments"), str):
+            raise InvalidRequest("'input[%d].arguments' must be a JSON string" % i)
         try:
-            json.loads(item["arguments"])
+            args = json.loads(item["arguments"])
         except ValueError:
             raise InvalidRequest("'input[%d].arguments' must be JSON" % i) from None
-        call = {"id": item["call_id"], "type": "function",
-                "function": {"name": item["name"], "arguments": item["arguments"]}}
-        last = messages[-1] if messages else None
-        if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-            last["tool_calls"].append(call)  # parallel calls: one assistant turn
-        else:
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        _append_call(messages, ToolCall(item["call_id"], item["name"],
+                                        args if isinstance(args, dict) else {"input": args}))
     return messages
 
 
-def responses_tools(body):
-    """(tools, choice) of the internal request from the Responses API's flat function tools."""
+def _responses_tool(where, tool, ignored):
+    """The `Tool`s of one Responses tool: a function, a custom (free-form) tool, or a namespace's
+    functions; a built-in tool offers none (it does not run here)."""
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind in BUILTIN_TOOLS or (isinstance(kind, str) and kind.startswith(BUILTIN_TOOLS)):
+        return []
+    if kind == "namespace":
+        unknown_fields(tool, ("type", "name", "description", "tools"), where, ignored)
+        inner = tool.get("tools")
+        if not isinstance(inner, list):
+            raise InvalidRequest("'%s.tools' must be an array" % where)
+        return [t for j, sub in enumerate(inner)
+                for t in _responses_tool("%s.tools[%d]" % (where, j), sub, ignored)]
+    if kind == "custom":
+        unknown_fields(tool, ("type", "name", "description", "format", "defer_loading"), where, ignored)
+        return [replace(function_tool(where, tool.get("name"), tool.get("description"), FREE_FORM_INPUT),
+                        kind="custom")]
+    if kind != "function":
+        raise InvalidRequest("'%s.type' must be function, custom, namespace or a built-in tool" % where)
+    unknown_fields(tool, ("type", "name", "description", "parameters", "strict", "defer_loading"), where,
+                   ignored)
+    _bool(tool, "strict", where=where + ".strict")  # the grammar holds every call to its schema
+    return [function_tool(where, tool.get("name"), tool.get("description"), tool.get("parameters"))]
+
+
+def responses_tools(body, ignored):
+    """(tools, choice) of the request from the Responses API's tools and tool_choice."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array")
-    clean = []
-    for i, tool in enumerate(tools or []):
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind in BUILTIN_TOOLS or (isinstance(kind, str) and kind.startswith(BUILTIN_TOOLS)):
-            raise UnsupportedParameter("'tools[%d].type' %s is not supported: built-in tools do not "
-                                       "run on this node; declare a function tool" % (i, kind))
-        if kind != "function":
-            raise InvalidRequest("'tools[%d].type' must be function" % i)
-        for key in tool:
-            if key not in ("type", "name", "description", "parameters", "strict"):
-                raise UnsupportedParameter("'tools[%d].%s' is not supported by this node" % (i, key))
-        _bool(tool, "strict")  # the grammar holds every call to its schema, strict or not
-        clean.append(function_tool("tools[%d]" % i, tool.get("name"), tool.get("description"),
-                                   tool.get("parameters")))
+    clean = [t for i, tool in enumerate(tools or []) for t in _responses_tool("tools[%d]" % i, tool, ignored)]
     if isinstance(choice, dict):
-        if choice.get("type") != "function":
-            raise UnsupportedParameter("'tool_choice.type' %s is not supported: only function tools "
-                                       "run on this node" % choice.get("type"))
-        choice = choice.get("name")
-        if choice not in [t["name"] for t in clean]:
-            raise InvalidRequest("'tool_choice.name' must name a function in 'tools'")
-    elif choice is None:
-        choice = "auto" if clean else "none"
-    elif choice not in ("none", "auto", "required"):
+        kind = choice.get("type")
+        if kind == "allowed_tools":
+            choice = choice.get("mode", "auto")
+        elif kind in ("function", "custom"):
+            choice = choice.get("name")
+            if choice not in [t.name for t in clean]:
+                raise InvalidRequest("'tool_choice.name' must name a function in 'tools'")
+        else:  # a built-in tool, which does not run here: the model answers as it would
+            choice = "auto"
+    elif choice not in (None, "none", "auto", "required"):
         raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
-    if not clean and choice != "none":
-        raise InvalidRequest("'tool_choice' needs 'tools'")
-    return clean, choice
+    return clean, tool_choice(choice, clean) if clean else "none"
 
 
-def responses_format(body):
-    """(format, schema) of the internal request from `text.format`."""
+def responses_format(body, ignored):
+    """(format, schema, strict) of the request from `text.format`."""
     text = body.get("text")
     if text is None:
-        return None, None
+        return None, None, False
     if not isinstance(text, dict):
         raise InvalidRequest("'text' must be an object")
-    for key in text:
-        if key not in ("format", "verbosity"):
-            raise UnsupportedParameter("'text.%s' is not supported by this node" % key)
-    if text.get("verbosity") not in (None, "medium"):
-        raise UnsupportedParameter("'text.verbosity' is not supported: the answer's length is the "
-                                   "model's own")
+    unknown_fields(text, ("format", "verbosity"), "text", ignored)
     fmt = text.get("format")
     if fmt is None:
-        return None, None
+        return None, None, False
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise InvalidRequest("'text.format.type' must be text, json_object or json_schema")
     if fmt["type"] == "text":
-        return None, None
+        return None, None, False
     if fmt["type"] == "json_object":
-        return "json", None
-    if not isinstance(fmt.get("schema"), dict):
-        raise InvalidRequest("'text.format.schema' must be a JSON schema object")
-    _bool(fmt, "strict")  # the grammar holds the answer to the schema, strict or not
-    check_schema(fmt["schema"], "text.format.schema")
-    return "schema", fmt["schema"]
+        return "json", None, False
+    strict = _bool(fmt, "strict", where="text.format.strict")
+    kind, schema = format_schema(fmt.get("schema"), "text.format.schema", strict)
+    return kind, schema, strict
 
 
 def validate_responses(body, n_ctx):
-    """Check a Responses API body; return the internal request."""
+    """Check a Responses API body into a `ChatRequest`."""
     model = _model(body)
-    refuse_unknown(body, RESPONSES_FIELDS)
+    ignored = []
+    unknown_fields(body, RESPONSES_FIELDS, "", ignored)
     stateful = "no state is kept on this node: send the whole conversation as 'input'"
     refuse(body, "previous_response_id", lambda v: False, stateful)
     refuse(body, "conversation", lambda v: False, stateful)
     refuse(body, "prompt", lambda v: False, "stored prompts need state: send 'instructions'")
     refuse(body, "background", lambda v: v is False, "answers are given in the request")
-    refuse(body, "reasoning", lambda v: False, "this node runs no reasoning models")
-    refuse(body, "include", lambda v: v == [], "no extra output is produced")
     refuse(body, "top_logprobs", lambda v: v == 0, "token log probabilities are not produced")
-    refuse(body, "truncation", lambda v: v == "disabled", "an input too long for the context is "
-           "refused, not truncated")
-    refuse(body, "max_tool_calls", lambda v: False, "calls are not limited per response")
-    messages = responses_messages(body)
-    tools, choice = responses_tools(body)
-    fmt, schema = responses_format(body)
+    messages = responses_messages(body, ignored)
+    tools, choice = responses_tools(body, ignored)
+    fmt, schema, strict = responses_format(body, ignored)
     _bool(body, "parallel_tool_calls", True)
-    _bool(body, "store")
     stream = _bool(body, "stream")
     options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict)
-                                or set(options) - {"include_obfuscation"}):
-        raise InvalidRequest("'stream_options' may only hold 'include_obfuscation', with 'stream'")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        raise InvalidRequest("'stream_options' is only allowed with 'stream': true")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise InvalidRequest("'metadata' must be an object")
-    return dialect_request(model, messages, format=fmt, format_schema=schema, tools=tools,
-                           tool_choice=choice, stream=stream, include_usage=stream,
-                           max_tokens=_integer(body, "max_output_tokens", 1, 2 ** 31 - 1),
-                           temperature=_number(body, "temperature", 0, 2),
-                           top_p=_number(body, "top_p", 0, 1))
+    key = body.get("prompt_cache_key")
+    if key is not None and not isinstance(key, str):
+        raise InvalidRequest("'prompt_cache_key' must be a string")
+    return ChatRequest(model=model, messages=messages, format=fmt, format_schema=schema, strict_format=strict,
+                       tools=tools, tool_choice=choice, stream=stream, include_usage=stream, cache_key=key,
+                       max_tokens=_integer(body, "max_output_tokens", 1, 2 ** 31 - 1),
+                       temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
+                       ignored=ignored)
 
 
 def response_head(rid, body, req, created):
     """The parts of a Response object that the answer does not change."""
-    tools = [{"type": "function", "name": t["name"], "description": t["description"],
-              "parameters": t["parameters"], "strict": True} for t in req["tools"]]
+    tools = [{"type": "custom", "name": t.name, "description": t.description} if t.kind == "custom" else
+             {"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
+              "strict": True} for t in req.tools]
     fmt = ((body.get("text") or {}).get("format")) or {"type": "text"}
     return {"id": rid, "object": "response", "created_at": created, "status": "in_progress",
             "background": False, "error": None, "incomplete_details": None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-            "model": req["model"], "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "model": req.model, "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
             "previous_response_id": None, "reasoning": None, "store": False,  # nothing is kept
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"), "tools": tools,
@@ -2649,20 +2992,26 @@ def _message_item(text, finish):
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
-def _call_item(call):
+def _call_item(call, custom):
+    """A tool call as a function_call item, or a custom_tool_call item of a free-form tool."""
+    if call.name in custom:
+        return {"id": "ctc_%s" % os.urandom(12).hex(), "type": "custom_tool_call", "status": "completed",
+                "call_id": call.id, "name": call.name, "input": str(call.arguments.get("input", ""))}
     return {"id": "fc_%s" % os.urandom(12).hex(), "type": "function_call", "status": "completed",
-            "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"]}
+            "call_id": call.id, "name": call.name, "arguments": json.dumps(call.arguments)}
 
 
-def response_output(message, finish):
+def custom_tools(req):
+    return {t.name for t in req.tools if t.kind == "custom"}
+
+
+def response_output(message, finish, custom):
     """An ended answer's message as Responses output items."""
-    output = [] if message.get("tool_calls") and not message.get("content") else \
-        [_message_item(message.get("content") or "", finish)]
-    return output + [_call_item(c) for c in message.get("tool_calls") or []]
+    output = [] if message.tool_calls and not message.content else [_message_item(message.content, finish)]
+    return output + [_call_item(c, custom) for c in message.tool_calls]
 
 
-def _response_events(answer, head):
+def _response_events(answer, head, custom):
     """An answer as the Responses event sequence, each with its sequence number."""
     seq = itertools.count()
     output, text, message, finish = [], "", None, "stop"
@@ -2690,8 +3039,8 @@ def _response_events(answer, head):
     yield event("response.created", response=head)
     yield event("response.in_progress", response=head)
     for ev in answer:
-        piece = ev.text if isinstance(ev, Piece) else ev.message.get("content") if answer.held else None
-        calls = [] if isinstance(ev, Piece) else ev.message.get("tool_calls") or []
+        piece = ev.text if isinstance(ev, Piece) else ev.message.content if answer.held else None
+        calls = [] if isinstance(ev, Piece) else ev.message.tool_calls
         if not isinstance(ev, Piece):
             finish = ev.reason
         if piece or (message is None and not output and not calls and not isinstance(ev, Piece)):
@@ -2705,13 +3054,14 @@ def _response_events(answer, head):
             if message is not None:
                 yield from close_message(message)
                 message = None
-            item = _call_item(call)
+            item = _call_item(call, custom)
             at = dict(item_id=item["id"], output_index=len(output))
+            field_, kind = ("input", "custom_tool_call_input") if "input" in item else \
+                ("arguments", "function_call_arguments")
             yield event("response.output_item.added", output_index=len(output),
-                        item=dict(item, status="in_progress", arguments=""))
-            yield event("response.function_call_arguments.delta", delta=item["arguments"], **at)
-            yield event("response.function_call_arguments.done", arguments=item["arguments"],
-                        name=item["name"], **at)
+                        item=dict(item, status="in_progress", **{field_: ""}))
+            yield event("response.%s.delta" % kind, delta=item[field_], **at)
+            yield event("response.%s.done" % kind, name=item["name"], **{field_: item[field_]}, **at)
             yield event("response.output_item.done", output_index=len(output), item=item)
             output.append(item)
     if message is not None:
@@ -2721,20 +3071,23 @@ def _response_events(answer, head):
                 response=done)
 
 
-@route("POST", "/v1/responses")
+# Errors as OpenAI's; an error after the stream started is the Responses `error` event.
+RESPONSES = Dialect("responses", lambda err: err.body(), _sse_named, stream_error=lambda err: {
+    "type": "error", "code": err.code, "message": err.message, "param": None})
+
+
+@route("POST", "/v1/responses", RESPONSES)
 def responses_create(node):
     body = read_json(node)
     req = validate_responses(body, node.settings.n_ctx)
+    report_ignored(req.ignored)
     head = response_head("resp_%s" % os.urandom(12).hex(), body, req, int(time.time()))
     answer = node.chat(req)
-    if not req["stream"]:
+    if not req.stream:
         ended = answer.collect()[0][0]
-        return response_finished(head, response_output(ended.message, ended.reason), answer.usage,
-                                 ended.reason)
-    bottle.response.content_type = "text/event-stream"
-    bottle.response.set_header("Cache-Control", "no-cache")
-    return named_events(_response_events(answer, head), lambda e: {
-        "type": "error", "code": e.code, "message": e.message, "param": None}, answer)
+        return response_finished(head, response_output(ended.message, ended.reason, custom_tools(req)),
+                                 answer.usage, ended.reason)
+    return stream(RESPONSES, _response_events(answer, head, custom_tools(req)), answer)
 
 
 ###############################################################################
@@ -2745,18 +3098,18 @@ def responses_create(node):
 # Anthropic's event sequence. Errors are Anthropic's `{"type": "error", "error": {...}}`, with
 # the same statuses as the other dialects.
 
-# Fields that change nothing in the answer: accepted and left alone (the prompt cache is automatic).
-ANTHROPIC_HARMLESS = ("metadata", "service_tier", "cache_control", "inference_geo", "speed", "workspace_id",
-                      "user_profile_id")
+# Fields that change nothing in the answer here: accepted and left alone (README's tables).
+ANTHROPIC_ACCEPTED = ("metadata", "service_tier", "cache_control", "context_management", "inference_geo",
+                      "container", "thinking", "speed")
 
 
 ANTHROPIC_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
-                    "top_k", "stream", "tools", "tool_choice", "output_config", "thinking", "mcp_servers",
-                    "container") + ANTHROPIC_HARMLESS
+                    "top_k", "stream", "tools", "tool_choice", "output_config",
+                    "mcp_servers") + ANTHROPIC_ACCEPTED
 
 
 ANTHROPIC_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "output_config",
-                          "thinking", "mcp_servers", "cache_control")
+                          "thinking", "mcp_servers", "cache_control", "context_management")
 
 
 # Each error's neutral kind as Anthropic's error type; any other kind is an api_error.
@@ -2766,8 +3119,16 @@ ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthoriz
 
 
 _BLOCK_KEYS = {"text": ("type", "text", "cache_control", "citations"),
-               "tool_use": ("type", "id", "name", "input", "cache_control"),
+               "tool_use": ("type", "id", "name", "input", "cache_control", "caller"),
                "tool_result": ("type", "tool_use_id", "content", "is_error", "cache_control")}
+
+
+# Blocks of earlier turns that need no rendering: thinking (its text is not kept here) and the
+# server tools' calls and results, which did not run on this node.
+_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result",
+                   "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
+                   "text_editor_code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
+                   "tool_search_tool_result", "container_upload", "tool_reference")
 
 
 def anthropic_error(err):
@@ -2776,92 +3137,97 @@ def anthropic_error(err):
                                        "message": err.message}}
 
 
-def _anthropic_blocks(where, content, role):
-    """A message's content as checked blocks (a string is one text block)."""
+def _anthropic_blocks(where, content, role, ignored):
+    """A message's content as checked blocks (a string is one text block); blocks that need no
+    rendering are left out."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise InvalidRequest("'%s' must be a string or an array of content blocks" % where)
-    allowed = ("text", "tool_use") if role == "assistant" else ("text", "tool_result")
+    allowed = {"assistant": ("text", "tool_use"), "user": ("text", "tool_result"), "system": ("text",)}[role]
+    blocks = []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         at = "%s[%d]" % (where, j)
-        if kind in ("image", "document", "search_result", "container_upload"):
+        if kind in ("image", "document", "search_result"):
             raise UnsupportedParameter("'%s.type' %s is not supported: this node reads text only"
                                        % (at, kind))
-        if kind in ("thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result",
-                    "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"):
-            raise UnsupportedParameter("'%s.type' %s is not supported: no thinking models or server "
-                                       "tools run on this node" % (at, kind))
+        if kind in _SKIPPED_BLOCKS:
+            continue
         if kind not in allowed:
             raise InvalidRequest("'%s.type' must be one of %s in a %s message"
                                  % (at, ", ".join(allowed), role))
-        for key in block:
-            if key not in _BLOCK_KEYS[kind]:
-                raise UnsupportedParameter("'%s.%s' is not supported by this node" % (at, key))
-        if kind == "text" and (not isinstance(block.get("text"), str) or block.get("citations")):
-            raise InvalidRequest("'%s.text' must be a string (citations are not supported)" % at)
+        unknown_fields(block, _BLOCK_KEYS[kind], at, ignored)
+        if kind == "text" and not isinstance(block.get("text"), str):
+            raise InvalidRequest("'%s.text' must be a string" % at)
         if kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
                                        and isinstance(block.get("input"), dict)):
             raise InvalidRequest("'%s' needs a string 'id' and 'name' and an object 'input'" % at)
         if kind == "tool_result":
             if not isinstance(block.get("tool_use_id"), str):
                 raise InvalidRequest("'%s.tool_use_id' must be a string" % at)
-            _bool(block, "is_error")
-            block["text"] = _anthropic_text("%s.content" % at, block.get("content", ""))
-    return content
+            _bool(block, "is_error", where=at + ".is_error")
+            block = dict(block, text=_anthropic_text("%s.content" % at, block.get("content", ""), ignored))
+        blocks.append(block)
+    return blocks
 
 
-def _anthropic_text(where, content):
-    """The text of a string or of text blocks (a system prompt, a tool result's content)."""
-    if isinstance(content, list):
-        for j, block in enumerate(content):
-            if isinstance(block, dict) and block.get("type") in ("image", "document", "search_result"):
-                raise UnsupportedParameter("'%s[%d].type' %s is not supported: this node reads text only"
-                                           % (where, j, block["type"]))
-        if all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
-               and set(b) <= set(_BLOCK_KEYS["text"]) and not b.get("citations") for b in content):
-            return "\n\n".join(b["text"] for b in content)
+def _anthropic_text(where, content, ignored):
+    """The text of a string or of text blocks (a system prompt, a tool result's content); an
+    image or document is refused by name, blocks that need no rendering left out."""
     if isinstance(content, str):
         return content
-    raise InvalidRequest("'%s' must be a string or an array of text blocks" % where)
+    if not isinstance(content, list):
+        raise InvalidRequest("'%s' must be a string or an array of text blocks" % where)
+    texts = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in ("image", "document", "search_result"):
+            raise UnsupportedParameter("'%s[%d].type' %s is not supported: this node reads text only"
+                                       % (where, j, kind))
+        if kind in _SKIPPED_BLOCKS:
+            continue
+        if kind != "text" or not isinstance(block.get("text"), str):
+            raise InvalidRequest("'%s' must be a string or an array of text blocks" % where)
+        unknown_fields(block, _BLOCK_KEYS["text"], "%s[%d]" % (where, j), ignored)
+        texts.append(block["text"])
+    return "\n\n".join(texts)
 
 
-def anthropic_messages(body):
-    """`system` and `messages` as OpenAI-shaped chat messages."""
+def anthropic_messages(body, ignored):
+    """`system` and `messages` as `Message`s; a system message inside `messages` stays at its place."""
     out = []
     if body.get("system") is not None:
-        system = _anthropic_text("system", body["system"])
+        system = _anthropic_text("system", body["system"], ignored)
         if system:
-            out.append({"role": "system", "content": system})
+            out.append(Message("system", system))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise InvalidRequest("'messages[%d].role' must be user or assistant" % i)
-        for key in m:
-            if key not in ("role", "content"):
-                raise UnsupportedParameter("'messages[%d].%s' is not supported by this node" % (i, key))
-        blocks = _anthropic_blocks("messages[%d].content" % i, m.get("content"), m["role"])
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise InvalidRequest("'messages[%d].role' must be user, assistant or system" % i)
+        unknown_fields(m, ("role", "content"), "messages[%d]" % i, ignored)
+        blocks = _anthropic_blocks("messages[%d].content" % i, m.get("content"), m["role"], ignored)
         text = "".join(b["text"] for b in blocks if b["type"] == "text")
-        if m["role"] == "assistant":
-            calls = [{"id": b["id"], "type": "function",
-                      "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
-                     for b in blocks if b["type"] == "tool_use"]
-            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
-            continue
-        for b in blocks:  # results answer the calls of the turn before: they come first
-            if b["type"] == "tool_result":
-                out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
-                            "content": ("Error: " if b.get("is_error") else "") + b["text"]})
-        if text or not any(b["type"] == "tool_result" for b in blocks):
-            out.append({"role": "user", "content": text})
+        if m["role"] == "system":
+            out.append(Message("system", text))
+        elif m["role"] == "assistant":
+            out.append(Message("assistant", text, [ToolCall(b["id"], b["name"], b["input"])
+                                                   for b in blocks if b["type"] == "tool_use"]))
+        else:
+            for b in blocks:  # results answer the calls of the turn before: they come first
+                if b["type"] == "tool_result":
+                    out.append(Message("tool", ("Error: " if b.get("is_error") else "") + b["text"],
+                                       tool_call_id=b["tool_use_id"]))
+            if text or not any(b["type"] == "tool_result" for b in blocks):
+                out.append(Message("user", text))
     return out
 
 
-def anthropic_tools(body):
-    """(tools, choice) of the internal request from Anthropic's tools and tool_choice."""
+def anthropic_tools(body, ignored):
+    """(tools, choice) of the request from Anthropic's tools and tool_choice; server tools (typed,
+    run by Anthropic's API) are not offered: none runs here."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array")
@@ -2870,80 +3236,69 @@ def anthropic_tools(body):
         if not isinstance(tool, dict):
             raise InvalidRequest("'tools[%d]' must be an object" % i)
         if tool.get("type") not in (None, "custom"):
-            raise UnsupportedParameter("'tools[%d].type' %s is not supported: server tools do not run "
-                                       "on this node; declare a client tool" % (i, tool["type"]))
-        for key in tool:
-            if key not in ("type", "name", "description", "input_schema", "cache_control", "strict"):
-                raise UnsupportedParameter("'tools[%d].%s' is not supported by this node" % (i, key))
+            continue
+        unknown_fields(tool, ("type", "name", "description", "input_schema", "cache_control", "strict",
+                              "defer_loading", "input_examples", "allowed_callers", "eager_input_streaming"),
+                       "tools[%d]" % i, ignored)
         if not isinstance(tool.get("input_schema"), dict):
             raise InvalidRequest("'tools[%d].input_schema' must be a JSON schema object" % i)
-        _bool(tool, "strict")  # the grammar holds every call to its schema, strict or not
+        _bool(tool, "strict", where="tools[%d].strict" % i)  # the grammar holds every call to its schema
         clean.append(function_tool("tools[%d]" % i, tool.get("name"), tool.get("description"),
                                    tool["input_schema"]))
     if choice is None:
         return clean, "auto" if clean else "none"
     kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind not in ("auto", "any", "tool", "none") or set(choice) - {"type", "name",
-                                                                     "disable_parallel_tool_use"}:
+    if kind not in ("auto", "any", "tool", "none"):
         raise InvalidRequest("'tool_choice.type' must be auto, any, tool or none")
-    _bool(choice, "disable_parallel_tool_use")  # a generic-format answer holds one call
-    if kind == "tool" and choice.get("name") not in [t["name"] for t in clean]:
+    unknown_fields(choice, ("type", "name", "disable_parallel_tool_use"), "tool_choice", ignored)
+    _bool(choice, "disable_parallel_tool_use", where="tool_choice.disable_parallel_tool_use")
+    if kind == "tool" and choice.get("name") not in [t.name for t in clean]:
         raise InvalidRequest("'tool_choice.name' must name a tool in 'tools'")
     if kind != "none" and not clean:
-        raise InvalidRequest("'tool_choice' needs 'tools'")
+        return clean, "none"  # only server tools, which do not run here: the model answers in text
     return clean, {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))
 
 
 def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
-    """Check a Messages API body; return the internal request."""
+    """Check a Messages API body into a `ChatRequest`."""
     model = _model(body)
-    refuse_unknown(body, fields)
-    refuse(body, "thinking", lambda v: isinstance(v, dict) and v.get("type") == "disabled",
-           "this node runs no thinking models")
+    ignored = []
+    unknown_fields(body, fields, "", ignored)
     refuse(body, "mcp_servers", lambda v: v == [], "MCP servers are not called from this node")
-    refuse(body, "container", lambda v: False, "no code runs on this node")
-    messages = anthropic_messages(body)
-    tools, choice = anthropic_tools(body)
+    messages = anthropic_messages(body, ignored)
+    tools, choice = anthropic_tools(body, ignored)
     stop = body.get("stop_sequences")
     if stop is not None and (not isinstance(stop, list) or len(stop) > 16
                              or not all(isinstance(s, str) and s for s in stop)):
         raise InvalidRequest("'stop_sequences' must be an array of up to 16 non-empty strings")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise InvalidRequest("'metadata' must be an object")
-    max_tokens = body.get("max_tokens")
-    if fields is ANTHROPIC_FIELDS and max_tokens is None:
+    if fields is ANTHROPIC_FIELDS and body.get("max_tokens") is None:
         raise InvalidRequest("'max_tokens' is required")
     stream = _bool(body, "stream")
-    fmt, schema = anthropic_format(body)
-    return dialect_request(model, messages, tools=tools, tool_choice=choice, stop=stop or None,
-                           format=fmt, format_schema=schema,
-                           stream=stream, include_usage=stream,
-                           max_tokens=_integer(body, "max_tokens", 1, 2 ** 31 - 1),
-                           temperature=_number(body, "temperature", 0, 1), top_p=_number(body, "top_p", 0, 1),
-                           top_k=_integer(body, "top_k", 0, 2 ** 31 - 1))
+    fmt, schema = anthropic_format(body, ignored)
+    return ChatRequest(model=model, messages=messages, tools=tools, tool_choice=choice, stop=stop or None,
+                       format=fmt, format_schema=schema, stream=stream, include_usage=stream,
+                       max_tokens=_integer(body, "max_tokens", 1, 2 ** 31 - 1),
+                       temperature=_number(body, "temperature", 0, 1), top_p=_number(body, "top_p", 0, 1),
+                       top_k=_integer(body, "top_k", 0, 2 ** 31 - 1), ignored=ignored)
 
 
-def anthropic_format(body):
-    """(format, schema) of the internal request from `output_config.format`."""
+def anthropic_format(body, ignored):
+    """(format, schema) of the request from `output_config.format`."""
     config = body.get("output_config")
     if config is None:
         return None, None
     if not isinstance(config, dict):
         raise InvalidRequest("'output_config' must be an object")
-    for key in config:
-        if key not in ("format", "effort"):
-            raise UnsupportedParameter("'output_config.%s' is not supported by this node" % key)
-    if config.get("effort") is not None:
-        raise UnsupportedParameter("'output_config.effort' is not supported: this node runs no "
-                                   "thinking models")
+    unknown_fields(config, ("format", "effort"), "output_config", ignored)
     fmt = config.get("format")
     if fmt is None:
         return None, None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \
-            or not isinstance(fmt.get("schema"), dict) or set(fmt) - {"type", "schema"}:
+            or not isinstance(fmt.get("schema"), dict):
         raise InvalidRequest("'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}")
-    check_schema(fmt["schema"], "output_config.format.schema")
-    return "schema", fmt["schema"]
+    return format_schema(fmt["schema"], "output_config.format.schema")
 
 
 def anthropic_stop(ended):
@@ -2965,15 +3320,14 @@ def anthropic_usage(usage):
 
 
 def _tool_use(call):
-    return {"type": "tool_use", "id": "toolu_" + call["id"].split("_", 1)[-1],
-            "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"] or "{}")}
+    return {"type": "tool_use", "id": "toolu_" + call.id.split("_", 1)[-1], "name": call.name,
+            "input": call.arguments}
 
 
 def anthropic_message(answer, model):
     """A finished answer as an Anthropic message."""
     ended = answer.collect()[0][0]
-    calls = ended.message.get("tool_calls") or []
-    text = ended.message.get("content") or ""
+    calls, text = ended.message.tool_calls, ended.message.content
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
     reason, sequence = anthropic_stop(ended)
     return {"id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
@@ -2989,7 +3343,7 @@ def _anthropic_events(answer, model):
     yield {"type": "ping"}
     index, text_open, stop = 0, False, ("end_turn", None)
     for ev in answer:
-        text = ev.text if isinstance(ev, Piece) else ev.message.get("content") if answer.held else None
+        text = ev.text if isinstance(ev, Piece) else ev.message.content if answer.held else None
         if text:
             if not text_open:
                 yield {"type": "content_block_start", "index": index,
@@ -2999,7 +3353,7 @@ def _anthropic_events(answer, model):
                    "delta": {"type": "text_delta", "text": text}}
         if isinstance(ev, Piece):
             continue
-        for call in ev.message.get("tool_calls") or []:
+        for call in ev.message.tool_calls:
             if text_open:
                 yield {"type": "content_block_stop", "index": index}
                 index, text_open = index + 1, False
@@ -3020,27 +3374,35 @@ def _anthropic_events(answer, model):
 def count_prompt_tokens(node, req):
     """The prompt's tokens as the model's template renders it, tools included: rendered as the
     engine renders it for an answer."""
-    entry = node.load(req["model"])
+    system, _params = node.modelfile(req.model)
+    if system and not any(m.role == "system" for m in req.messages):
+        req = replace(req, messages=[Message("system", system)] + req.messages)
+    entry = node.load(req.model)
     try:
-        return len(node._chat_prompt(entry, req)[0])  # the very prompt a generation would read
+        return len(node.chat_prompt(entry, req)[0])  # the very prompt a generation would read
     finally:
         entry.release()
 
 
-@route("POST", "/v1/messages")
+# Errors `{"type": "error", "error": {...}}`; streams of named events, an error the `error` event.
+ANTHROPIC = Dialect("anthropic", anthropic_error, _sse_named)
+DIALECT_PREFIXES["/v1/messages"] = ANTHROPIC
+
+
+@route("POST", "/v1/messages", ANTHROPIC)
 def anthropic_create(node):
     req = validate_anthropic(read_json(node), node.settings.n_ctx)
+    report_ignored(req.ignored)
     answer = node.chat(req)
-    if not req["stream"]:
-        return anthropic_message(answer, req["model"])
-    bottle.response.content_type = "text/event-stream"
-    bottle.response.set_header("Cache-Control", "no-cache")
-    return named_events(_anthropic_events(answer, req["model"]), anthropic_error, answer)
+    if not req.stream:
+        return anthropic_message(answer, req.model)
+    return stream(ANTHROPIC, _anthropic_events(answer, req.model), answer)
 
 
-@route("POST", "/v1/messages/count_tokens")
+@route("POST", "/v1/messages/count_tokens", ANTHROPIC)
 def anthropic_count_tokens(node):
     req = validate_anthropic(read_json(node), node.settings.n_ctx, ANTHROPIC_COUNT_FIELDS)
+    report_ignored(req.ignored)
     return {"input_tokens": count_prompt_tokens(node, req)}
 
 
@@ -3055,13 +3417,16 @@ def anthropic_count_tokens(node):
 OLLAMA_VERSION = "0.12.0"  # the Ollama API level these routes follow
 
 
-# Options that only tune speed or memory: accepted, changing nothing in the answer.
-OLLAMA_HARMLESS_OPTIONS = ("numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread",
-                           "use_mmap", "use_mlock")
+# Ollama's documented options that change nothing in the answer here (speed, memory, or samplers
+# llama.cpp's server no longer runs): accepted and left alone (README's tables).
+OLLAMA_ACCEPTED_OPTIONS = ("numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread", "use_mmap",
+                           "use_mlock", "vocab_only", "f16_kv", "logits_all", "embedding_only", "num_keep",
+                           "typical_p", "repeat_last_n", "penalize_newline", "tfs_z", "mirostat",
+                           "mirostat_tau", "mirostat_eta", "rope_frequency_base", "rope_frequency_scale")
 
 
 OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
-                  "presence_penalty", "frequency_penalty")
+                  "presence_penalty", "frequency_penalty", "num_predict", "num_ctx") + OLLAMA_ACCEPTED_OPTIONS
 
 
 OLLAMA_CHAT_FIELDS = ("model", "messages", "tools", "format", "options", "stream", "keep_alive", "think")
@@ -3087,47 +3452,35 @@ def ollama_keep_alive(body):
         raise InvalidRequest("'keep_alive' must be a duration such as 5m, 30s, -1 or 0") from None
 
 
-def ollama_options(body, defaults, n_ctx):
-    """Ollama's `options` over the model's params layer, checked into the internal request's
-    sampling fields (errors name `options.<key>`), and the request's `num_ctx` or None."""
+def ollama_options(body, n_ctx, ignored):
+    """Ollama's `options`, checked into the request's sampling fields (errors name
+    `options.<key>`); the model's params layer under them is applied by the Node."""
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("'options' must be an object")
-    for key in options:
-        if key not in OLLAMA_OPTIONS and key not in OLLAMA_HARMLESS_OPTIONS + ("num_predict", "num_ctx"):
-            raise UnsupportedParameter("'options.%s' is not supported by this node" % key)
-    merged = dict(defaults, **options)
-    at = {key: "options." + key for key in merged}
-    fields = {"temperature": _number(merged, "temperature", 0, 2, at.get("temperature")),
-              "top_p": _number(merged, "top_p", 0, 1, at.get("top_p")),
-              "top_k": _integer(merged, "top_k", 0, 2 ** 31 - 1, at.get("top_k")),
-              "min_p": _number(merged, "min_p", 0, 1, at.get("min_p")),
-              "seed": _integer(merged, "seed", -(2 ** 63), 2 ** 64 - 1, at.get("seed")),
-              "stop": _stop(merged, "options.stop"),
-              "repeat_penalty": _number(merged, "repeat_penalty", 0, 100, at.get("repeat_penalty")),
-              "presence_penalty": _number(merged, "presence_penalty", -2, 2, at.get("presence_penalty")),
-              "frequency_penalty": _number(merged, "frequency_penalty", -2, 2, at.get("frequency_penalty"))}
-    predict = merged.get("num_predict")
+    unknown_fields(options, OLLAMA_OPTIONS, "options", ignored)
+    at = {key: "options." + key for key in options}
+    fields = {"temperature": _number(options, "temperature", 0, 2, at.get("temperature")),
+              "top_p": _number(options, "top_p", 0, 1, at.get("top_p")),
+              "top_k": _integer(options, "top_k", 0, 2 ** 31 - 1, at.get("top_k")),
+              "min_p": _number(options, "min_p", 0, 1, at.get("min_p")),
+              "seed": _integer(options, "seed", -(2 ** 63), 2 ** 64 - 1, at.get("seed")),
+              "stop": _stop(options, "options.stop", most=64),
+              "repeat_penalty": _number(options, "repeat_penalty", 0, 100, at.get("repeat_penalty")),
+              "presence_penalty": _number(options, "presence_penalty", -2, 2, at.get("presence_penalty")),
+              "frequency_penalty": _number(options, "frequency_penalty", -2, 2, at.get("frequency_penalty"))}
+    predict = options.get("num_predict")
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
         raise InvalidRequest("'options.num_predict' must be an integer")
-    # -1 and -2 (and no num_predict): until the context ends, Ollama's default.
-    fields["max_tokens"] = _integer(merged, "num_predict", 1, n_ctx, "options.num_predict") \
-        if predict is not None and predict > 0 else None
-    ctx = options.get("num_ctx")  # a params layer's own num_ctx is the model's, not asked for here
+    # -1 and -2: until the context ends, Ollama's default (0 too: the params layer's, else that).
+    fields["max_tokens"] = _integer(options, "num_predict", 1, n_ctx, "options.num_predict") \
+        if predict is not None and predict > 0 else (0 if predict is not None else None)
+    ctx = options.get("num_ctx")
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= n_ctx):
         raise UnsupportedParameter("'options.num_ctx' above the node's context (%d, LLM_CTX_SIZE) "
                                    "is not supported" % n_ctx)
-    return fields, ctx
-
-
-def ollama_params_layer(extras):
-    """The model's params layer (Ollama's JSON of default options), or {}."""
-    try:
-        params = json.loads(extras.get("params") or "{}")
-    except ValueError:
-        return {}
-    return {k: v for k, v in params.items() if k in OLLAMA_OPTIONS or k in ("num_predict", "num_ctx")} \
-        if isinstance(params, dict) else {}
+    fields["ctx_limit"] = ctx
+    return fields
 
 
 def ollama_format(body):
@@ -3138,42 +3491,38 @@ def ollama_format(body):
     if fmt == "json":
         return "json", None
     if isinstance(fmt, dict):
-        check_schema(fmt, "format")
-        return "schema", fmt
+        return format_schema(fmt, "format")
     raise InvalidRequest("'format' must be \"json\" or a JSON schema object")
 
 
-def ollama_tool_calls(message):
-    """OpenAI tool calls (arguments as a JSON string) as Ollama's (arguments as an object)."""
-    return [{"function": {"name": c["function"]["name"],
-                          "arguments": json.loads(c["function"]["arguments"] or "{}")}}
-            for c in message.get("tool_calls") or []]
-
-
-def ollama_messages(messages):
-    """Ollama's messages as the OpenAI dialect's (tool calls with JSON-string arguments)."""
+def ollama_messages(messages, ignored):
+    """Ollama's messages as `Message`s (tool calls' arguments are objects, as here)."""
     if not isinstance(messages, list):
         raise InvalidRequest("'messages' must be an array")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise InvalidRequest("'messages[%d].role' must be one of system, user, assistant, tool" % i)
+        unknown_fields(m, ("role", "content", "images", "thinking", "tool_calls", "tool_name",
+                           "tool_call_id"), "messages[%d]" % i, ignored)
         if m.get("images"):
             raise UnsupportedParameter("'messages[%d].images' is not supported: no vision models" % i)
-        if m.get("thinking"):
-            raise UnsupportedParameter("'messages[%d].thinking' is not supported" % i)
-        clean = {k: v for k, v in m.items() if k in ("role", "content")}
-        if m.get("tool_calls"):
-            if not isinstance(m["tool_calls"], list):
-                raise InvalidRequest("'messages[%d].tool_calls' must be an array" % i)
-            clean["tool_calls"] = [
-                {"id": "call_%d_%d" % (i, k), "type": "function",
-                 "function": {"name": (c.get("function") or {}).get("name"),
-                              "arguments": json.dumps((c.get("function") or {}).get("arguments", {}))}}
-                for k, c in enumerate(m["tool_calls"]) if isinstance(c, dict)]
-        if m.get("role") == "tool":
-            clean["tool_call_id"] = m.get("tool_name") or m.get("tool_call_id") or "call"
-        out.append(clean)
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise InvalidRequest("'messages[%d].content' must be a string" % i)
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments", {}), dict) for c in calls):
+            raise InvalidRequest("'messages[%d].tool_calls' must be an array of function calls" % i)
+        message = Message(m["role"], content, [
+            ToolCall(c.get("id") or "call_%d_%d" % (i, k), c["function"]["name"],
+                     c["function"].get("arguments", {})) for k, c in enumerate(calls)])
+        if m["role"] == "tool":
+            message.tool_call_id = m.get("tool_call_id") or m.get("tool_name") or "call"
+            message.name = m.get("tool_name")
+        out.append(message)
     return out
 
 
@@ -3190,30 +3539,21 @@ def ollama_final(model, answer, started, done_reason, **extra):
                  "eval_duration": int(timings.get("eval", 0) * 1e9)}, **extra)
 
 
-def ndjson(events, path, answer=None):
-    """One JSON object a line; an error after the 200 is sent becomes an `{"error": ...}` line,
-    which the ollama client raises."""
-    try:
-        for event in events:
-            yield json.dumps(event) + "\n"
-    except LLMNodeError as e:
-        yield json.dumps(error_body(e, path)) + "\n"
-    except Exception as e:
-        log.exception("stream failed")
-        yield json.dumps({"error": "Stream failed: %s" % e}) + "\n"
-    finally:
-        closing(events, answer)
+# Errors `{"error": "..."}`; streams of NDJSON lines, an error after the 200 its own line (which
+# the ollama client raises).
+OLLAMA = Dialect("ollama", lambda err: {"error": err.message}, lambda event: json.dumps(event) + "\n",
+                 stream_type="application/x-ndjson")
+DIALECT_PREFIXES["/api/"] = OLLAMA
 
 
-def ollama_body(node, fields=None):
-    """The request's JSON object; `name` taken as `model` (older clients); unknown fields refused."""
+def ollama_body(node, fields, ignored):
+    """The request's JSON object; `name` taken as `model` (older clients); fields no API has noted."""
     body = read_json(node)
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
     if "model" not in body and isinstance(body.get("name"), str):
         body["model"] = body.pop("name")  # older clients
-    if fields is not None:
-        refuse_unknown(body, fields)
+    unknown_fields(body, fields, "", ignored)
     return body
 
 
@@ -3238,35 +3578,31 @@ def ollama_load_only(node, body, key):
     return event
 
 
-def ollama_request(node, body, messages, raw_prompt=None):
-    """The internal request of an Ollama chat or generate body: the model's params and system
-    layers under the request's own options and messages; errors name Ollama's fields."""
+def ollama_request(node, body, messages, ignored, raw_prompt=None):
+    """The request of an Ollama chat or generate body; errors name Ollama's fields."""
     model = _model(body)
-    _manifest, _layer, _meta, _details, extras = node.describe(names.parse(model))
-    fields, ctx = ollama_options(body, ollama_params_layer(extras), node.settings.n_ctx)
+    fields = ollama_options(body, node.settings.n_ctx, ignored)
     fmt, schema = ollama_format(body)
-    stream = ollama_stream(body)
-    fields.update(stream=stream, include_usage=stream, format=fmt, format_schema=schema,
-                  keep_alive=ollama_keep_alive(body), ctx_limit=ctx)
+    stream_ = ollama_stream(body)
+    fields.update(model=model, stream=stream_, include_usage=stream_, format=fmt, format_schema=schema,
+                  keep_alive=ollama_keep_alive(body), ignored=ignored)
     if raw_prompt is not None:
-        return dict(dialect_request(model, [], **fields), prompts=[raw_prompt], echo=False, logprobs=None)
-    if extras.get("system") and not any(m.get("role") == "system" for m in messages):
-        messages = [{"role": "system", "content": extras["system"]}] + messages
-    tools, choice = _tools({"tools": body.get("tools") or None})  # the ollama client sends [] for none
-    return dialect_request(model, messages, tools=tools, tool_choice=choice, **fields)
+        return CompletionRequest(prompts=[raw_prompt], **fields)
+    tools, choice = _tools({"tools": body.get("tools") or None}, ignored)  # the client sends [] for none
+    return ChatRequest(messages=messages, tools=tools, tool_choice=choice, **fields)
 
 
-def ollama_generation(node, body, messages, key, raw_prompt=None):
+def ollama_generation(node, body, messages, key, ignored, raw_prompt=None):
     """A chat or generate answer, as one object or NDJSON lines."""
     started = time.monotonic()
-    req = ollama_request(node, body, messages, raw_prompt)
+    req = ollama_request(node, body, messages, ignored, raw_prompt)
+    report_ignored(req.ignored)
     answer = node.complete(req) if raw_prompt is not None else node.chat(req)
-    if req["stream"]:
-        bottle.response.content_type = "application/x-ndjson"
-        return ndjson(_ollama_chunks(answer, req["model"], key, started), bottle.request.path, answer)
+    if req.stream:
+        return stream(OLLAMA, _ollama_chunks(answer, req.model, key, started), answer)
     ended = answer.collect()[0][0]
-    said = ollama_message(ended.message) if key == "message" else ended.message["content"]
-    return ollama_final(req["model"], answer, started, ollama_reason(ended), **{key: said})
+    said = ollama_message(ended.message) if key == "message" else ended.message.content
+    return ollama_final(req.model, answer, started, ollama_reason(ended), **{key: said})
 
 
 def ollama_reason(ended):
@@ -3275,19 +3611,20 @@ def ollama_reason(ended):
 
 
 def ollama_message(message):
-    """An answer's message as Ollama's: tool calls' arguments as objects, no ids."""
-    out = {"role": "assistant", "content": message.get("content") or ""}
-    if message.get("tool_calls"):
-        out["tool_calls"] = ollama_tool_calls(message)
+    """An answer's `Message` as Ollama's: tool calls' arguments as objects, no ids."""
+    out = {"role": "assistant", "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}}
+                             for c in message.tool_calls]
     return out
 
 
-@route("GET", "/api/version")
+@route("GET", "/api/version", OLLAMA)
 def ollama_version(node):
     return {"version": OLLAMA_VERSION}
 
 
-@route("GET", "/api/tags")
+@route("GET", "/api/tags", OLLAMA)
 def ollama_tags(node):
     models = []
     for ref in node.store.models():
@@ -3305,12 +3642,14 @@ def ollama_tags(node):
     return {"models": models}
 
 
-@route("POST", "/api/show")
+@route("POST", "/api/show", OLLAMA)
 def ollama_show(node):
-    body = ollama_body(node, ("model", "verbose", "system", "template", "options"))
+    ignored = []
+    body = ollama_body(node, ("model", "verbose", "system", "template", "options"), ignored)
+    report_ignored(ignored)
     ref = names.parse(_model(body))
     manifest, layer, meta, details, extras = node.describe(ref)
-    params = ollama_params_layer(extras)
+    params = params_layer(extras)
     parameters = "\n".join("%-30s %s" % (k, json.dumps(x) if isinstance(x, str) else x)
                            for k, v in params.items() for x in (v if isinstance(v, list) else [v]))
     template = extras.get("template") or meta.get("tokenizer.chat_template", "")
@@ -3330,7 +3669,7 @@ def ollama_show(node):
     return answer
 
 
-@route("GET", "/api/ps")
+@route("GET", "/api/ps", OLLAMA)
 def ollama_ps(node):
     by_digest = {}
     for ref in node.store.models():
@@ -3351,20 +3690,21 @@ def ollama_ps(node):
     return {"models": models}
 
 
-@route("POST", "/api/chat")
+@route("POST", "/api/chat", OLLAMA)
 def ollama_chat(node):
-    body = ollama_body(node, OLLAMA_CHAT_FIELDS)
-    refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
-    messages = ollama_messages(body.get("messages") or [])
+    ignored = []
+    body = ollama_body(node, OLLAMA_CHAT_FIELDS, ignored)
+    messages = ollama_messages(body.get("messages") or [], ignored)
     if not messages:
+        report_ignored(ignored)
         return ollama_load_only(node, body, "message")
-    return ollama_generation(node, body, messages, "message")
+    return ollama_generation(node, body, messages, "message", ignored)
 
 
-@route("POST", "/api/generate")
+@route("POST", "/api/generate", OLLAMA)
 def ollama_generate(node):
-    body = ollama_body(node, OLLAMA_GENERATE_FIELDS)
-    refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
+    ignored = []
+    body = ollama_body(node, OLLAMA_GENERATE_FIELDS, ignored)
     refuse(body, "images", lambda v: not v, "no vision models")
     refuse(body, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
     refuse(body, "context", lambda v: not v, "pass the conversation as /api/chat messages")
@@ -3374,20 +3714,21 @@ def ollama_generate(node):
     if prompt is not None and not isinstance(prompt, str):
         raise InvalidRequest("'prompt' must be a string")
     if not prompt:
+        report_ignored(ignored)
         return ollama_load_only(node, body, "response")
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         raise InvalidRequest("'system' must be a string")
     if _bool(body, "raw"):
-        return ollama_generation(node, body, None, "response", raw_prompt=prompt)
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": prompt}]
-    return ollama_generation(node, body, messages, "response")
+        return ollama_generation(node, body, None, "response", ignored, raw_prompt=prompt)
+    messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
+    return ollama_generation(node, body, messages, "response", ignored)
 
 
-def ollama_embed_inputs(node, body, inputs):
+def ollama_embed_inputs(node, body, inputs, ignored):
     refuse(body, "dimensions", lambda v: False, "embeddings have the model's own size")
-    ollama_options(body, {}, node.settings.n_ctx)
+    ollama_options(body, node.settings.n_ctx, ignored)
+    report_ignored(ignored)
     req = validate_embeddings({"model": _model(body), "input": inputs})
     req["keep_alive"] = ollama_keep_alive(body)
     started = time.monotonic()
@@ -3395,27 +3736,31 @@ def ollama_embed_inputs(node, body, inputs):
     return vectors, used, started
 
 
-@route("POST", "/api/embed")
+@route("POST", "/api/embed", OLLAMA)
 def ollama_embed(node):
-    body = ollama_body(node, ("model", "input", "truncate", "options", "keep_alive", "dimensions"))
+    ignored = []
+    body = ollama_body(node, ("model", "input", "truncate", "options", "keep_alive", "dimensions"), ignored)
     refuse(body, "truncate", lambda v: v is True, "inputs longer than the context are refused, "
            "not truncated")
-    vectors, used, started = ollama_embed_inputs(node, body, body.get("input"))
+    vectors, used, started = ollama_embed_inputs(node, body, body.get("input"), ignored)
     return {"model": body["model"], "embeddings": vectors,
             "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
             "prompt_eval_count": used}
 
 
-@route("POST", "/api/embeddings")
+@route("POST", "/api/embeddings", OLLAMA)
 def ollama_embeddings(node):
-    body = ollama_body(node, ("model", "prompt", "options", "keep_alive"))
-    vectors, _used, _started = ollama_embed_inputs(node, body, body.get("prompt"))
+    ignored = []
+    body = ollama_body(node, ("model", "prompt", "options", "keep_alive"), ignored)
+    vectors, _used, _started = ollama_embed_inputs(node, body, body.get("prompt"), ignored)
     return {"embedding": vectors[0]}
 
 
-@route("POST", "/api/pull")
+@route("POST", "/api/pull", OLLAMA)
 def ollama_pull(node):
-    body = ollama_body(node, ("model", "insecure", "stream"))
+    ignored = []
+    body = ollama_body(node, ("model", "insecure", "stream"), ignored)
+    report_ignored(ignored)
     ref = names.parse(_model(body))
     refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
            "LLM_INSECURE_REGISTRIES")
@@ -3424,22 +3769,25 @@ def ollama_pull(node):
     if not ollama_stream(body):
         call.result(node.settings.repair_timeout_secs * 4)
         return {"status": "success"}
-    bottle.response.content_type = "application/x-ndjson"
-    return ndjson(_pull_events(node, call, events), bottle.request.path)
+    return stream(OLLAMA, _pull_events(node, call, events))
 
 
-@route("DELETE", "/api/delete")
+@route("DELETE", "/api/delete", OLLAMA)
 def ollama_delete(node):
-    body = ollama_body(node, ("model",))
+    ignored = []
+    body = ollama_body(node, ("model",), ignored)
+    report_ignored(ignored)
     ref = names.parse(_model(body))
     for digest in node.repairs.delete(ref):
         node.pool.drop(node.store.blob_path(digest))
     return {}
 
 
-@route("POST", "/api/copy")
+@route("POST", "/api/copy", OLLAMA)
 def ollama_copy(node):
-    body = ollama_body(node, ("source", "destination"))
+    ignored = []
+    body = ollama_body(node, ("source", "destination"), ignored)
+    report_ignored(ignored)
     for key in ("source", "destination"):
         if not isinstance(body.get(key), str) or not body[key]:
             raise InvalidRequest("'%s' is required and must be a model name" % key)
@@ -3457,7 +3805,7 @@ def _ollama_chunks(answer, model, key, started):
                 yield {"model": model, "created_at": rfc3339(time.time()), key: part, "done": False}
             continue
         reason = ollama_reason(ev)
-        if answer.held and (ev.message.get("content") or ev.message.get("tool_calls")):
+        if answer.held and (ev.message.content or ev.message.tool_calls):
             yield {"model": model, "created_at": rfc3339(time.time()), key: ollama_message(ev.message),
                    "done": False}
     last = {"role": "assistant", "content": ""} if key == "message" else ""
@@ -3569,7 +3917,7 @@ def create_server(node, host, port, threads):
                 err = InvalidRequest("%s: %s" % (e.reason, e.body))
                 err.status = e.code
             node.metrics.inc("llmnode_requests_total", status=str(err.status))
-            body = json.dumps(error_body(err, self.request.path or "")).encode()
+            body = json.dumps(dialect_of(self.request.path or "").error(err)).encode()
             self.status = "%d %s" % (e.code, e.reason)
             self.response_headers.append(("Content-Type", "application/json"))
             self.set_close_on_finish()
