@@ -1143,6 +1143,7 @@ class Tool:
     description: str
     parameters: dict
     kind: str = "function"  # or "custom": free-form, one string (`FREE_FORM_INPUT`), its input
+    namespace: str = None  # a Responses `namespace` tool's: its calls are answered with it
 
 
 @dataclass
@@ -1466,6 +1467,12 @@ LOOSE_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentReq
                   "$dynamicAnchor", "$recursiveRef")
 
 
+# A length bound is written out in the grammar a repetition per unit: above this, it is dropped
+# (a tool's `maxLength: 524288` would make a 4 MB grammar).
+LENGTH_LIMIT = 256
+_LENGTH_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
 _PRIMITIVE_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
@@ -1496,7 +1503,8 @@ def _loosen(schema, dropped):
         return ANY_VALUE
     s = {}
     for key, value in schema.items():
-        if key in LOOSE_KEYWORDS:
+        if key in LOOSE_KEYWORDS or (key in _LENGTH_KEYWORDS and isinstance(value, int)
+                                     and value > LENGTH_LIMIT):
             dropped.append(key)
         elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             s[key] = {k: _loosen(v, dropped) for k, v in value.items()}
@@ -2300,10 +2308,10 @@ def stream(dialect, events, answer=None):
     stream's last event, and a client that leaves stops the answer (even before it started)."""
     bottle.response.content_type = dialect.stream_type
     bottle.response.set_header("Cache-Control", "no-cache")
-    return _frames(dialect, events, answer)
+    return frames(dialect, events, answer)
 
 
-def _frames(dialect, events, answer):
+def frames(dialect, events, answer):
     try:
         for event in events:
             yield dialect.frame(event)
@@ -2866,7 +2874,7 @@ def _responses_tool(where, tool, ignored):
         inner = tool.get("tools")
         if not isinstance(inner, list):
             raise InvalidRequest("'%s.tools' must be an array" % where)
-        return [t for j, sub in enumerate(inner)
+        return [replace(t, namespace=tool.get("name")) for j, sub in enumerate(inner)
                 for t in _responses_tool("%s.tools[%d]" % (where, j), sub, ignored)]
     if kind == "custom":
         unknown_fields(tool, ("type", "name", "description", "format", "defer_loading"), where, ignored)
@@ -2992,26 +3000,31 @@ def _message_item(text, finish):
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
-def _call_item(call, custom):
-    """A tool call as a function_call item, or a custom_tool_call item of a free-form tool."""
-    if call.name in custom:
+def _call_item(call, tools):
+    """A tool call as a function_call item (with its tool's namespace, if any), or a
+    custom_tool_call item of a free-form tool."""
+    tool = tools.get(call.name)
+    if tool is not None and tool.kind == "custom":
         return {"id": "ctc_%s" % os.urandom(12).hex(), "type": "custom_tool_call", "status": "completed",
                 "call_id": call.id, "name": call.name, "input": str(call.arguments.get("input", ""))}
-    return {"id": "fc_%s" % os.urandom(12).hex(), "type": "function_call", "status": "completed",
+    item = {"id": "fc_%s" % os.urandom(12).hex(), "type": "function_call", "status": "completed",
             "call_id": call.id, "name": call.name, "arguments": json.dumps(call.arguments)}
+    if tool is not None and tool.namespace:
+        item["namespace"] = tool.namespace
+    return item
 
 
-def custom_tools(req):
-    return {t.name for t in req.tools if t.kind == "custom"}
+def tools_by_name(req):
+    return {t.name: t for t in req.tools}
 
 
-def response_output(message, finish, custom):
+def response_output(message, finish, tools):
     """An ended answer's message as Responses output items."""
     output = [] if message.tool_calls and not message.content else [_message_item(message.content, finish)]
-    return output + [_call_item(c, custom) for c in message.tool_calls]
+    return output + [_call_item(c, tools) for c in message.tool_calls]
 
 
-def _response_events(answer, head, custom):
+def _response_events(answer, head, tools):
     """An answer as the Responses event sequence, each with its sequence number."""
     seq = itertools.count()
     output, text, message, finish = [], "", None, "stop"
@@ -3054,7 +3067,7 @@ def _response_events(answer, head, custom):
             if message is not None:
                 yield from close_message(message)
                 message = None
-            item = _call_item(call, custom)
+            item = _call_item(call, tools)
             at = dict(item_id=item["id"], output_index=len(output))
             field_, kind = ("input", "custom_tool_call_input") if "input" in item else \
                 ("arguments", "function_call_arguments")
@@ -3085,9 +3098,9 @@ def responses_create(node):
     answer = node.chat(req)
     if not req.stream:
         ended = answer.collect()[0][0]
-        return response_finished(head, response_output(ended.message, ended.reason, custom_tools(req)),
+        return response_finished(head, response_output(ended.message, ended.reason, tools_by_name(req)),
                                  answer.usage, ended.reason)
-    return stream(RESPONSES, _response_events(answer, head, custom_tools(req)), answer)
+    return stream(RESPONSES, _response_events(answer, head, tools_by_name(req)), answer)
 
 
 ###############################################################################
@@ -3104,7 +3117,7 @@ ANTHROPIC_ACCEPTED = ("metadata", "service_tier", "cache_control", "context_mana
 
 
 ANTHROPIC_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
-                    "top_k", "stream", "tools", "tool_choice", "output_config",
+                    "top_k", "stream", "tools", "tool_choice", "output_config", "output_format",
                     "mcp_servers") + ANTHROPIC_ACCEPTED
 
 
@@ -3285,14 +3298,12 @@ def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
 
 
 def anthropic_format(body, ignored):
-    """(format, schema) of the request from `output_config.format`."""
+    """(format, schema) of the request from `output_config.format` (or the beta's `output_format`)."""
     config = body.get("output_config")
-    if config is None:
-        return None, None
-    if not isinstance(config, dict):
+    if config is not None and not isinstance(config, dict):
         raise InvalidRequest("'output_config' must be an object")
-    unknown_fields(config, ("format", "effort"), "output_config", ignored)
-    fmt = config.get("format")
+    unknown_fields(config or {}, ("format", "effort"), "output_config", ignored)
+    fmt = (config or {}).get("format") or body.get("output_format")
     if fmt is None:
         return None, None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \

@@ -89,7 +89,8 @@ def test_a_client_that_goes_away_frees_its_sequence_within_one_step(served):
                                  "messages": [{"role": "user", "content": "Count to a thousand."}]},
                                 node.settings.n_ctx)
     answer = node.chat(req)
-    stream = llmnode.sse(llmnode.openai_chat_chunks(answer, req), answer)  # the route's body
+    # The route's body:
+    stream = llmnode.frames(llmnode.OPENAI, llmnode.openai_chat_chunks(answer, req), answer)
     for line in stream:
         if '"content": "' in line and '"content": ""' not in line:
             break

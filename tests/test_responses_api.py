@@ -167,25 +167,36 @@ REFUSED = [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"background": True}, "background"),
-    ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"truncation": "auto"}, "truncation"),
-    ({"max_tool_calls": 2}, "max_tool_calls"),
-    ({"seed": 1}, "seed"),
-    ({"text": {"verbosity": "low"}}, "text.verbosity"),
-] + [({"tools": [{"type": kind}]}, "tools[0].type") for kind in (
-    "web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
-    "computer_use", "mcp", "image_generation", "local_shell")] + [
-    ({"tool_choice": {"type": "web_search_preview"}, "tools": [WEATHER]}, "tool_choice.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/a.png"}]}]},
      "input[0].content[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}]},
      "input[0].content[0].type"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
 ]
+# Documented fields that change nothing here: accepted (they were refused before the agents' rule).
+ACCEPTED = [
+    {"reasoning": {"effort": "high"}}, {"include": ["message.output_text.logprobs"]},
+    {"truncation": "auto"}, {"max_tool_calls": 2}, {"text": {"verbosity": "low"}},
+    {"tool_choice": {"type": "web_search_preview"}, "tools": [WEATHER]},
+    {"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "x"}]},
+] + [{"tools": [{"type": kind}]} for kind in (
+    "web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
+    "computer_use", "mcp", "image_generation", "local_shell")]
+
+
+@pytest.mark.parametrize("change", ACCEPTED, ids=[json.dumps(c)[:40] for c in ACCEPTED])
+def test_documented_fields_that_change_nothing_here_are_accepted(node, change):
+    r = requests.post(node.url + "/v1/responses", json=dict(BASE, **change), timeout=60)
+    assert r.status_code == 200, r.text
+    assert "llmnode-ignored-fields" not in r.headers
+
+
+def test_a_field_no_api_has_is_named_not_refused(node):
+    r = requests.post(node.url + "/v1/responses", json=dict(BASE, seed=1), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["llmnode-ignored-fields"] == "seed"
 
 
 @pytest.mark.parametrize("change, name", REFUSED, ids=[n + ":" + json.dumps(c)[:40] for c, n in REFUSED])
