@@ -81,9 +81,11 @@ def test_a_strict_schema_the_grammar_cannot_hold_is_refused_by_name(client):
 def test_a_schema_the_grammar_cannot_hold_whole_is_held_to_the_rest(client):
     # Not strict: `uniqueItems` is dropped, a property with no type is any JSON value.
     schema = {"type": "object", "required": ["a", "b"], "properties": {
-        "a": {"type": "array", "uniqueItems": True, "items": {"type": "integer"}}, "b": {"description": "anything"}}}
-    r = client.chat.completions.create(model=SMOL, messages=ASK, temperature=0, max_tokens=120, response_format={
-        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        "a": {"type": "array", "uniqueItems": True, "items": {"type": "integer"}},
+        "b": {"description": "anything"}}}
+    r = client.chat.completions.create(model=SMOL, messages=ASK, temperature=0, max_tokens=120,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": schema}})
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     doc = json.loads(r.choices[0].message.content)
     assert list(doc) == ["a", "b"] and all(isinstance(x, int) for x in doc["a"])
