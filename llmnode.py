@@ -1443,6 +1443,43 @@ def tool_choice(choice, tools, where="tool_choice"):
     return choice
 
 
+def function_tools(req, ignored):
+    """([Tool], choice: "none", "auto", "required" or a name) of tools and tool_choice in OpenAI's
+    shape, which Ollama's chat shares."""
+    tools, choice = req.get("tools"), req.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise InvalidRequest("'tool_choice' needs 'tools'")
+        return [], "none"
+    if not isinstance(tools, list) or len(tools) > 512:
+        raise InvalidRequest("'tools' must be an array of up to 512 tools")
+    clean = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and tool.get("type") == "custom" and isinstance(tool.get("custom"), dict):
+            custom = tool["custom"]
+            clean.append(replace(function_tool("tools[%d].custom" % i, custom.get("name"),
+                                               custom.get("description"), FREE_FORM_INPUT), kind="custom"))
+            continue
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise InvalidRequest("'tools[%d]' must be {\"type\": \"function\", \"function\": {...}}" % i)
+        unknown_fields(tool, ("type", "function"), "tools[%d]" % i, ignored)
+        unknown_fields(fn, ("name", "description", "parameters", "strict"), "tools[%d].function" % i, ignored)
+        clean.append(function_tool("tools[%d].function" % i, fn.get("name"), fn.get("description"),
+                                   fn.get("parameters")))
+    if isinstance(choice, dict):
+        if choice.get("type") == "allowed_tools":
+            choice = (choice.get("allowed_tools") or {}).get("mode", "auto")
+        else:
+            name = (choice.get("function") or choice.get("custom") or {}).get("name")
+            if name not in [t.name for t in clean]:
+                raise InvalidRequest("'tool_choice' names a function that is not in 'tools'")
+            choice = name
+    elif choice not in (None, "none", "auto", "required"):
+        raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
+    return clean, tool_choice(choice, clean) if clean else "none"
+
+
 def format_schema(schema, where, strict=False):
     """("schema", a JSON schema) checked: a `strict` one that the grammar cannot hold whole is
     refused by name; any other valid schema is taken, loosened where it must be."""
@@ -2441,42 +2478,6 @@ def _response_format(req):
     return kind, schema, strict
 
 
-def _tools(req, ignored):
-    """([Tool], choice: "none", "auto", "required" or a name) of OpenAI's tools and tool_choice."""
-    tools, choice = req.get("tools"), req.get("tool_choice")
-    if tools is None:
-        if choice not in (None, "none"):
-            raise InvalidRequest("'tool_choice' needs 'tools'")
-        return [], "none"
-    if not isinstance(tools, list) or len(tools) > 512:
-        raise InvalidRequest("'tools' must be an array of up to 512 tools")
-    clean = []
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(tool, dict) and tool.get("type") == "custom" and isinstance(tool.get("custom"), dict):
-            custom = tool["custom"]
-            clean.append(replace(function_tool("tools[%d].custom" % i, custom.get("name"),
-                                               custom.get("description"), FREE_FORM_INPUT), kind="custom"))
-            continue
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise InvalidRequest("'tools[%d]' must be {\"type\": \"function\", \"function\": {...}}" % i)
-        unknown_fields(tool, ("type", "function"), "tools[%d]" % i, ignored)
-        unknown_fields(fn, ("name", "description", "parameters", "strict"), "tools[%d].function" % i, ignored)
-        clean.append(function_tool("tools[%d].function" % i, fn.get("name"), fn.get("description"),
-                                   fn.get("parameters")))
-    if isinstance(choice, dict):
-        if choice.get("type") == "allowed_tools":
-            choice = (choice.get("allowed_tools") or {}).get("mode", "auto")
-        else:
-            name = (choice.get("function") or choice.get("custom") or {}).get("name")
-            if name not in [t.name for t in clean]:
-                raise InvalidRequest("'tool_choice' names a function that is not in 'tools'")
-            choice = name
-    elif choice not in (None, "none", "auto", "required"):
-        raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
-    return clean, tool_choice(choice, clean) if clean else "none"
-
-
 def _arguments(i, call):
     """A tool call's arguments (OpenAI's JSON string) as an object."""
     args = call["function"].get("arguments") or "{}"
@@ -2537,7 +2538,7 @@ def validate_chat(req, n_ctx):
     if max_tokens is None:
         max_tokens = req.get("max_completion_tokens")
     fmt, schema, strict = _response_format(req)
-    tools, choice = _tools(req, ignored)
+    tools, choice = function_tools(req, ignored)
     key = req.get("prompt_cache_key")
     if key is not None and not isinstance(key, str):
         raise InvalidRequest("'prompt_cache_key' must be a string")
@@ -3599,7 +3600,8 @@ def ollama_request(node, body, messages, ignored, raw_prompt=None):
                   keep_alive=ollama_keep_alive(body), ignored=ignored)
     if raw_prompt is not None:
         return CompletionRequest(prompts=[raw_prompt], **fields)
-    tools, choice = _tools({"tools": body.get("tools") or None}, ignored)  # the client sends [] for none
+    # The ollama client sends [] for no tools.
+    tools, choice = function_tools({"tools": body.get("tools") or None}, ignored)
     return ChatRequest(messages=messages, tools=tools, tool_choice=choice, **fields)
 
 
