@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field, replace
 
 import bottle
@@ -1890,8 +1892,9 @@ class Node:
         verified) again."""
         for _attempt in range(3):
             # The check hashes on every core; the load (a one-core copy) shares them.
-            check = _Call(lambda: self.repairs.check_layer(ref, layer, gguf=True))
             started = time.monotonic()
+            check = in_thread(lambda since=started: (self.repairs.check_layer(ref, layer, gguf=True),
+                                                     time.monotonic() - since), "verify-on-load")
             llm, load_error = None, None
             try:
                 llm = self.loader(path)
@@ -1899,14 +1902,14 @@ class Node:
                 load_error = e
             loaded = time.monotonic() - started
             try:
-                repaired = check.result(self.settings.repair_timeout_secs + 60)
+                repaired, checked = outcome(check, self.settings.repair_timeout_secs + 60)
             except BaseException:
                 if llm is not None:
                     close_model(llm)
                 raise
             self.metrics.inc("llmnode_verified_loads_total")
             log.info("model %s: loaded in %.2fs, blob verified in %.2fs%s", ref, loaded,
-                     check.elapsed, " (repaired)" if repaired else "")
+                     checked, " (repaired)" if repaired else "")
             if repaired:
                 if llm is not None:
                     close_model(llm)
@@ -2139,34 +2142,27 @@ def _check_tokens(llm, tokens, what, limit):
         raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)" % (what, vocab - 1))
 
 
-class _Call:
-    """A function run on its own thread; `result()` waits for it (with a deadline)."""
+def in_thread(fn, name):
+    """Run `fn` on a thread of its own: its `concurrent.futures.Future`."""
+    future = Future()
 
-    def __init__(self, fn, name="verify-on-load"):
-        self._fn = fn
-        self._done = threading.Event()
-        self._result = self._error = None
-        self.elapsed = 0.0
-        threading.Thread(target=self._run, daemon=True, name=name).start()
+    def run():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: B036 - handed to the waiting thread
+                future.set_exception(e)
 
-    def done(self):
-        return self._done.is_set()
+    threading.Thread(target=run, daemon=True, name=name).start()
+    return future
 
-    def _run(self):
-        started = time.monotonic()
-        try:
-            self._result = self._fn()
-        except BaseException as e:  # noqa: B036 - handed to the waiting thread
-            self._error = e
-        self.elapsed = time.monotonic() - started
-        self._done.set()
 
-    def result(self, timeout):
-        if not self._done.wait(timeout):
-            raise RepairTimeout()
-        if self._error is not None:
-            raise self._error
-        return self._result
+def outcome(future, timeout):
+    """The future's result, waited for at most `timeout` seconds (a repair's deadline)."""
+    try:
+        return future.result(timeout)
+    except FuturesTimeout:
+        raise RepairTimeout() from None
 
 
 ###############################################################################
@@ -3778,9 +3774,9 @@ def ollama_pull(node):
     refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
            "LLM_INSECURE_REGISTRIES")
     events = queue.Queue()
-    call = _Call(lambda: node.repairs.pull(ref, report=events.put), name="api-pull")
+    call = in_thread(lambda: node.repairs.pull(ref, report=events.put), "api-pull")
     if not ollama_stream(body):
-        call.result(node.settings.repair_timeout_secs * 4)
+        outcome(call, node.settings.repair_timeout_secs * 4)
         return {"status": "success"}
     return stream(OLLAMA, _pull_events(node, call, events))
 
@@ -3843,7 +3839,7 @@ def _pull_events(node, call, events):
             event = events.get(timeout=0.25)
         except queue.Empty:
             if call.done():
-                call.result(0)  # raises the pull's error, if any
+                call.result()  # raises the pull's error, if any
                 return
             if current is not None:
                 done = node.repairs.progress_of(current.digest)
