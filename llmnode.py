@@ -1,7 +1,22 @@
-"""llmnode: an OpenAI-compatible LLM node over an Ollama-layout store, on llama.cpp.
+"""llmnode: an LLM node over an Ollama-layout store, on llama.cpp, speaking four APIs.
 
 The HTTP surface, the model runtime and the command line live here; the store, the
-registry client, downloads and repair live in the `repair` package.
+registry client, downloads and repair live in the `repair` package. The sections, top to
+bottom, each depending only on those above it:
+
+- Logging.
+- Runtime: the llama.cpp adapter (every private llama-cpp-python field in one place), the
+  engine and its scheduler (one compute thread, continuous batching), the model pool.
+- The request type and the tool/grammar layer: `ChatRequest` (with `Message`, `ToolCall`,
+  `Tool`), `CompletionRequest`, the checks every dialect shares, the field rule (known fields
+  honoured or accepted, unknown ones named), grammars from any JSON schema, tool formats.
+- Node: model resolution (guard, repair, verified loading) and generation, the Modelfile's
+  `system` and `params` layers applied for every dialect.
+- HTTP: the app, the API key, `Dialect` (error body, stream framing), routes registered with
+  their dialect, one error mapping, one stream function.
+- One section per dialect, each a validator into the request type and a renderer of the one
+  answer: OpenAI (chat, completions, embeddings, models), Responses, Anthropic, Ollama.
+- Operations (health, readiness, metrics), then the command line.
 """
 
 import argparse
@@ -1111,10 +1126,12 @@ class ModelPool:
 ###############################################################################
 # The request type and the tool/grammar layer #################################
 ###############################################################################
-# What every dialect's request becomes for the engine (`Generation`) and what comes back (`Piece`
-# and `Finish` from the engine; `Answer` and its `Ended`, as every dialect renders them; `Usage`);
-# grammars for structured output and tool calls; the chat template's prompt and the parsing of tool
-# calls, done once here for every dialect.
+# What every dialect's body is checked into (`ChatRequest` of `Message`s, `ToolCall`s and `Tool`s;
+# `CompletionRequest`), what the Node makes of it for the engine (`Generation`) and what comes back
+# (`Piece` and `Finish` from the engine; `Answer` and its `Ended`, as every dialect renders them;
+# `Usage`); the checks every dialect shares and the field rule; grammars for structured output and
+# tool calls from any JSON schema; the chat template's prompt and the parsing of tool calls, done
+# once here for every dialect.
 
 @dataclass
 class ToolCall:
