@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import bottle
 
 import conf
-from repair import names
+from repair import names, operations
 from repair.coordinator import RepairCoordinator
 from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtime's, from here)
     ContextTooLong,
@@ -3420,7 +3420,7 @@ def ollama_pull(node):
     refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
            "LLM_INSECURE_REGISTRIES")
     events = queue.Queue()
-    call = _Call(lambda: node.repairs.pull(ref, report=events.put), name="api-pull")
+    call = _Call(lambda: operations.pull(node.repairs, ref, report=events.put), name="api-pull")
     if not ollama_stream(body):
         call.result(node.settings.repair_timeout_secs * 4)
         return {"status": "success"}
@@ -3432,7 +3432,7 @@ def ollama_pull(node):
 def ollama_delete(node):
     body = ollama_body(node, ("model",))
     ref = names.parse(_model(body))
-    for digest in node.repairs.delete(ref):
+    for digest in operations.delete(node.repairs, ref):
         node.pool.drop(node.store.blob_path(digest))
     return {}
 
@@ -3443,7 +3443,7 @@ def ollama_copy(node):
     for key in ("source", "destination"):
         if not isinstance(body.get(key), str) or not body[key]:
             raise InvalidRequest("'%s' is required and must be a model name" % key)
-    node.repairs.copy(names.parse(body["source"]), names.parse(body["destination"]))
+    operations.copy(node.repairs, names.parse(body["source"]), names.parse(body["destination"]))
     return {}
 
 
@@ -3648,7 +3648,7 @@ def cmd_pull(settings, name):
     node.repairs.progress = progress_for
     ref = names.parse(name)
     log.info("pulling %s", ref)
-    _manifest, fetched, moved = node.repairs.pull(ref)
+    _manifest, fetched, moved = operations.pull(node.repairs, ref)
     if moved:
         print("%s: the tag moved (was sha256:%s); now at the new version" % (ref, moved))
     print("pulled %s (%d blob(s) downloaded)" % (ref, len(fetched)))

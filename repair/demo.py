@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import requests
 
-from repair import names
+from repair import names, operations
 
 MODEL_TYPE = "application/vnd.ollama.image.model"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
@@ -342,7 +342,7 @@ def run_demo(settings, start, out=print):
         out("== llmnode demo on %s" % model.about)
         out("   store %s, registry %s" % (values["models_dir"], registry_url))
         node, base, stop = serve()
-        node.repairs.pull(ref)
+        operations.pull(node.repairs, ref)
         layer = node.store.read_manifest(ref)["layers"][0]
         blob = node.store.blob_path(layer["digest"])
         body = {"model": model.name, "messages": [{"role": "user", "content": model.question}],

@@ -18,7 +18,7 @@ import requests
 
 import conf
 import llmnode
-from repair import names
+from repair import names, operations
 from repair.coordinator import RepairCoordinator
 from repair.retry import Retry
 from repair.store import Store, model_layer
@@ -35,7 +35,7 @@ TINY = MODEL  # the tiny model, as the dialect files call it
 
 def pull(client, store, guard, ref, **options):
     """Pull a model into a store through a coordinator of its own, as the `pull` command does."""
-    return RepairCoordinator(store, client, guard, **options).pull(ref)[0]
+    return operations.pull(RepairCoordinator(store, client, guard, **options), ref)[0]
 
 
 def blob_of(models_dir, model=("gpt-oss", "7b"), kind="model"):

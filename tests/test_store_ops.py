@@ -8,6 +8,7 @@ import threading
 import pytest
 import requests
 
+from repair import operations
 from repair.records import VerifiedRecords
 from repair.store import Store, named_in
 from tests.conftest import blob_of, node_env, run_cli, wait_for
@@ -119,7 +120,7 @@ def test_a_repair_that_starts_after_its_model_was_deleted_installs_nothing(pulle
     node = llmnode.Node(settings_for(pulled, registry.url))
     ref = names.parse("gpt-oss:7b")
     manifest = node.repairs.manifest(ref)
-    node.repairs.delete(ref)
+    operations.delete(node.repairs, ref)
     weights = next(la for la in manifest["layers"] if la["mediaType"].endswith(".model"))
     with pytest.raises(llmnode.ModelNotFound):
         node.repairs.check_layer(ref, weights, gguf=True)
