@@ -501,7 +501,7 @@ def bench_load(work, rounds):
     compare_loads("SmolLM2", node, ref, layer, path, settings, rounds)
 
     big = work / "big.gguf"
-    from repair.demo import tiny_gguf
+    from repair.gguf_writer import tiny_gguf
     big.write_bytes(tiny_gguf(seed=5, n_embd=1024, n_ff=24576, n_head=8, n_layer=3))
     big_store = store_with(work / "bigstore", "big:1", big)
     big.unlink()

@@ -1,6 +1,6 @@
 """The tiny llama GGUF for tests: the demo's writer (one GGUF writer in the code base)."""
 
-from repair.demo import CHAT_TEMPLATE, tiny_gguf
+from repair.gguf_writer import CHAT_TEMPLATE, tiny_gguf
 
 
 def write_tiny_gguf(path, seed=0, chat_template=CHAT_TEMPLATE):
