@@ -27,8 +27,8 @@ from repair.progress import LoggingProgress
 from repair.records import claimed_by_pulls
 from repair.singleflight import SingleFlight
 from repair.store import (
-    checked_layers,
     layer_kind,
+    layers_to_check,
     model_layer,
     parse_manifest,
     text_layers,
@@ -293,7 +293,7 @@ class RepairCoordinator:
         or missing; the digests repaired."""
         manifest = self.manifest(ref)
         repaired = []
-        for layer, gguf in checked_layers(manifest):
+        for layer, gguf in layers_to_check(manifest):
             if self.check_layer(ref, layer, gguf=gguf):
                 repaired.append(layer["digest"])
         return repaired
@@ -305,7 +305,7 @@ class RepairCoordinator:
         except LLMNodeError as e:
             return [(None, str(e))]
         results = []
-        for layer, gguf in checked_layers(manifest):
+        for layer, gguf in layers_to_check(manifest):
             try:
                 self.guard.verify(layer, gguf=gguf)
                 results.append((layer, None))

@@ -9,7 +9,7 @@ from repair.locks import FileLock
 from repair.progress import PullEvent
 from repair.records import claimed_by_pulls
 from repair.retry import call_with_retries
-from repair.store import checked_layers, named_in, parse_manifest, pid_alive
+from repair.store import layers_to_check, named_in, parse_manifest, pid_alive
 
 log = logging.getLogger("llmnode.repair")
 
@@ -26,7 +26,7 @@ def pull(repairs, ref, report=None):
     report(PullEvent("manifest"))
     raw = call_with_retries(lambda: repairs.client.get_manifest(ref), repairs.retry)
     manifest = parse_manifest(raw)
-    layers = checked_layers(manifest)
+    layers = layers_to_check(manifest)
     claim = records.begin_pull([layer["digest"] for layer, _ in layers])
     try:
         fetched = []

@@ -1,4 +1,5 @@
-"""Verification records: which blobs were verified and how they looked then, kept in the store."""
+"""The store's records, kept in the store: which blobs were verified and how they looked then,
+their chunk tables' digests, the manifest pins, and the blobs pulls are installing."""
 
 import json
 import logging
@@ -19,10 +20,11 @@ def _empty():
     return {"blobs": {}, "manifests": {}, "tables": {}, "pulls": {}}
 
 
-class VerifiedRecords:
-    """Blob digest -> (size, mtime_ns, inode) at its last full check; blob digest -> sha256 of
-    its chunk table; model -> manifest sha256 (its pin); pull -> (pid, the digests it is
-    installing), so a delete never takes a blob a pull's manifest will name.
+class StoreRecords:
+    """The store's one records file: blob digest -> (size, mtime_ns, inode) at its last full
+    check; blob digest -> sha256 of its chunk table; model -> manifest sha256 (its pin);
+    pull -> (pid, the digests it is installing), so a delete never takes a blob a pull's
+    manifest will name.
 
     Every process on a store shares one file: each change is made under an flock on
     `verified.lock`, to the file as it is on disk then, and written atomically, so no

@@ -55,7 +55,7 @@ def blob_layers(manifest):
     return ([config] if config else []) + list(manifest["layers"])
 
 
-def checked_layers(manifest):
+def layers_to_check(manifest):
     """(layer, is_the_gguf_weights) for every blob of a manifest: the one list that pull,
     repair, verify and scrub walk."""
     weights = model_layer(manifest)
@@ -144,7 +144,7 @@ class Store:
         write_atomically(path, raw)
 
     def models(self):
-        """Every (ref, manifest path) in the store whose path is a valid name."""
+        """The ref of every manifest in the store whose path is a valid name."""
         found = []
         if not os.path.isdir(self.manifests_dir):
             return found

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from repair import names
-from repair.records import VerifiedRecords
+from repair.records import StoreRecords
 from repair.store import Store
 from tests.conftest import (
     MODEL,
@@ -126,8 +126,8 @@ def test_an_ollama_partial_beside_our_blob_is_neither_deleted_nor_taken_as_data(
 
 
 def test_two_processes_recording_at_once_lose_no_entry(tmp_path):
-    script = ("import sys\nfrom repair.records import VerifiedRecords\n"
-              "r = VerifiedRecords(sys.argv[1])\n"
+    script = ("import sys\nfrom repair.records import StoreRecords\n"
+              "r = StoreRecords(sys.argv[1])\n"
               "for i in range(60):\n    r.record_table('%s-%d' % (sys.argv[2], i), '%064x' % i)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), who], cwd=ROOT)
              for who in ("a", "b", "c")]
@@ -141,7 +141,7 @@ def test_two_processes_recording_at_once_lose_no_entry(tmp_path):
 def test_an_unreadable_records_file_is_moved_aside_and_logged(tmp_path, caplog):
     (tmp_path / ".llmnode").mkdir()
     (tmp_path / ".llmnode" / "verified.json").write_text('{"blobs": {"trunc')
-    records = VerifiedRecords(str(tmp_path))
+    records = StoreRecords(str(tmp_path))
     with caplog.at_level(logging.ERROR):
         assert records.manifest_digest("x") is None
     aside = [f for f in os.listdir(tmp_path / ".llmnode") if ".unreadable-" in f]
@@ -197,7 +197,7 @@ def test_pull_moves_to_the_new_tag_and_says_so(moved_tag, registry, models_dir):
     assert "the tag moved (was sha256:%s)" % hashlib.sha256(pinned).hexdigest() in result.stdout
     new = store.read_manifest_raw(ref)
     assert new != pinned
-    assert VerifiedRecords(models_dir).manifest_digest(ref) == hashlib.sha256(new).hexdigest()
+    assert StoreRecords(models_dir).manifest_digest(ref) == hashlib.sha256(new).hexdigest()
 
 
 def test_a_store_without_a_pin_uses_the_tag_once_and_pins_it(pulled, registry, serve, caplog):
@@ -208,6 +208,6 @@ def test_a_store_without_a_pin_uses_the_tag_once_and_pins_it(pulled, registry, s
     s = serve()
     with caplog.at_level(logging.WARNING):
         assert s.post("/v1/chat/completions", CHAT).status_code == 200
-    assert VerifiedRecords(pulled).manifest_digest(ref) == hashlib.sha256(raw).hexdigest()
+    assert StoreRecords(pulled).manifest_digest(ref) == hashlib.sha256(raw).hexdigest()
 
 
