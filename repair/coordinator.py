@@ -31,6 +31,7 @@ from repair.store import (
     layers_to_check,
     model_layer,
     parse_manifest,
+    stat_stamp,
     text_layers,
 )
 from repair.verify import read_checked
@@ -133,7 +134,7 @@ class RepairCoordinator:
 
     def manifest(self, ref):
         """The model's manifest; a missing (but once known) or unparseable one is fetched again."""
-        stamp = _stamp(self.store.manifest_path(ref))
+        stamp = stat_stamp(self.store.manifest_path(ref))
         cached = self._manifests.get(str(ref))
         if stamp is not None and cached is not None and cached[0] == stamp:
             return cached[1]
@@ -175,10 +176,10 @@ class RepairCoordinator:
         digest = layer["digest"]
         path = self.store.blob_path(digest)
         cached = self._layers.get(digest)
-        if cached is not None and cached[0] is not None and cached[0] == _stamp(path):
+        if cached is not None and cached[0] is not None and cached[0] == stat_stamp(path):
             return cached[1]
         for attempt in range(2):
-            stamp = _stamp(path)
+            stamp = stat_stamp(path)
             try:
                 data = read_checked(path, digest, layer["size"])
             except ModelCorrupted:
@@ -385,14 +386,6 @@ class RepairCoordinator:
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer, state.chunk_digests)
-
-
-def _stamp(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _sleep_until(deadline, clock):

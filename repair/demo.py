@@ -20,6 +20,7 @@ import requests
 
 from repair import names, operations
 from repair.gguf_writer import tensor_spans, tiny_gguf
+from repair.verify import sha256_file
 
 MODEL_TYPE = "application/vnd.ollama.image.model"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
@@ -243,7 +244,7 @@ def run_demo(settings, start, out=print):
         node, base, stop = serve()
         after_flip = _ask(base, body, out)
 
-        intact = _sha256_file(blob) == layer["digest"]
+        intact = "sha256:" + sha256_file(blob) == layer["digest"]
         same = first == after_echo == after_flip
         out("== the blob matches its digest again: %s" % intact)
         out("== the answers after each repair equal the first: %s" % same)
@@ -257,14 +258,6 @@ def run_demo(settings, start, out=print):
         registry.server_close()
         shutil.rmtree(workdir, ignore_errors=True)
         out("== cleaned up %s" % workdir)
-
-
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def _ask(base, body, out):

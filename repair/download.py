@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from repair import parts
 from repair.chunks import ChunkHasher, chunk_range
 from repair.errors import (
@@ -61,14 +63,6 @@ class DownloadState:
     received: int = 0
     attempts: int = 0
     chunk_digests: list = None
-
-
-class _NullProgress:
-    def update(self, n):
-        pass
-
-    def reset(self):
-        pass
 
 
 # -- the stages every range goes through ------------------------------------------------------
@@ -156,7 +150,7 @@ def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=No
     store.ensure_dirs()
     state = state or DownloadState(layer["digest"], layer["size"])
     job = _Download(client, ref, Partial(store, layer["digest"], layer["size"]), state,
-                    progress or _NullProgress(), deadline, clock,
+                    progress or tqdm(disable=True), deadline, clock,
                     parts.plan(layer["size"], connections, part_min), connections)
     job.resume()
     if free_space(store.blobs_dir) < layer["size"] - job.have + DISK_RESERVE:

@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 
 from repair.locks import FileLock
-from repair.store import pid_alive, write_atomically
+from repair.store import pid_alive, stat_stamp, write_atomically
 
 RECORDS_DIR = ".llmnode"
 
@@ -40,16 +40,9 @@ class StoreRecords:
         # (file stat stamp, records) as last read or written; replaced whole, never mutated.
         self._cache = (None, _empty())
 
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
     def snapshot(self):
         """The records as on disk now (re-read only when the file's stat changed)."""
-        stamp = self._stat()
+        stamp = stat_stamp(self.path)
         cached_stamp, data = self._cache
         if stamp is not None and stamp == cached_stamp:
             return data
@@ -95,7 +88,7 @@ class StoreRecords:
             if data.pop("unchanged", False):
                 return
             write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
-            self._cache = (self._stat(), data)
+            self._cache = (stat_stamp(self.path), data)
 
     def _update(self, change):
         """Apply `change(data)` to the records as on disk, under the cross-process lock."""

@@ -78,6 +78,16 @@ def text_layers(manifest):
             if layer_kind(layer) in TEXT_LAYERS and layer.get("size", 0) <= TEXT_LAYER_MAX]
 
 
+def stat_stamp(path):
+    """(inode, size, mtime, ctime) of a file, None if it cannot be stat'ed: any write to it
+    (even one that puts its times back) moves its ctime, so an equal stamp means unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class Store:
     """An Ollama-layout models directory."""
 

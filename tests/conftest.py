@@ -48,11 +48,8 @@ def blob_of(models_dir, model=("gpt-oss", "7b"), kind="model"):
 
 def intact(path, layer):
     """Whether the file hashes to the layer's digest."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest() == layer["digest"]
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == layer["digest"]
 
 
 def rot(path, n=64, at=None, keep_times=True):
