@@ -1449,7 +1449,7 @@ def completion_logprobs(items):
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None, on_prompt=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
         self.store = Store(settings.models_dir)
@@ -1463,7 +1463,7 @@ class Node:
                                          timeout_secs=settings.repair_timeout_secs,
                                          max_waiters=settings.max_repair_waiters,
                                          connections=settings.download_connections,
-                                         metrics=self.metrics)
+                                         metrics=self.metrics, retry=retry)
         self.compute = ComputeThread()
         raw_loader = loader or (lambda path: load_llama(path, settings))
 
