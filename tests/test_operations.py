@@ -1,5 +1,5 @@
-"""Delete and copy as store operations, against a real node process and a loopback registry: they
-never race a pull or a repair of a blob they share."""
+"""The store operations (repair/operations.py): delete and copy, against a real node process and a
+loopback registry, never race a pull or a repair of a blob they share."""
 
 import json
 import os
