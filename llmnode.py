@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 import bottle
 
 import conf
-from repair import names
+from repair import names, operations
 from repair.coordinator import RepairCoordinator
 from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtime's, from here)
     ContextTooLong,
@@ -65,7 +65,7 @@ from repair.metrics import Metrics
 from repair.progress import progress_for
 from repair.registry import RegistryClient
 from repair.scrub import Scrubber
-from repair.store import Store, model_layer
+from repair.store import Store, model_layer, stat_stamp
 
 log = logging.getLogger("llmnode")
 
@@ -1840,7 +1840,7 @@ def completion_logprobs(items):
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None, on_prompt=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
         self.store = Store(settings.models_dir)
@@ -1854,7 +1854,7 @@ class Node:
                                          timeout_secs=settings.repair_timeout_secs,
                                          max_waiters=settings.max_repair_waiters,
                                          connections=settings.download_connections,
-                                         metrics=self.metrics)
+                                         metrics=self.metrics, retry=retry)
         self.compute = ComputeThread()
         raw_loader = loader or (lambda path: load_llama(path, settings))
 
@@ -1982,11 +1982,7 @@ class Node:
         if check_weights:
             self.repairs.ensure(ref, on_change=self.pool.drop)
         if check_weights or self.guard.unchanged(layer):
-            try:
-                st = os.stat(path)
-                stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            except OSError:
-                pass
+            stamp = stat_stamp(path)
             with self._describe_lock:
                 cached = self._described.get(layer["digest"])
             if stamp is not None and cached is not None and cached[0] == stamp:
@@ -3791,7 +3787,7 @@ def ollama_pull(node):
     refuse(body, "insecure", lambda v: v is False, "plain-http registries are set with "
            "LLM_INSECURE_REGISTRIES")
     events = queue.Queue()
-    call = in_thread(lambda: node.repairs.pull(ref, report=events.put), "api-pull")
+    call = in_thread(lambda: operations.pull(node.repairs, ref, report=events.put), "api-pull")
     if not ollama_stream(body):
         outcome(call, node.settings.repair_timeout_secs * 4)
         return {"status": "success"}
@@ -3804,7 +3800,7 @@ def ollama_delete(node):
     body = ollama_body(node, ("model",), ignored)
     report_ignored(ignored)
     ref = names.parse(_model(body))
-    for digest in node.repairs.delete(ref):
+    for digest in operations.delete(node.repairs, ref):
         node.pool.drop(node.store.blob_path(digest))
     return {}
 
@@ -3817,7 +3813,7 @@ def ollama_copy(node):
     for key in ("source", "destination"):
         if not isinstance(body.get(key), str) or not body[key]:
             raise InvalidRequest("'%s' is required and must be a model name" % key)
-    node.repairs.copy(names.parse(body["source"]), names.parse(body["destination"]))
+    operations.copy(node.repairs, names.parse(body["source"]), names.parse(body["destination"]))
     return {}
 
 
@@ -4022,7 +4018,7 @@ def cmd_pull(settings, name):
     node.repairs.progress = progress_for
     ref = names.parse(name)
     log.info("pulling %s", ref)
-    _manifest, fetched, moved = node.repairs.pull(ref)
+    _manifest, fetched, moved = operations.pull(node.repairs, ref)
     if moved:
         print("%s: the tag moved (was sha256:%s); now at the new version" % (ref, moved))
     print("pulled %s (%d blob(s) downloaded)" % (ref, len(fetched)))

@@ -1,5 +1,6 @@
-"""The repair coordinator: guard a model's blobs before use and repair each once however many
-requests wait; the store operations (pull, delete, copy) that change which blobs a model names."""
+"""The repair coordinator: guard a model's blobs and manifest before use, and repair each once
+however many requests wait; manifests are pinned at their first use. The store operations
+(pull, delete, copy) are in `repair.operations`."""
 
 import hashlib
 import logging
@@ -22,17 +23,15 @@ from repair.errors import (
 )
 from repair.locks import FileLock
 from repair.metrics import Metrics
-from repair.progress import LoggingProgress, PullEvent
+from repair.progress import LoggingProgress
 from repair.records import claimed_by_pulls
-from repair.retry import call_with_retries
 from repair.singleflight import SingleFlight
 from repair.store import (
-    checked_layers,
     layer_kind,
+    layers_to_check,
     model_layer,
-    named_in,
     parse_manifest,
-    pid_alive,
+    stat_stamp,
     text_layers,
 )
 from repair.verify import read_checked
@@ -77,14 +76,18 @@ class RepairCoordinator:
         self.metrics = metrics or Metrics()
         self.blob_flights = SingleFlight("repair")
         self.manifest_flights = SingleFlight("manifest")
-        # digest -> ActiveRepair; written by flight threads, read by /health.
-        self._active = {}
-        # Guards _waiting (digest -> requests waiting on its check or repair).
+        # Guards _waiting (digest -> requests waiting on its check or repair) and _active
+        # (digest -> ActiveRepair; written by flight threads, read by /health).
         self._lock = threading.Lock()
         self._waiting = {}
+        self._active = {}
         # str(ref) -> (stat stamp, manifest) of manifests read and checked, and digest ->
         # (stat stamp, bytes) of small layers read and checked: any write to a file (even one
         # that puts its times back) moves its ctime, so a changed file is read and checked again.
+        # No lock: each is touched only by single get/set/pop calls (atomic under the GIL), and
+        # an entry's stamp is taken before its file is read, so an entry lost to a racing
+        # writer, or stored after a newer one, costs one more read and check, never a wrong
+        # answer: a stale stamp never matches the file as it is now.
         self._manifests = {}
         self._layers = {}
 
@@ -92,9 +95,10 @@ class RepairCoordinator:
         """Repairs in progress, for /health."""
         with self._lock:
             waiting = dict(self._waiting)
+            active = dict(self._active)
         return [{"model": a.model, "digest": d, "bytes_done": a.state.done,
                  "bytes_total": a.state.total, "waiting_requests": waiting.get(d, 0)}
-                for d, a in list(self._active.items())]
+                for d, a in active.items()]
 
     def ensure(self, ref, on_change=None, full=False):
         """The model's verified weights; repairs first if needed. `on_change(path)` runs
@@ -130,7 +134,7 @@ class RepairCoordinator:
 
     def manifest(self, ref):
         """The model's manifest; a missing (but once known) or unparseable one is fetched again."""
-        stamp = _stamp(self.store.manifest_path(ref))
+        stamp = stat_stamp(self.store.manifest_path(ref))
         cached = self._manifests.get(str(ref))
         if stamp is not None and cached is not None and cached[0] == stamp:
             return cached[1]
@@ -172,10 +176,10 @@ class RepairCoordinator:
         digest = layer["digest"]
         path = self.store.blob_path(digest)
         cached = self._layers.get(digest)
-        if cached is not None and cached[0] is not None and cached[0] == _stamp(path):
+        if cached is not None and cached[0] is not None and cached[0] == stat_stamp(path):
             return cached[1]
         for attempt in range(2):
-            stamp = _stamp(path)
+            stamp = stat_stamp(path)
             try:
                 data = read_checked(path, digest, layer["size"])
             except ModelCorrupted:
@@ -275,7 +279,8 @@ class RepairCoordinator:
         finally:
             self.metrics.inc("llmnode_repairs_in_progress", -1)
             if layer is not None:
-                self._active.pop(layer["digest"], None)
+                with self._lock:
+                    self._active.pop(layer["digest"], None)
         if not fresh:
             self.metrics.inc("llmnode_repairs_completed_total")
             log.info("Auto-repair completed: %s (elapsed: %ds)", ref, round(self.clock() - started))
@@ -289,7 +294,7 @@ class RepairCoordinator:
         or missing; the digests repaired."""
         manifest = self.manifest(ref)
         repaired = []
-        for layer, gguf in checked_layers(manifest):
+        for layer, gguf in layers_to_check(manifest):
             if self.check_layer(ref, layer, gguf=gguf):
                 repaired.append(layer["digest"])
         return repaired
@@ -301,7 +306,7 @@ class RepairCoordinator:
         except LLMNodeError as e:
             return [(None, str(e))]
         results = []
-        for layer, gguf in checked_layers(manifest):
+        for layer, gguf in layers_to_check(manifest):
             try:
                 self.guard.verify(layer, gguf=gguf)
                 results.append((layer, None))
@@ -309,101 +314,17 @@ class RepairCoordinator:
                 results.append((layer, e.reason))
         return results
 
-    def pull(self, ref, report=None):
-        """Fetch a model's manifest by its tag and every blob the store lacks or holds
-        corrupted, then install the manifest and pin it; (manifest, digests fetched, the pin
-        it replaced if the tag moved). `report(PullEvent)` hears each step. The blobs are
-        claimed in the records before the first is checked, so a delete of another model
-        that shares one keeps it until this pull's manifest names it."""
-        report = report or (lambda event: None)
-        report(PullEvent("manifest"))
-        raw = call_with_retries(lambda: self.client.get_manifest(ref), self.retry)
-        manifest = parse_manifest(raw)
-        layers = checked_layers(manifest)
-        claim = self.records.begin_pull([layer["digest"] for layer, _ in layers])
-        try:
-            fetched = []
-            for layer, gguf in layers:
-                report(PullEvent("blob", layer["digest"], layer["size"], 0))
-                if self.check_layer(ref, layer, gguf=gguf, pulling=True):
-                    fetched.append(layer["digest"])
-                report(PullEvent("blob", layer["digest"], layer["size"], layer["size"]))
-            report(PullEvent("verify"))
-            new = hashlib.sha256(raw).hexdigest()
-            report(PullEvent("write"))
-            with self.records.changing() as data:
-                old = data["manifests"].get(str(ref))
-                self.store.write_manifest(ref, raw)
-                data["manifests"][str(ref)] = new
-                data["pulls"].pop(claim, None)
-        except BaseException:
-            self.records.end_pull(claim)
-            raise
+    def forget(self, ref, digests=()):
+        """Drop what is remembered of a model's manifest and of `digests`' small layers, after
+        a store operation changed them."""
         self._manifests.pop(str(ref), None)
-        moved = old if old is not None and old != new else None
-        if moved:
-            log.info("model %s: the tag moved from sha256:%s to sha256:%s; now pinned to the new "
-                     "manifest", ref, old, new)
-        log.info("pulled %s (%d of %d blobs downloaded)", ref, len(fetched), len(layers))
-        report(PullEvent("done"))
-        return manifest, fetched, moved
-
-    def delete(self, ref):
-        """Remove a model: its manifest and pin, and the blobs no other manifest names and no
-        pull has claimed, with their chunk tables and records; the digests removed.
-
-        It takes the lock of each of the model's blobs first, so it waits for a repair that is
-        installing one of them (the repair's result is then removed with the rest); a repair
-        that starts after it finds its blob named by no model and installs nothing."""
-        raw = self.store.read_manifest_raw(ref)
-        digests = sorted(named_in(raw))
-        deadline = self.clock() + self.timeout_secs
-        self.store.ensure_dirs()
-        held = []
-        try:
-            for digest in digests:
-                held.append(FileLock(self.store.lock_path(digest), clock=self.clock).acquire(
-                    deadline, on_wait=lambda d=digest: log.info(
-                        "delete of model %s waits for blob %s being installed", ref, d)))
-            with self.records.changing() as data:
-                self.store.remove_manifest(ref)
-                data["manifests"].pop(str(ref), None)
-                data["pulls"] = {k: p for k, p in data["pulls"].items() if pid_alive(p["pid"])}
-                used = self.store.named_digests() | claimed_by_pulls(data)
-                removed = [d for d in digests if d not in used]
-                for digest in removed:
-                    self.store.remove_blob(digest)
-                    self.guard.tables.remove(digest)
-                    data["blobs"].pop(digest, None)
-                    data["tables"].pop(digest, None)
-        except FileNotFoundError:
-            raise ModelNotFound(str(ref)) from None  # another delete removed it first
-        finally:
-            for lock in held:
-                lock.release()
-        self._manifests.pop(str(ref), None)
-        for digest in removed:
+        for digest in digests:
             self._layers.pop(digest, None)
-        log.info("deleted model %s (%d blob(s) no other model uses removed)", ref, len(removed))
-        return removed
-
-    def copy(self, source, destination):
-        """Name the source's manifest (checked against its pin, repaired if need be) under
-        `destination` too, pinned alike; one step to a delete of the source."""
-        self.manifest(source)
-        with self.records.changing() as data:
-            raw = self.store.read_manifest_raw(source)
-            pin = hashlib.sha256(raw).hexdigest()
-            if data["manifests"].get(str(source)) not in (None, pin):
-                raise ManifestInvalid("manifest of %s changed since it was pulled" % source)
-            self.store.write_manifest(destination, raw)
-            data["manifests"][str(destination)] = pin
-        self._manifests.pop(str(destination), None)
-        log.info("copied model %s to %s", source, destination)
 
     def progress_of(self, digest):
         """Bytes of a blob downloaded so far, if it is being downloaded now."""
-        active = self._active.get(digest)
+        with self._lock:
+            active = self._active.get(digest)
         return active.state.done if active is not None else None
 
     def _download(self, ref, layer, deadline, bad_chunks=None, gguf=False):
@@ -428,9 +349,15 @@ class RepairCoordinator:
         finally:
             lock.release()
 
-    def _download_locked(self, ref, layer, deadline, bad_chunks):
+    def _track(self, ref, layer):
+        """A fresh DownloadState for the blob, shown by /health until the repair ends."""
         state = DownloadState(layer["digest"], layer["size"])
-        self._active[layer["digest"]] = ActiveRepair(str(ref), state)
+        with self._lock:
+            self._active[layer["digest"]] = ActiveRepair(str(ref), state)
+        return state
+
+    def _download_locked(self, ref, layer, deadline, bad_chunks):
+        state = self._track(ref, layer)
         table = self.guard.table(layer) if bad_chunks else None
         # When every chunk is bad, a plain download (which resumes) does the same work better.
         if table and len(bad_chunks) < len(table):
@@ -447,8 +374,7 @@ class RepairCoordinator:
                 self.metrics.inc("llmnode_download_bytes_total", state.received)
                 why = "the registry ignored a Range request" if isinstance(e, RangesUnsupported) else e
                 log.warning("model %s: range repair failed (%s); downloading the whole blob", ref, why)
-                state = DownloadState(layer["digest"], layer["size"])
-                self._active[layer["digest"]] = ActiveRepair(str(ref), state)
+                state = self._track(ref, layer)
         try:
             kind = layer_kind(layer) or "blob"
             label = str(ref) if kind == "model" else "%s (%s)" % (ref, kind)
@@ -460,14 +386,6 @@ class RepairCoordinator:
         finally:
             self.metrics.inc("llmnode_download_bytes_total", state.received)
         self.guard.record_installed(layer, state.chunk_digests)
-
-
-def _stamp(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _sleep_until(deadline, clock):

@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from repair import parts
 from repair.chunks import ChunkHasher, chunk_range
 from repair.errors import (
@@ -41,6 +43,10 @@ NET_CHUNK_MAX = 1 << 20
 # Room left on the disk after a download, so a repair never fills it to the last byte.
 DISK_RESERVE = 1 << 20
 HASH_BLOCK = 1 << 20
+# How long a parallel download's threads get to end once it stops: longer than a read can
+# block (the registry client's read timeout, 30 s), so only a stuck thread outlives it.
+STOP_GRACE_SECS = 60
+JOIN_POLL_SECS = 1.0
 
 
 def net_chunk(size):
@@ -61,14 +67,6 @@ class DownloadState:
     received: int = 0
     attempts: int = 0
     chunk_digests: list = None
-
-
-class _NullProgress:
-    def update(self, n):
-        pass
-
-    def reset(self):
-        pass
 
 
 # -- the stages every range goes through ------------------------------------------------------
@@ -156,7 +154,7 @@ def fetch_blob(client, store, ref, layer, *, state=None, progress=None, retry=No
     store.ensure_dirs()
     state = state or DownloadState(layer["digest"], layer["size"])
     job = _Download(client, ref, Partial(store, layer["digest"], layer["size"]), state,
-                    progress or _NullProgress(), deadline, clock,
+                    progress or tqdm(disable=True), deadline, clock,
                     parts.plan(layer["size"], connections, part_min), connections)
     job.resume()
     if free_space(store.blobs_dir) < layer["size"] - job.have + DISK_RESERVE:
@@ -298,93 +296,9 @@ class _Download:
         self.chunk_digests = digests
 
     def _run_parts(self):
-        """Each part over the next free connection; one thread hashes the contiguous written
-        prefix as it grows (the parts arrive out of order); another syncs the data and then
-        records the parts, every second and when a part completes."""
+        """The parts not yet complete over up to `connections` connections (a _PartsRun)."""
         self._restart_hashes()
-        hasher = hashlib.sha256()
-        stop, wake = threading.Event(), threading.Event()
-        errors = []
-        todo = [p for p in self.parts if not p.complete]
-        fd = self.partial.open()
-
-        def fail(error):
-            with self._lock:
-                errors.append(error)
-                stop.set()
-                self._lock.notify_all()
-
-        def work():
-            while not stop.is_set():
-                with self._lock:
-                    part = todo.pop(0) if todo else None
-                if part is None:
-                    return
-                start = part.start + part.done
-                chunks = self.client.blob_bytes(self.ref, self.partial.digest, start=start,
-                                                end=part.end - 1, chunk=net_chunk(self.partial.size))
-                write_range(fd, until(_stoppable(chunks, stop), self.deadline, self.clock), start,
-                            self.counted(part))
-                if not stop.is_set() and not part.complete:
-                    raise NetworkError("bytes %d-%d of %s ended at byte %d" % (
-                        start, part.end - 1, self.partial.digest, part.start + part.done))
-                wake.set()
-
-        def sync():
-            while not stop.is_set():
-                wake.wait(parts.SAVE_EVERY)
-                wake.clear()
-                if stop.is_set():
-                    return
-                self._save(fd)
-
-        def hash_prefix():
-            buf = bytearray(HASH_BLOCK)
-            view, pos = memoryview(buf), 0
-            while pos < self.partial.size:
-                with self._lock:
-                    while parts.frontier(self.parts) <= pos and not stop.is_set():
-                        self._lock.wait()
-                    limit = parts.frontier(self.parts)
-                if limit <= pos:
-                    return
-                while pos < limit:
-                    n = os.preadv(fd, [view[:min(len(buf), limit - pos)]], pos)
-                    if n <= 0:
-                        raise DownloadError("partial file shorter than its parts say", cause="store error")
-                    hasher.update(view[:n])
-                    self.chunks.update(view[:n])
-                    pos += n
-
-        try:
-            # A record before any byte is written: a partial file with parts always has one, so
-            # it is never taken for a plain prefix (its holes would read as data).
-            self._save(fd)
-            hashing = _Thread(hash_prefix, fail)
-            syncing = _Thread(sync, fail)
-            workers = [_Thread(work, fail) for _ in range(min(self.connections, len(todo)))]
-            for w in workers:
-                w.join()
-            stop.set()  # the workers are done: stop the record thread
-            wake.set()
-            syncing.join()
-            if not errors:
-                with disk_errors():
-                    os.fsync(fd)
-            with self._lock:
-                self._lock.notify_all()
-            hashing.join()
-            if errors:
-                try:
-                    self._save(fd)
-                except OSError as e:
-                    log.warning("could not record the parts of %s (%s); a retry refetches them",
-                                self.partial.digest, e)
-                ranges_ignored = [e for e in errors if isinstance(e, RangesUnsupported)]
-                raise ranges_ignored[0] if ranges_ignored else errors[0]
-        finally:
-            os.close(fd)
-        self._finish(hasher.hexdigest())
+        self._finish(_PartsRun(self).run())
         try:
             os.unlink(self.partial.record)
         except FileNotFoundError:
@@ -398,6 +312,153 @@ class _Download:
         with disk_errors():
             os.fdatasync(fd)
             parts.write_record(self.partial.path, self.partial.size, snapshot)
+
+
+class _PartsRun:
+    """One attempt at a parallel download: worker threads take the parts in turn, each over
+    its own connection; one thread hashes the contiguous written prefix as it grows (the
+    parts arrive out of order); another syncs the data and then records the parts, every
+    second and when a part completes. The first error stops them all."""
+
+    def __init__(self, job):
+        self.job = job
+        self.hasher = hashlib.sha256()
+        # `stop`: no more parts to write (all done, or the attempt failed); `failed`: the attempt
+        # failed, so the hash stops too; `wake`: a part completed, record now.
+        self.stop, self.failed, self.wake = threading.Event(), threading.Event(), threading.Event()
+        # Both guarded by the job's lock (its Condition), as the parts are.
+        self.errors = []
+        self.todo = [p for p in job.parts if not p.complete]
+        self.fd = job.partial.open()
+
+    def run(self):
+        """The hex sha256 of the whole blob once every part is written, synced and hashed;
+        the first error raised otherwise (a registry that ignored a Range first)."""
+        job = self.job
+        threads = []
+        try:
+            # A record before any byte is written: a partial file with parts always has one, so
+            # it is never taken for a plain prefix (its holes would read as data).
+            job._save(self.fd)
+            hashing = _Thread(self.hash_prefix, self.fail)
+            syncing = _Thread(self.sync, self.fail)
+            workers = [_Thread(self.work, self.fail)
+                       for _ in range(min(job.connections, len(self.todo)))]
+            threads = [*workers, syncing, hashing]
+            # A worker ends with its parts, or at its first chunk past the deadline; this wait
+            # ends at the deadline too, for a read that has not returned yet.
+            if not _join(workers, job.deadline, job.clock):
+                self.fail(RepairTimeout())
+            self.stop.set()  # no more parts: stop the record thread
+            self.wake.set()
+            self._join_stopping([*workers, syncing])
+            if not self.errors:
+                with disk_errors():
+                    os.fsync(self.fd)
+            with job._lock:
+                job._lock.notify_all()
+            # Done, the hash catches up with the last bytes written (within the deadline);
+            # failed, it ends at its next block.
+            if not _join([hashing], job.deadline, job.clock):
+                self.fail(RepairTimeout())
+            self._join_stopping([hashing])
+            if self.errors:
+                self.save_after_failure()
+                ranges_ignored = [e for e in self.errors if isinstance(e, RangesUnsupported)]
+                raise ranges_ignored[0] if ranges_ignored else self.errors[0]
+        finally:
+            # A thread still running may write to the descriptor: closing it would let a file
+            # opened later take that number, and the write. It is left open for that thread.
+            if not any(t.is_alive() for t in threads):
+                os.close(self.fd)
+        return self.hasher.hexdigest()
+
+    def _join_stopping(self, threads):
+        """Threads told to stop end within one read (of the network, bounded by the client's
+        read timeout, or of the disk); one that does not is stuck."""
+        if not _join(threads, time.monotonic() + STOP_GRACE_SECS):
+            raise DownloadError("a download thread of %s did not stop within %ds"
+                                % (self.job.partial.digest, STOP_GRACE_SECS), cause="network error")
+
+    def fail(self, error):
+        with self.job._lock:
+            self.errors.append(error)
+            self.stop.set()
+            self.failed.set()
+            self.job._lock.notify_all()
+
+    def work(self):
+        """Write parts from `todo` until none is left or the attempt stops."""
+        job = self.job
+        while not self.stop.is_set():
+            with job._lock:
+                part = self.todo.pop(0) if self.todo else None
+            if part is None:
+                return
+            self.write_part(part)
+            self.wake.set()
+
+    def write_part(self, part):
+        job = self.job
+        start = part.start + part.done
+        chunks = job.client.blob_bytes(job.ref, job.partial.digest, start=start, end=part.end - 1,
+                                       chunk=net_chunk(job.partial.size))
+        write_range(self.fd, until(_stoppable(chunks, self.stop), job.deadline, job.clock), start,
+                    job.counted(part))
+        if not self.stop.is_set() and not part.complete:
+            raise NetworkError("bytes %d-%d of %s ended at byte %d" % (
+                start, part.end - 1, job.partial.digest, part.start + part.done))
+
+    def sync(self):
+        """Record the parts every SAVE_EVERY seconds and when a part completes."""
+        while not self.stop.is_set():
+            self.wake.wait(parts.SAVE_EVERY)
+            self.wake.clear()
+            if self.stop.is_set():
+                return
+            self.job._save(self.fd)
+
+    def hash_prefix(self):
+        """Hash the bytes from the start of the file up to the first byte not written yet, as
+        that frontier moves."""
+        job = self.job
+        buf = bytearray(HASH_BLOCK)
+        view, pos = memoryview(buf), 0
+        while pos < job.partial.size:
+            with job._lock:
+                while parts.frontier(job.parts) <= pos and not self.stop.is_set():
+                    # Woken by every counted chunk, by the end of the parts and by a failure.
+                    job._lock.wait()
+                limit = parts.frontier(job.parts)
+            if limit <= pos or self.failed.is_set():
+                return
+            while pos < limit and not self.failed.is_set():
+                n = os.preadv(self.fd, [view[:min(len(buf), limit - pos)]], pos)
+                if n <= 0:
+                    raise DownloadError("partial file shorter than its parts say", cause="store error")
+                self.hasher.update(view[:n])
+                job.chunks.update(view[:n])
+                pos += n
+
+    def save_after_failure(self):
+        """Record what the failed attempt wrote, so a retry fetches only the rest."""
+        try:
+            self.job._save(self.fd)
+        except OSError as e:
+            log.warning("could not record the parts of %s (%s); a retry refetches them",
+                        self.job.partial.digest, e)
+
+
+def _join(threads, deadline, clock=time.monotonic):
+    """Wait for `threads` to end until `deadline` (by `clock`; None: as long as they run);
+    whether they all did. Rechecked every second, so an injected clock is followed."""
+    for thread in threads:
+        while thread.is_alive():
+            left = None if deadline is None else deadline - clock()
+            if left is not None and left <= 0:
+                return False
+            thread.join(JOIN_POLL_SECS if left is None else min(JOIN_POLL_SECS, left))
+    return True
 
 
 def _stoppable(chunks, stop):

@@ -6,7 +6,7 @@ import time
 from repair.chunks import ChunkTables, bad_chunks, hash_file
 from repair.errors import ModelCorrupted
 from repair.metrics import Metrics
-from repair.records import VerifiedRecords
+from repair.records import StoreRecords
 from repair.verify import check_digest, check_present
 
 
@@ -15,7 +15,7 @@ class IntegrityGuard:
 
     def __init__(self, store, metrics=None):
         self.store = store
-        self.records = VerifiedRecords(store.root)
+        self.records = StoreRecords(store.root)
         self.tables = ChunkTables(store.root)
         self.metrics = metrics or Metrics()
 

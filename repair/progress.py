@@ -1,6 +1,7 @@
 """Progress: a pull's steps as events, and each download's bytes as a tqdm bar on a terminal or
 tqdm routed into `logging` every 10%."""
 
+import io
 import logging
 import sys
 from dataclasses import dataclass
@@ -22,14 +23,6 @@ class PullEvent:
     completed: int = None
 
 
-class _Discard:
-    def write(self, _text):
-        pass
-
-    def flush(self):
-        pass
-
-
 class LoggingProgress(tqdm):
     """A tqdm counter that logs `Downloading model: NAME (P%)` at each `step` percent."""
 
@@ -38,7 +31,9 @@ class LoggingProgress(tqdm):
         self._step = step
         self._logger = logger
         self._logged = 0
-        super().__init__(total=total, file=_Discard(), mininterval=0, miniters=1,
+        # display() below is the only output; what tqdm itself writes (a "\r" on close) goes
+        # to a buffer nobody reads.
+        super().__init__(total=total, file=io.StringIO(), mininterval=0, miniters=1,
                          unit="B", unit_scale=True, leave=False)
 
     def display(self, msg=None, pos=None):

@@ -1,4 +1,5 @@
-"""Verification records: which blobs were verified and how they looked then, kept in the store."""
+"""The store's records, kept in the store: which blobs were verified and how they looked then,
+their chunk tables' digests, the manifest pins, and the blobs pulls are installing."""
 
 import json
 import logging
@@ -8,7 +9,7 @@ import time
 from contextlib import contextmanager
 
 from repair.locks import FileLock
-from repair.store import pid_alive, write_atomically
+from repair.store import pid_alive, stat_stamp, write_atomically
 
 RECORDS_DIR = ".llmnode"
 
@@ -19,10 +20,11 @@ def _empty():
     return {"blobs": {}, "manifests": {}, "tables": {}, "pulls": {}}
 
 
-class VerifiedRecords:
-    """Blob digest -> (size, mtime_ns, inode) at its last full check; blob digest -> sha256 of
-    its chunk table; model -> manifest sha256 (its pin); pull -> (pid, the digests it is
-    installing), so a delete never takes a blob a pull's manifest will name.
+class StoreRecords:
+    """The store's one records file: blob digest -> (size, mtime_ns, inode) at its last full
+    check; blob digest -> sha256 of its chunk table; model -> manifest sha256 (its pin);
+    pull -> (pid, the digests it is installing), so a delete never takes a blob a pull's
+    manifest will name.
 
     Every process on a store shares one file: each change is made under an flock on
     `verified.lock`, to the file as it is on disk then, and written atomically, so no
@@ -38,16 +40,9 @@ class VerifiedRecords:
         # (file stat stamp, records) as last read or written; replaced whole, never mutated.
         self._cache = (None, _empty())
 
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
     def snapshot(self):
         """The records as on disk now (re-read only when the file's stat changed)."""
-        stamp = self._stat()
+        stamp = stat_stamp(self.path)
         cached_stamp, data = self._cache
         if stamp is not None and stamp == cached_stamp:
             return data
@@ -93,7 +88,7 @@ class VerifiedRecords:
             if data.pop("unchanged", False):
                 return
             write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
-            self._cache = (self._stat(), data)
+            self._cache = (stat_stamp(self.path), data)
 
     def _update(self, change):
         """Apply `change(data)` to the records as on disk, under the cross-process lock."""

@@ -6,6 +6,7 @@ import re
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+from requests.utils import parse_dict_header
 
 from conf import is_loopback
 from repair.errors import BadRange, DownloadError, NetworkError, RangesUnsupported, RegistryHTTPError
@@ -198,24 +199,6 @@ def parse_bearer_challenge(header):
     scheme, _, rest = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         return {}
-    params = {}
-    for item in _split_params(rest):
-        key, sep, value = item.partition("=")
-        if sep:
-            params[key.strip().lower()] = value.strip().strip('"')
-    return params
-
-
-def _split_params(text):
-    """Split on commas that are not inside quotes (scopes hold commas)."""
-    items, current, quoted = [], [], False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    items.append("".join(current))
-    return [i for i in items if i.strip()]
+    # requests' parser splits on the commas outside quotes (a scope holds commas).
+    return {key.strip().lower(): value for key, value in parse_dict_header(rest).items()
+            if value is not None}

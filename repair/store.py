@@ -55,7 +55,7 @@ def blob_layers(manifest):
     return ([config] if config else []) + list(manifest["layers"])
 
 
-def checked_layers(manifest):
+def layers_to_check(manifest):
     """(layer, is_the_gguf_weights) for every blob of a manifest: the one list that pull,
     repair, verify and scrub walk."""
     weights = model_layer(manifest)
@@ -76,6 +76,16 @@ def text_layers(manifest):
     """The (kind, layer) of each of a manifest's layers that an answer reads as text."""
     return [(layer_kind(layer), layer) for layer in manifest["layers"]
             if layer_kind(layer) in TEXT_LAYERS and layer.get("size", 0) <= TEXT_LAYER_MAX]
+
+
+def stat_stamp(path):
+    """(inode, size, mtime, ctime) of a file, None if it cannot be stat'ed: any write to it
+    (even one that puts its times back) moves its ctime, so an equal stamp means unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class Store:
@@ -144,7 +154,7 @@ class Store:
         write_atomically(path, raw)
 
     def models(self):
-        """Every (ref, manifest path) in the store whose path is a valid name."""
+        """The ref of every manifest in the store whose path is a valid name."""
         found = []
         if not os.path.isdir(self.manifests_dir):
             return found

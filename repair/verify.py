@@ -5,22 +5,13 @@ import os
 
 from repair.errors import ModelCorrupted
 
-CHUNK = 1 << 20
 GGUF_MAGIC = b"GGUF"
 
 
-def sha256_file(path, chunk=CHUNK):
-    """Hex sha256 of a file, read in fixed chunks into one reused buffer."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
+def sha256_file(path):
+    """Hex sha256 of a file (read into one reused buffer by hashlib.file_digest)."""
     with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_present(path, size, gguf=False):

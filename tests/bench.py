@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import conf  # noqa: E402
 import llmnode  # noqa: E402
-from repair import names  # noqa: E402
+from repair import names, operations  # noqa: E402
 from repair.chunks import bad_chunks, hash_file  # noqa: E402
 from repair.coordinator import RepairCoordinator  # noqa: E402
 from repair.download import fetch_blob  # noqa: E402
@@ -173,7 +173,7 @@ def bench_range_repair(dist, ref, layer, work, rate=50 << 20):
     client = RegistryClient("https://unused.example")
     guard = IntegrityGuard(store)
     full_started = time.perf_counter()
-    RepairCoordinator(store, client, guard, connections=DEFAULT_CONNECTIONS).pull(proxied)
+    operations.pull(RepairCoordinator(store, client, guard, connections=DEFAULT_CONNECTIONS), proxied)
     full = time.perf_counter() - full_started
     full_bytes = proxy.bytes_down
     repairs = RepairCoordinator(store, client, guard, connections=DEFAULT_CONNECTIONS)
@@ -494,14 +494,14 @@ def bench_load(work, rounds):
                                   "LLM_CTX_SIZE": "1024"})
     node = llmnode.Node(settings)
     ref = names.parse("smollm2:135m")
-    node.repairs.pull(ref)
+    operations.pull(node.repairs, ref)
     reg.stop()
     layer = node.store.read_manifest(ref)["layers"][0]
     path = node.store.blob_path(layer["digest"])
     compare_loads("SmolLM2", node, ref, layer, path, settings, rounds)
 
     big = work / "big.gguf"
-    from repair.demo import tiny_gguf
+    from repair.gguf_writer import tiny_gguf
     big.write_bytes(tiny_gguf(seed=5, n_embd=1024, n_ff=24576, n_head=8, n_layer=3))
     big_store = store_with(work / "bigstore", "big:1", big)
     big.unlink()

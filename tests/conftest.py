@@ -2,6 +2,7 @@
 ways a test damages, checks and waits on the store, and the checks and scenarios several test
 files run (a store's tree, an error's shape, a fuzzed body, a corrupted model's repair)."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,12 +14,13 @@ import threading
 import time
 import zipfile
 
+import openai
 import pytest
 import requests
 
 import conf
 import llmnode
-from repair import names
+from repair import names, operations
 from repair.coordinator import RepairCoordinator
 from repair.retry import Retry
 from repair.store import Store, model_layer
@@ -35,7 +37,7 @@ TINY = MODEL  # the tiny model, as the dialect files call it
 
 def pull(client, store, guard, ref, **options):
     """Pull a model into a store through a coordinator of its own, as the `pull` command does."""
-    return RepairCoordinator(store, client, guard, **options).pull(ref)[0]
+    return operations.pull(RepairCoordinator(store, client, guard, **options), ref)[0]
 
 
 def blob_of(models_dir, model=("gpt-oss", "7b"), kind="model"):
@@ -48,11 +50,8 @@ def blob_of(models_dir, model=("gpt-oss", "7b"), kind="model"):
 
 def intact(path, layer):
     """Whether the file hashes to the layer's digest."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest() == layer["digest"]
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == layer["digest"]
 
 
 def rot(path, n=64, at=None, keep_times=True):
@@ -72,11 +71,13 @@ def rot(path, n=64, at=None, keep_times=True):
 
 
 def wait_for(predicate, what, timeout=30):
-    """Poll `predicate` until it holds; fail naming `what` past the deadline."""
+    """Poll `predicate` until it holds; fail naming `what` past the deadline. Returns the
+    predicate's last (true) value."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+    return value
 
 
 def weights(node):
@@ -259,19 +260,24 @@ class NodeProcess:
             self.proc.wait()
 
 
+def _started(start, stop):
+    """A fixture's body: `start(...)` as the test calls it, and `stop` on each it started when
+    the test ends."""
+    started = []
+
+    def start_one(*args, **kwargs):
+        started.append(start(*args, **kwargs))
+        return started[-1]
+
+    yield start_one
+    for thing in started:
+        stop(thing)
+
+
 @pytest.fixture
 def start_node():
     """Start node processes; each is stopped when the test ends."""
-    nodes = []
-
-    def start(env):
-        node = NodeProcess(env)
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop()
+    yield from _started(NodeProcess, NodeProcess.stop)
 
 
 @pytest.fixture
@@ -315,24 +321,41 @@ class Served:
 
 @pytest.fixture
 def serve(registry, models_dir):
-    """Serve a Node over the store with gpt-oss:7b pulled in, on a real waitress."""
-    servers = []
+    """Serve a Node over the store with gpt-oss:7b pulled in, on a real waitress; `retry` is
+    the node's retry policy, the rest its settings."""
 
-    def start(**env):
-        settings = settings_for(models_dir, registry.url, **env)
-        node = llmnode.Node(settings)
+    def start(retry=None, **env):
+        node = llmnode.Node(settings_for(models_dir, registry.url, **env), retry=retry)
         if not os.path.exists(node.store.manifest_path(names.parse("gpt-oss:7b"))):
             pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"))
-        served = Served(node)
-        servers.append(served)
-        return served
+        return Served(node)
 
-    yield start
-    for s in servers:
-        s.close()
+    yield from _started(start, Served.close)
 
 
 # -- a dialect's scenarios: the dialect files run each on a node of their own ---------------------
+
+def dialect_fixtures(name, make_client):
+    """The `node` and `client` fixtures of a dialect's file: one node process (start_smol_node)
+    shared by the module, and a client of it, `make_client(node)`, for each test."""
+
+    @pytest.fixture(scope="module")
+    def node(tmp_path_factory, smollm2, tiny_gguf):
+        proc = start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name)
+        yield proc
+        proc.stop()
+        proc.registry.stop()
+
+    @pytest.fixture
+    def client(node):
+        return make_client(node)
+
+    return node, client
+
+
+def openai_client(node):
+    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+
 
 def start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name):
     """A node process over a store with SmolLM2 and the tiny model (its registry as `.registry`)."""
@@ -387,29 +410,36 @@ def concurrent_answers(node, n, call):
     return results, node.registry.bytes_served[layer["digest"]] - served, layer["size"]
 
 
+@contextlib.contextmanager
+def served_on_a_full_disk(registry, mount_tmpfs):
+    """(Served node, weights layer): the tiny model pulled onto a 2 MB tmpfs, its weights
+    rotted, and the disk filled so that half the blob fits: too full for the repair."""
+    tmpfs = mount_tmpfs("2m")
+    node = llmnode.Node(settings_for(tmpfs, registry.url))
+    pull(node.client, node.store, node.guard, names.parse(TINY))
+    layer, blob = weights(node)
+    rot(blob, keep_times=False)
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    with open(os.path.join(tmpfs, "filler"), "wb") as f:
+        f.write(b"\0" * (free - layer["size"] // 2))
+    s = Served(node)
+    try:
+        yield s, layer
+    finally:
+        s.close()
+
+
 def repair_fault(kind, serve, registry, mount_tmpfs, path, body):
     """The answer to `body` at `path` on an in-process node whose model is corrupted and whose
     repair meets `kind` of fault: unreachable, slow (past the timeout), disk-full, disabled."""
     if kind == "disk-full":
-        tmpfs = mount_tmpfs("2m")
-        node = llmnode.Node(settings_for(tmpfs, registry.url))
-        pull(node.client, node.store, node.guard, names.parse(TINY))
-        layer, blob = weights(node)
-        rot(blob, keep_times=False)
-        free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
-        with open(os.path.join(tmpfs, "filler"), "wb") as f:
-            f.write(b"\0" * (free - layer["size"] // 2))
-        s = Served(node)
-        try:
+        with served_on_a_full_disk(registry, mount_tmpfs) as (s, _layer):
             return s.post(path, body)
-        finally:
-            s.close()
     serve()
     env = {"unreachable": {"LLM_REGISTRY_URL": "http://127.0.0.1:9"},
            "slow": {"LLM_REPAIR_TIMEOUT_SECS": "2", "LLM_REGISTRY_TIMEOUT_SECS": "1"},
            "disabled": {"LLM_AUTO_REPAIR": "false"}}[kind]
-    s = serve(**env)
-    s.node.repairs.retry = Retry(total=2)
+    s = serve(retry=Retry(total=2), **env)
     rot(weights(s.node)[1], keep_times=False)
     if kind != "slow":
         return s.post(path, body)

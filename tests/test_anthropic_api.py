@@ -11,7 +11,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FAULTS, concurrent_answers, corrupt, repair_fault, start_smol_node, tree
+from tests.conftest import FAULTS, concurrent_answers, corrupt, dialect_fixtures, repair_fault, tree
 
 SMOL = "smollm2:135m"
 TINY = "gpt-oss:7b"
@@ -25,17 +25,8 @@ COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}
 T0 = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, smollm2, tiny_gguf):
-    proc = start_smol_node(tmp_path_factory, smollm2, tiny_gguf, "anthropic")
-    yield proc
-    proc.stop()
-    proc.registry.stop()
-
-
-@pytest.fixture
-def client(node):
-    return anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0)
+node, client = dialect_fixtures(
+    "anthropic", lambda node: anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0))
 
 
 def test_create_answers_a_message(client):

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import MODEL, blob_of, bodies, node_env
+from tests.conftest import MODEL, blob_of, bodies, node_env, wait_for
 
 CURL = ('curl -X POST {url}/v1/chat/completions \\\n'
         '  -H "Content-Type: application/json" \\\n'
@@ -52,13 +52,12 @@ def test_scenario_2_concurrent_requests_share_one_repair(pulled, registry, start
     clients = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def all_waiting():
             repairs = requests.get(node.url + "/health", timeout=5).json()["repairs"]
-            if repairs and repairs[0]["waiting_requests"] == n:
-                break
-            assert time.monotonic() < deadline, "requests never all waited: %r" % repairs
-            time.sleep(0.02)
+            return repairs if repairs and repairs[0]["waiting_requests"] == n else None
+
+        repairs = wait_for(all_waiting, "requests never all waited", timeout=60)
         assert repairs[0]["model"] == MODEL and repairs[0]["bytes_total"] == layer["size"]
     finally:
         registry.gate.set()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import threading
-import time
 
 import pytest
 import requests
@@ -28,7 +27,9 @@ from tests.conftest import (
     intact,
     pull,
     rot,
+    served_on_a_full_disk,
     settings_for,
+    wait_for,
     weights,
 )
 from tests.fakeregistry import MODEL_TYPE, make_manifest
@@ -137,8 +138,7 @@ def assert_spec_error(r, status, message, type_, code):
 
 def test_an_unreachable_registry_is_503_repair_failed(serve, registry, caplog):
     serve()
-    s = serve(LLM_REGISTRY_URL="http://127.0.0.1:9")
-    s.node.repairs.retry = Retry(total=2)
+    s = serve(LLM_REGISTRY_URL="http://127.0.0.1:9", retry=Retry(total=2))
     _, path = weights(s.node)
     rot(path, keep_times=False)
     r = s.post("/v1/chat/completions", CHAT)
@@ -159,10 +159,8 @@ def test_a_slow_registry_past_the_timeout_is_504_and_the_next_attempt_resumes(se
         r = s.post("/v1/chat/completions", CHAT)
         assert_spec_error(r, 504, "Model repair timed out", "repair_timeout", "gateway_timeout")
         # The attempt itself gives up at its own deadline, keeping what it received.
-        deadline = time.monotonic() + 30
-        while requests.get(s.url + "/health", timeout=5).json()["repairs"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: not requests.get(s.url + "/health", timeout=5).json()["repairs"],
+                 "the timed-out attempt to give up")
     finally:
         registry.gate.set()
         registry.gate = None
@@ -191,22 +189,11 @@ def test_auto_repair_off_answers_model_corrupted_and_downloads_nothing(serve, re
 
 
 def test_a_disk_too_full_for_the_repair_is_507_storage_full(registry, mount_tmpfs):
-    tmpfs = mount_tmpfs("2m")
-    node = llmnode.Node(settings_for(tmpfs, registry.url))
-    pull(node.client, node.store, node.guard, names.parse("gpt-oss:7b"))
-    layer, path = weights(node)
-    rot(path, keep_times=False)
-    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
-    with open(os.path.join(tmpfs, "filler"), "wb") as f:
-        f.write(b"\0" * (free - layer["size"] // 2))
-    s = Served(node)
-    try:
+    with served_on_a_full_disk(registry, mount_tmpfs) as (s, layer):
         r = s.post("/v1/chat/completions", CHAT)
         assert_spec_error(r, 507, "Insufficient storage for model repair", "storage_full",
                           "insufficient_storage")
-    finally:
-        s.close()
-    assert not os.path.exists(node.store.partial_path(layer["digest"]))
+    assert not os.path.exists(s.node.store.partial_path(layer["digest"]))
 
 
 def test_a_blob_llama_cpp_cannot_load_is_500_model_load_failed(serve, registry, models_dir):
@@ -274,7 +261,6 @@ def test_a_served_repair_with_a_bug_answers_500_internal_error(pulled, registry)
     layer, blob = blob_of(pulled)
     with open(blob, "wb") as f:
         f.write(b"corrupted\n")
-    from tests.conftest import Served
     s = Served(node)
     try:
         r = s.post("/v1/chat/completions", CHAT)

@@ -25,6 +25,13 @@ def setup(registry, tmp_path):
     return store, client, layer, registry.blobs[layer["digest"]]
 
 
+def leave_partial(store, layer, data):
+    """A partial file holding `data`, as an interrupted download leaves it."""
+    store.ensure_dirs()
+    with open(store.partial_path(layer["digest"]), "wb") as f:
+        f.write(data)
+
+
 def test_blob_is_installed_under_its_digest_and_verified(setup, registry):
     store, client, layer, data = setup
     state = fetch_blob(client, store, REF, layer, sleep=no_sleep)
@@ -36,10 +43,8 @@ def test_blob_is_installed_under_its_digest_and_verified(setup, registry):
 
 def test_a_partial_prefix_is_resumed_and_only_the_rest_fetched(setup, registry):
     store, client, layer, data = setup
-    store.ensure_dirs()
     half = len(data) // 2 + 123
-    with open(store.partial_path(layer["digest"]), "wb") as f:
-        f.write(data[:half])
+    leave_partial(store, layer, data[:half])
     state = fetch_blob(client, store, REF, layer, sleep=no_sleep)
     assert registry.bytes_served[layer["digest"]] == len(data) - half == state.received
     assert registry.requests[-1][1].get("Range") == "bytes=%d-" % half
@@ -48,9 +53,7 @@ def test_a_partial_prefix_is_resumed_and_only_the_rest_fetched(setup, registry):
 
 def test_a_200_to_a_range_request_restarts_from_zero(setup, registry):
     store, client, layer, data = setup
-    store.ensure_dirs()
-    with open(store.partial_path(layer["digest"]), "wb") as f:
-        f.write(data[:1000])
+    leave_partial(store, layer, data[:1000])
     registry.ignore_range = True
     fetch_blob(client, store, REF, layer, sleep=no_sleep)
     assert registry.bytes_served[layer["digest"]] == len(data)
@@ -59,9 +62,7 @@ def test_a_200_to_a_range_request_restarts_from_zero(setup, registry):
 
 def test_a_wrong_content_range_start_is_an_error_and_the_partial_is_dropped(setup, registry):
     store, client, layer, data = setup
-    store.ensure_dirs()
-    with open(store.partial_path(layer["digest"]), "wb") as f:
-        f.write(data[:1000])
+    leave_partial(store, layer, data[:1000])
     registry.content_range_offset = 10
     with pytest.raises(BadRange):
         fetch_blob(client, store, REF, layer, sleep=no_sleep, retry=Retry(total=1))
@@ -85,9 +86,7 @@ def test_wrong_bytes_are_never_installed_under_the_digest(setup, registry):
 
 def test_a_bad_resumed_prefix_is_fetched_again_from_zero(setup, registry):
     store, client, layer, data = setup
-    store.ensure_dirs()
-    with open(store.partial_path(layer["digest"]), "wb") as f:
-        f.write(b"\0" * 4096)
+    leave_partial(store, layer, b"\0" * 4096)
     fetch_blob(client, store, REF, layer, sleep=no_sleep)
     assert open(store.blob_path(layer["digest"]), "rb").read() == data
     assert registry.bytes_served[layer["digest"]] == len(data) - 4096 + len(data)

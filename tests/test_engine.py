@@ -10,6 +10,7 @@ import pytest
 import requests
 
 import llmnode
+from repair import operations
 from tests.conftest import Served, blob_of, rot, settings_for, wait_for
 from tests.fakeregistry import FakeRegistry
 
@@ -33,7 +34,7 @@ def served(tmp_path_factory, smollm2, tiny_gguf):
                             LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="4")
     node = llmnode.Node(settings)
     for name in (SMOL, TINY):
-        node.repairs.pull(llmnode.names.parse(name))
+        operations.pull(node.repairs, llmnode.names.parse(name))
     s = Served(node, threads=16)
     s.registry, s.models_dir = reg, models
     yield s

@@ -22,8 +22,7 @@ def corrupted(serve, registry, models_dir):
     """A node whose model blob is corrupted, with a fast retry policy; checks the invariant after."""
 
     def start(delete=False, **env):
-        s = serve(**env)
-        s.node.repairs.retry = Retry(total=5, backoff_factor=0.01)
+        s = serve(retry=Retry(total=5, backoff_factor=0.01), **env)
         layer = model_layer(s.node.store.read_manifest(names.parse("gpt-oss:7b")))
         path = s.node.store.blob_path(layer["digest"])
         if delete:

@@ -6,12 +6,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 from repair.chunks import CHUNK_SIZE
-from tests.conftest import ROOT, node_env
+from tests.conftest import ROOT, node_env, wait_for
 from tests.distribution import Distribution
 from tests.fakeregistry import FakeRegistry, digest_of
 
@@ -49,10 +48,8 @@ def test_nodes_pull_through_the_mirror_and_repair_by_range_through_it(fleet, tmp
     # again into its storage; the fleet goes on once the mirror holds it.
     cached = tmp_path / "mirror" / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / \
         digest[7:9] / digest[7:] / "data"
-    deadline = time.monotonic() + 60
-    while not (cached.exists() and cached.stat().st_size == SIZE):
-        assert time.monotonic() < deadline, "the mirror never stored the blob"
-        time.sleep(0.05)
+    wait_for(lambda: cached.exists() and cached.stat().st_size == SIZE, "the mirror never stored the blob",
+             timeout=60)
     warmed = upstream.bytes_served[digest]
     pulls = [llmnode("pull", store, mirror.url) for store in stores[1:]]
     for p in pulls:

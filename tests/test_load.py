@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import blob_of, node_env, run_cli
+from tests.conftest import blob_of, node_env, run_cli, wait_for
 from tests.tinymodel import write_tiny_gguf
 
 N = 50
@@ -42,12 +42,12 @@ def test_fifty_waiters_on_a_repair_do_not_starve_health_or_a_healthy_model(
     pool = ThreadPoolExecutor(N)
     try:
         futures = [pool.submit(chat, node.url, "gpt-oss:7b") for _ in range(N)]
-        deadline = time.monotonic() + 60
-        while True:
+
+        def all_but_two_waiting():
             repairs = health()["repairs"]
-            if repairs and repairs[0]["waiting_requests"] == 48 and sum(f.done() for f in futures) == 2:
-                break
-            assert time.monotonic() < deadline, repairs
+            return repairs and repairs[0]["waiting_requests"] == 48 and sum(f.done() for f in futures) == 2
+
+        wait_for(all_but_two_waiting, "48 requests waiting on the repair and 2 refused", timeout=60)
         busy = [f.result() for f in futures if f.done()]
         assert len(busy) == N - 48
         for r in busy:
@@ -60,8 +60,7 @@ def test_fifty_waiters_on_a_repair_do_not_starve_health_or_a_healthy_model(
             health()
     finally:
         registry.gate.set()
-    while not all(f.done() for f in futures):
-        health()
+    wait_for(lambda: health() and all(f.done() for f in futures), "every request answered", timeout=120)
     answers = [f.result() for f in futures]
     pool.shutdown()
     assert sum(r.status_code == 200 for r in answers) == 48

@@ -8,6 +8,7 @@ import pytest
 import requests
 
 import llmnode
+from repair import operations
 from tests.conftest import Served, settings_for
 from tests.fakeregistry import FakeRegistry
 from tests.tinymodel import write_tiny_gguf
@@ -43,7 +44,7 @@ def node(tmp_path, models_dir):
 
     # The prompt as the model reads it (the tiny model's tokenizer shows spaces as SentencePiece's "▁").
     n = llmnode.Node(settings, on_prompt=lambda text: prompts.append(text.replace("\u2581", " ")))
-    n.repairs.pull(llmnode.names.parse("hermes:1"))
+    operations.pull(n.repairs, llmnode.names.parse("hermes:1"))
     served = Served(n)
     served.prompts = prompts
     yield served

@@ -13,7 +13,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repair.records import VerifiedRecords
+from repair.records import StoreRecords
 from tests.conftest import NodeProcess, bodies, node_env, run_cli, tree
 from tests.fakeregistry import FakeRegistry, digest_of
 from tests.tinymodel import write_tiny_gguf
@@ -221,7 +221,7 @@ def test_delete_removes_blobs_only_that_model_used(client, reg, node):
     assert os.path.exists(blob)
     client.delete("gone:1")
     assert not os.path.exists(blob)
-    assert VerifiedRecords(node.models_dir).manifest_digest("registry.ollama.ai/library/gone:1") is None
+    assert StoreRecords(node.models_dir).manifest_digest("registry.ollama.ai/library/gone:1") is None
 
 
 def test_an_unknown_model_is_a_404_response_error(client):
@@ -372,7 +372,7 @@ def test_an_ollama_written_store_is_read_as_is(tmp_path, tiny_gguf, start_node, 
         == "You are terse."
     r = client.chat(model="olla", messages=[{"role": "user", "content": "hi"}])
     assert r.done and r.eval_count <= PARAMS["num_predict"] + 3
-    assert VerifiedRecords(str(models)).manifest_digest("olla:latest") == hashlib.sha256(raw).hexdigest()
+    assert StoreRecords(str(models)).manifest_digest("olla:latest") == hashlib.sha256(raw).hexdigest()
 
 
 def test_health_stays_up_during_ollama_streams(node):

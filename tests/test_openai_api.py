@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from tests.conftest import assert_error, blob_of, post_without_5xx, start_smol_node, tree
+from tests.conftest import assert_error, blob_of, dialect_fixtures, openai_client, post_without_5xx, tree
 
 SMOL = "smollm2:135m"
 WEATHER = {"type": "function", "function": {
@@ -32,18 +32,7 @@ TIME = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, smollm2, tiny_gguf):
-    """One node process over a store with SmolLM2 and the tiny model, shared by this module."""
-    proc = start_smol_node(tmp_path_factory, smollm2, tiny_gguf, "openai")
-    yield proc
-    proc.stop()
-    proc.registry.stop()
-
-
-@pytest.fixture
-def client(node):
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+node, client = dialect_fixtures("openai", openai_client)
 
 
 class City(BaseModel):

@@ -18,9 +18,10 @@ from tests.conftest import (
     TINY,
     concurrent_answers,
     corrupt,
+    dialect_fixtures,
+    openai_client,
     post_without_5xx,
     repair_fault,
-    start_smol_node,
     tree,
 )
 
@@ -31,17 +32,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The curren
 ASK = "What is the weather in Paris?"
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, smollm2, tiny_gguf):
-    proc = start_smol_node(tmp_path_factory, smollm2, tiny_gguf, "responses")
-    yield proc
-    proc.stop()
-    proc.registry.stop()
-
-
-@pytest.fixture
-def client(node):
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+node, client = dialect_fixtures("responses", openai_client)
 
 
 def test_create_answers_with_a_message(client):

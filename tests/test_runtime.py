@@ -4,7 +4,6 @@ preload and readiness, and the compute thread every load and generation runs on.
 
 import re
 import threading
-import time
 
 import pytest
 import requests
@@ -229,10 +228,7 @@ def test_the_model_lock_is_handed_over_in_arrival_order():
         t.start()
         threads.append(t)
         # The next thread starts only once this one is queued.
-        deadline = time.monotonic() + 10
-        while lock.waiting() != i + 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_for(lambda i=i: lock.waiting() == i + 1, "waiter %s queued" % name, timeout=10)
     lock.release()
     for t in threads:
         t.join(30)
@@ -263,10 +259,8 @@ def test_ready_waits_for_the_preloaded_models_and_health_does_not(pulled, regist
         assert requests.get(node.url + "/health", timeout=5).status_code == 200
     finally:
         registry.gate.set()
-    deadline = time.monotonic() + 60
-    while requests.get(node.url + "/ready", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, node.log()
-        time.sleep(0.05)
+    wait_for(lambda: requests.get(node.url + "/ready", timeout=5).status_code == 200, "the node ready",
+             timeout=60)
     assert "preloaded model gpt-oss:7b" in node.log()
     assert "Auto-repair completed: gpt-oss:7b" in node.log()
 

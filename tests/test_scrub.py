@@ -2,13 +2,12 @@
 scrub repairs it without a request, and a pass goes on past a failing disk."""
 
 import errno
-import time
 
 import llmnode
 from repair import names
 from repair.scrub import Scrubber
 from repair.store import model_layer
-from tests.conftest import blob_of, intact, node_env, pull, rot, run_cli, settings_for
+from tests.conftest import blob_of, intact, node_env, pull, rot, run_cli, settings_for, wait_for
 
 
 def test_a_scrub_pass_finds_bit_rot_and_reports_it_when_repair_is_off(registry, models_dir):
@@ -30,10 +29,7 @@ def test_the_background_scrub_repairs_bit_rot_without_a_request(pulled, registry
     layer, blob = blob_of(pulled)
     node = start_node(node_env(pulled, registry.url, LLM_SCRUB_INTERVAL_SECS=1))
     rot(blob)
-    deadline = time.monotonic() + 60
-    while "Auto-repair completed: gpt-oss:7b" not in node.log():
-        assert time.monotonic() < deadline, node.log()
-        time.sleep(0.05)
+    wait_for(lambda: "Auto-repair completed: gpt-oss:7b" in node.log(), "the scrub's repair", timeout=60)
     assert "model gpt-oss:7b: blob %s is corrupted" % layer["digest"] in node.log()
     assert intact(blob, layer)
 

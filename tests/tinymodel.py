@@ -3,7 +3,7 @@ base), and the same shape carrying a real tokenizer and chat template copied fro
 
 import numpy as np
 
-from repair.demo import CHAT_TEMPLATE, tiny_gguf
+from repair.gguf_writer import CHAT_TEMPLATE, tiny_gguf
 
 # Token types as llama.cpp reads `tokenizer.ggml.token_type`.
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4

@@ -1,5 +1,5 @@
-"""Delete and copy as store operations, against a real node process and a loopback registry: they
-never race a pull or a repair of a blob they share."""
+"""The store operations (repair/operations.py): delete and copy, against a real node process and a
+loopback registry, never race a pull or a repair of a blob they share."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import threading
 import pytest
 import requests
 
-from repair.records import VerifiedRecords
+from repair import operations
+from repair.records import StoreRecords
 from repair.store import Store, named_in
 from tests.conftest import blob_of, node_env, run_cli, wait_for
 
@@ -64,7 +65,7 @@ def test_deleting_a_model_while_another_sharing_its_weights_is_pulled_keeps_them
         assert r.status_code == 200, r.text
     assert os.listdir(os.path.join(models_dir, "blobs")) == []
     assert os.listdir(os.path.join(models_dir, ".llmnode", "chunks")) == []
-    records = VerifiedRecords(models_dir).snapshot()
+    records = StoreRecords(models_dir).snapshot()
     assert records["blobs"] == {} and records["tables"] == {} and records["manifests"] == {}
     assert records["pulls"] == {}
 
@@ -106,7 +107,7 @@ def test_a_delete_during_a_repair_of_the_same_model_waits_for_it_and_leaves_no_o
     store = Store(pulled)
     assert store.models() == [] and os.listdir(store.blobs_dir) == []
     assert not os.path.exists(store.partial_path(layer["digest"]))
-    records = VerifiedRecords(pulled).snapshot()
+    records = StoreRecords(pulled).snapshot()
     assert records["blobs"] == {} and records["tables"] == {} and records["manifests"] == {}
     assert os.listdir(os.path.join(pulled, ".llmnode", "chunks")) == []
 
@@ -119,7 +120,7 @@ def test_a_repair_that_starts_after_its_model_was_deleted_installs_nothing(pulle
     node = llmnode.Node(settings_for(pulled, registry.url))
     ref = names.parse("gpt-oss:7b")
     manifest = node.repairs.manifest(ref)
-    node.repairs.delete(ref)
+    operations.delete(node.repairs, ref)
     weights = next(la for la in manifest["layers"] if la["mediaType"].endswith(".model"))
     with pytest.raises(llmnode.ModelNotFound):
         node.repairs.check_layer(ref, weights, gguf=True)
@@ -131,7 +132,7 @@ def test_copy_pins_the_copy_and_a_delete_of_the_source_keeps_the_shared_blobs(pu
     r = requests.post(node.url + "/api/copy", json={"source": "gpt-oss:7b", "destination": "mine:1"},
                       timeout=30)
     assert r.status_code == 200, r.text
-    records = VerifiedRecords(pulled)
+    records = StoreRecords(pulled)
     assert records.manifest_digest("mine:1") == records.manifest_digest("gpt-oss:7b") is not None
     r = requests.delete(node.url + "/api/delete", json={"model": "gpt-oss:7b"}, timeout=30)
     assert r.status_code == 200, r.text
