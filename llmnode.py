@@ -7,8 +7,10 @@ registry client, downloads and repair live in the `repair` package.
 import argparse
 import base64
 import codecs
+import contextvars
 import ctypes
 import dataclasses
+import enum
 import hashlib
 import hmac
 import itertools
@@ -30,7 +32,9 @@ import conf
 from repair import names
 from repair.coordinator import RepairCoordinator
 from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtime's, from here)
+    ClientGone,
     ContextTooLong,
+    EngineFault,
     InvalidRequest,
     LLMNodeError,
     MethodNotAllowed,
@@ -508,12 +512,31 @@ class ComputeThread:
                 jobs, self._jobs = self._jobs, deque()
                 active = list(self._active)
             for job in jobs:
-                job()
+                try:
+                    job()
+                except Exception:
+                    # A posted job (a model's close) that fails is that job's loss alone: this
+                    # thread is every model's, and ending it would stall them all.
+                    log.exception("a job on the compute thread failed")
             for slots in active:
-                if not slots.step():
+                if not self._step(slots):
                     with self._cond:
                         if not slots.has_work() and slots in self._active:
                             self._active.remove(slots)
+
+    def _step(self, slots):
+        """One step of one model; an exception that escapes it fails that model's answers in
+        the step (with the traceback logged) and the engine goes on."""
+        try:
+            return slots.step()
+        except Exception as e:
+            log.exception("an engine step failed; ending its answers")
+            try:
+                slots.fault(e)
+            except Exception:
+                log.exception("ending the answers of a failed step failed; the model stops")
+                return False
+            return slots.has_work()
 
     def post(self, fn):
         """Run fn() on the compute thread between decode steps, without waiting for it."""
@@ -551,11 +574,21 @@ class ComputeThread:
         return box["result"]
 
 
+class TaskState(enum.Enum):
+    """Where an answer is, as llama.cpp's slot_state says it of a slot."""
+
+    QUEUED = "queued"  # waiting for a sequence
+    PROMPT = "prompt"  # holds a sequence; its prompt is read (or copied from its first sibling)
+    GENERATING = "generating"  # a token sampled each step
+    DONE = "done"  # ended (stopped, cut, cancelled or failed): its sequence is free
+
+
 class Task:
     """One answer in the making: its prompt, sampler, sequence and the text it has made."""
 
     def __init__(self, run, index, gen, sampler):
         self.run, self.index, self.gen, self.sampler = run, index, gen, sampler
+        self.state = TaskState.QUEUED
         self.seq = None  # the sequence it decodes in, once admitted
         self.todo = []  # prompt tokens still to prefill
         self.n_past = 0  # tokens of this answer's sequence in the KV cache
@@ -566,15 +599,27 @@ class Task:
         self.tokens, self.logprobs = [], []  # of the piece not yet handed out
         self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python
         self.siblings = []  # answers sharing this one's prefill (n > 1)
+        self.arrival = 0  # its request's place in the order of arrival (set on submit)
+        self.bypassed = 0  # later requests admitted while it waited (first of a group)
+        self.admitted_at = None
         self.first_token_at = None
+
+
+# The callable saying whether the client of the request this thread serves has gone (waitress's
+# `waitress.client_disconnected`, set by the HTTP layer for each request); None when unknown.
+CLIENT_GONE = contextvars.ContextVar("client_gone", default=None)
 
 
 class Run:
     """The caller's side of a generation: its events (Piece, Finish) as they come, the usage and
-    timings once it has ended; close() stops it (a client that went away)."""
+    timings once it has ended; close() stops it (a client that went away). `gone()`, if given,
+    says whether the client has gone; it is asked every GONE_POLL_SECS while no event comes, so
+    an answer nobody reads (unstreamed, held for tool calls, or queued) stops within that."""
 
-    def __init__(self, engine, slots, gens, release):
-        self.engine, self.slots, self._release = engine, slots, release
+    GONE_POLL_SECS = 0.5
+
+    def __init__(self, engine, slots, gens, release, gone=None):
+        self.engine, self.slots, self._release, self._gone = engine, slots, release, gone
         self.events = queue.Queue()
         self.usage = Usage(prompt_tokens=sum(len(g.prompt) for g in gens))
         self.timings = {}
@@ -594,11 +639,7 @@ class Run:
 
     def __iter__(self):
         while self._open:
-            try:
-                event = self.events.get(timeout=self.engine.WAIT_SECS)
-            except queue.Empty:
-                self.close()
-                raise ModelBusy("The model did not answer within %ds" % self.engine.WAIT_SECS) from None
+            event = self._next()
             if isinstance(event, BaseException):
                 self.close()
                 raise event
@@ -607,6 +648,23 @@ class Run:
                 self.usage.completion_tokens += event.tokens
             yield event
         self.close()
+
+    def _next(self):
+        """The next event; ModelBusy past WAIT_SECS without one, ClientGone once the client left."""
+        deadline = time.monotonic() + self.engine.WAIT_SECS
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self.events.get(timeout=max(0.0, min(left, self.GONE_POLL_SECS) if self._gone
+                                                   else left))
+            except queue.Empty:
+                pass
+            if self._gone is not None and self._gone():
+                self.close()
+                raise ClientGone("The client closed its connection; its answer was stopped")
+            if time.monotonic() >= deadline:
+                self.close()
+                raise ModelBusy("The model did not answer within %ds" % self.engine.WAIT_SECS)
 
     def close(self):
         """Stop any answer still running (its sequence is free at the next step), release the
@@ -620,29 +678,45 @@ class Run:
         release()
 
 
+# A waiting request needing more free sequences than there are (`n` answers) lets later requests
+# that fit go first, but only this many times: then it holds the queue until enough are free.
+BYPASS_LIMIT = 8
+
+# A request starts from a copy of another sequence's cells (busy or idle) when they hold at
+# least this many more of its prompt's tokens than the sequence it gets; a shorter gain is
+# cheaper computed than copied (a copy moves the whole KV stream).
+COPY_MIN_TOKENS = 64
+
+
 class Slots:
     """A loaded model's sequences and the answers waiting for one. Every method but `submit`
-    runs on the compute thread."""
+    runs on the compute thread. `step_hook(task)`, if given, runs before each answer is sampled
+    (a test seam: an exception there is a fault in that step)."""
 
-    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None):
+    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None, step_hook=None):
         self.llm, self.engine, self.n_ctx = llm, engine, n_ctx
         self.metrics = metrics or Metrics()
+        self.step_hook = step_hook
         self.ctx = BatchedContext(llm, n_seq, n_ctx, threads)
         self.cache = [[] for _ in range(n_seq)]  # tokens whose KV cells each sequence holds
         self.busy = [None] * n_seq  # the task decoding in each sequence
         self.used = [0] * n_seq  # when each sequence was last given out
         self._clock = itertools.count(1)
-        # Guards _waiting (lists of tasks sharing a prompt, oldest first): filled by request
-        # threads, emptied by the compute thread.
+        # Guards _waiting (lists of tasks sharing a prompt, oldest first) and _arrivals: filled
+        # by request threads, emptied by the compute thread.
         self._lock = threading.Lock()
         self._waiting = deque()
+        self._arrivals = itertools.count(1)
         self.closed = False
-        self.steps = 0  # decode steps run, for the tests' "within one step"
 
     # -- the request threads' side --
 
     def submit(self, run):
         with self._lock:
+            for group in run.groups:
+                arrival = next(self._arrivals)
+                for task in group:
+                    task.arrival = arrival
             self._waiting.extend(run.groups)
         self.engine.wake(self)
 
@@ -659,65 +733,103 @@ class Slots:
             self._end(task, "stop")
         self.ctx.close()
 
-    def _admit(self):
-        """Give waiting answers free sequences, oldest first: the one whose cached tokens share
-        the longest prefix with the prompt (else the least recently used), keeping that prefix."""
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    return
-                group = self._waiting[0]
-                free = [s for s, t in enumerate(self.busy) if t is None]
-                if group[0].run.cancelled:
-                    self._waiting.popleft()
-                    for task in group:
-                        self.ctx.free_sampler(task.sampler)
-                    continue
-                if len(free) < len(group):
-                    return
-                self._waiting.popleft()
-            first, prompt = group[0], group[0].gen.prompt
-            best = max(free, key=lambda s: (common_prefix(self.cache[s], prompt), -self.used[s]))
-            if common_prefix(self.cache[best], prompt) < len(prompt) * PREFIX_SHARE:
-                # A few shared opening tokens are not worth another conversation's cache.
-                best = min(free, key=lambda s: self.used[s])
-            keep = min(common_prefix(self.cache[best], prompt), len(prompt) - 1)
-            self._take(first, best, keep)
-            first.run.usage.cached_tokens += keep
-            free.remove(best)
-            for task in group[1:]:  # decoded from a copy of the first one's prompt
-                seq = min(free, key=lambda s: self.used[s])
-                free.remove(seq)
-                self._take(task, seq, 0, prefill=False)
-                first.siblings.append(task)
+    def _running(self):
+        """The answers holding a sequence, in arrival order."""
+        return sorted((t for t in self.busy if t is not None), key=lambda t: (t.arrival, t.index))
 
-    def _take(self, task, seq, keep, prefill=True):
+    def _admit(self):
+        """Give waiting answers free sequences in arrival order; a group that does not fit yet
+        lets later ones go first at most BYPASS_LIMIT times."""
+        with self._lock:
+            waiting = list(self._waiting)
+        blocked = []  # earlier groups waiting for more free sequences than there are
+        for group in waiting:
+            if group[0].run.cancelled:
+                self._unqueue(group)
+                for task in group:
+                    task.state = TaskState.DONE
+                    self.ctx.free_sampler(task.sampler)
+                continue
+            free = [s for s, t in enumerate(self.busy) if t is None]
+            if len(free) < len(group):
+                blocked.append(group)
+                if group[0].bypassed >= BYPASS_LIMIT:
+                    return
+                continue
+            for g in blocked:
+                g[0].bypassed += 1
+            self._unqueue(group)
+            self._place(group, free)
+
+    def _unqueue(self, group):
+        with self._lock:
+            self._waiting.remove(group)
+
+    def _place(self, group, free):
+        """Start a group in free sequences: the first where the longest prefix of its prompt is
+        (kept, or copied from any sequence, busy or idle), the others from a copy of its prompt
+        once read."""
+        first, prompt = group[0], group[0].gen.prompt
+        seq, source, keep = self._choose(prompt, free)
+        self._take(first, seq, keep, source)
+        first.run.usage.cached_tokens += keep
+        free.remove(seq)
+        for task in group[1:]:  # decoded from a copy of the first one's prompt
+            sib = min(free, key=lambda s: self.used[s])
+            free.remove(sib)
+            self._take(task, sib, 0, prefill=False)
+            first.siblings.append(task)
+
+    def _choose(self, prompt, free):
+        """(free sequence, sequence to copy cells from or None, prompt tokens kept) for a prompt:
+        the free sequence sharing the longest prefix with it (if it shares enough, else the least
+        recently used), and the sequence whose cells hold the longest prefix of it, if that is
+        COPY_MIN_TOKENS longer."""
+        shared = [common_prefix(cached, prompt) for cached in self.cache]
+        seq = max(free, key=lambda s: (shared[s], -self.used[s]))
+        if shared[seq] < len(prompt) * PREFIX_SHARE:
+            # A few shared opening tokens are not worth another conversation's cache.
+            seq = min(free, key=lambda s: self.used[s])
+        donor = max(range(len(self.cache)), key=lambda s: shared[s])
+        limit = len(prompt) - 1  # the last prompt token is decoded again: its logits sample
+        if shared[donor] >= shared[seq] + COPY_MIN_TOKENS:
+            return seq, donor, min(shared[donor], limit)
+        return seq, None, min(shared[seq], limit)
+
+    def _take(self, task, seq, keep, source=None, prefill=True):
+        """Give `task` sequence `seq` holding the first `keep` tokens of its prompt: its own
+        cells, or a copy of `source`'s."""
         self.busy[seq], task.seq = task, seq
         self.used[seq] = next(self._clock)
+        task.state = TaskState.PROMPT
+        task.admitted_at = time.monotonic()
+        if source is not None:
+            self.ctx.copy(source, seq)
+            self.cache[seq] = self.cache[source][:keep]
+        else:
+            del self.cache[seq][keep:]
         self.ctx.forget(seq, keep)
-        del self.cache[seq][keep:]
         task.n_past = keep
         task.todo = list(task.gen.prompt[keep:]) if prefill else []
 
     def step(self):
-        """One decode step: a token of every running answer, then prompt chunks; each answer
-        sampled at its batch index. False when there is nothing left to do."""
+        """One decode step: a token of every generating answer, then prompt chunks in arrival
+        order; each answer sampled at its batch index. False when there is nothing left to do."""
         if self.closed:
             return False
         self._admit()
         items, sampled = [], []  # sampled: (task, batch index)
-        for task in self.busy:
-            if task is None:
-                continue
+        running = self._running()
+        for task in running:
             if task.run.cancelled:
                 self._end(task, "cancelled")
-            elif task.last is not None:
+            elif task.state is TaskState.GENERATING:
                 sampled.append((task, len(items)))
                 items.append((task.last, task.n_past, [task.seq], True))
                 self.cache[task.seq].append(task.last)
                 task.n_past += 1
-        for task in self.busy:
-            if task is None or not task.todo or len(items) >= BATCH_TOKENS:
+        for task in running:
+            if task.state is not TaskState.PROMPT or not task.todo or len(items) >= BATCH_TOKENS:
                 continue
             chunk = task.todo[:BATCH_TOKENS - len(items)]
             del task.todo[:len(chunk)]
@@ -729,30 +841,56 @@ class Slots:
                 sampled.append((task, len(items) - 1))
         if not items:
             return self.has_work()
-        self.steps += 1
         try:
             self.ctx.decode(items)
         except Exception as e:
             log.exception("decode step failed; ending its answers")
-            self._fail(LLMNodeError("Generation failed: %s" % e))
+            self.fault(e)
             return False
         for task, i in sampled:
             for sib in task.siblings:  # the prompt is read once, then copied to each sibling
                 self.ctx.copy(task.seq, sib.seq)
                 self.cache[sib.seq] = list(self.cache[task.seq])
                 sib.n_past = task.n_past
-                self._sample(sib, i)
+                self._sample_or_fail(sib, i)
             task.siblings = []
-            self._sample(task, i)
+            self._sample_or_fail(task, i)
         return True
 
-    def _fail(self, error):
-        for task in [t for t in self.busy if t is not None]:
-            self.busy[task.seq] = None
-            self.ctx.free_sampler(task.sampler)
-            task.run.events.put(error)
+    def fault(self, error):
+        """A step failed outside one answer's sampling: every answer holding a sequence ends
+        with the error, and every sequence's cells are dropped (a failed step may have left them
+        half-written)."""
+        self._fail([t for t in self.busy if t is not None], error)
         self.ctx.clear()
         self.cache = [[] for _ in self.cache]
+
+    def _sample_or_fail(self, task, i):
+        """Sample one answer; an exception there ends that answer alone."""
+        try:
+            if self.step_hook is not None:
+                self.step_hook(task)
+            self._sample(task, i)
+        except Exception as e:
+            log.exception("sampling answer %d failed; ending it", task.index)
+            self._fail([task] + task.siblings, e)
+
+    def _fail(self, tasks, error):
+        """End `tasks` with an error their callers raise (a 500); what their sequences hold is
+        dropped, not kept as a prompt cache."""
+        if not isinstance(error, LLMNodeError):
+            error = EngineFault("The engine failed on this request (%s: %s); the node's log has "
+                                "the traceback" % (type(error).__name__, error))
+        for task in tasks:
+            if task.state is TaskState.DONE:
+                continue
+            task.state = TaskState.DONE
+            if task.seq is not None and self.busy[task.seq] is task:
+                self.busy[task.seq] = None
+                self.ctx.forget(task.seq)
+                self.cache[task.seq] = []
+            self.ctx.free_sampler(task.sampler)
+            task.run.events.put(error)
 
     def _sample(self, task, i):
         token = self.ctx.sample(task.sampler, i)
@@ -761,14 +899,15 @@ class Slots:
         if self.ctx.is_eog(token):
             self._end(task, "stop")
             return
+        task.state = TaskState.GENERATING
         task.generated += 1
         task.last = token
         if task.gen.logprobs >= 0:
             task.logprobs.append(self._logprobs(i, token, task.gen.logprobs))
         task.tokens.append(token)
         self._text(task, task.decoder.decode(self.ctx.piece(token)))
-        if self.busy[task.seq] is task and (task.generated >= task.gen.max_tokens
-                                            or task.n_past + 1 >= self.n_ctx):
+        if task.state is TaskState.GENERATING and (task.generated >= task.gen.max_tokens
+                                                   or task.n_past + 1 >= self.n_ctx):
             self._end(task, "length")
 
     def _logprobs(self, i, token, top):
@@ -816,13 +955,16 @@ class Slots:
         if reason != "cancelled":
             self._hand_out(task, task.pending)
         task.pending = ""
+        task.state = TaskState.DONE
         self.busy[task.seq] = None
         self.used[task.seq] = next(self._clock)
         self.ctx.free_sampler(task.sampler)
         self.metrics.inc("llmnode_generated_tokens_total", task.generated)
         run = task.run
         if task is run.groups[0][0] and task.first_token_at is not None:
-            run.timings["prompt_eval"] = task.first_token_at - run.started
+            # The prompt's time runs from when it got a sequence: time queued is not reading.
+            run.timings["queue"] = task.admitted_at - run.started
+            run.timings["prompt_eval"] = task.first_token_at - task.admitted_at
             run.timings["eval"] = time.monotonic() - task.first_token_at
         run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence))
 
@@ -1449,7 +1591,7 @@ def completion_logprobs(items):
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None, on_prompt=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None, step_hook=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
         self.store = Store(settings.models_dir)
@@ -1471,7 +1613,7 @@ class Node:
             llm = raw_loader(path)
             try:
                 llm.slots = Slots(llm, self.compute, settings.parallel, settings.n_ctx,
-                                  settings.n_threads, self.metrics)
+                                  settings.n_threads, self.metrics, step_hook=step_hook)
             except BaseException:
                 llm.close()
                 raise
@@ -1690,7 +1832,7 @@ class Node:
                           n=req["n"], logprobs=logprobs, hold=hold)
 
     def _start(self, entry, gens):
-        run = Run(self.compute, entry.llm.slots, gens, entry.release)
+        run = Run(self.compute, entry.llm.slots, gens, entry.release, gone=CLIENT_GONE.get())
         entry.llm.slots.submit(run)
         return run
 
@@ -1812,6 +1954,8 @@ def guarded(app, api_key, metrics):
             metrics.inc("llmnode_requests_total", status=status.split(" ", 1)[0])
             return start_response(status, headers, exc_info)
 
+        # An answer nobody waits for any more stops (waitress's callable, with a lookahead set).
+        CLIENT_GONE.set(environ.get("waitress.client_disconnected"))
         if expected and environ.get("PATH_INFO") != "/health":
             given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
             given_key = environ.get("HTTP_X_API_KEY", "").encode("latin-1", "replace")
@@ -3581,6 +3725,9 @@ def create_server(node, host, port, threads):
 
     server = waitress.create_server(make_app(node), host=host, port=port, threads=threads,
                                     ident="llmnode", clear_untrusted_proxy_headers=True,
+                                    # Reading ahead is how waitress sees a client close its
+                                    # connection while its answer is made (the engine stops it).
+                                    channel_request_lookahead=1,
                                     max_request_body_size=node.settings.max_body_bytes + 1)
     server.channel_class = Channel
     return server

@@ -1,0 +1,220 @@
+"""The engine under faults and departures: an exception in one step fails only that step's
+request, a client that leaves frees its sequence, requests are served in arrival order; on
+SmolLM2 and the tiny model through a real waitress server in this process."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+import llmnode
+from tests.conftest import Served, blob_of, settings_for, wait_for
+from tests.fakeregistry import FakeRegistry
+
+SMOL = "smollm2:135m"
+TINY = "gpt-oss:7b"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+# A request asking for this many tokens meets the armed fault (see `Faults`).
+DOOMED_MAX_TOKENS = 7
+
+
+class Faults:
+    """The node's step hook: raises once per arming, in the sampling of an answer whose
+    request asked for DOOMED_MAX_TOKENS tokens."""
+
+    def __init__(self):
+        # Guards armed (faults still to raise), read by the compute thread.
+        self._lock = threading.Lock()
+        self.armed = 0
+
+    def arm(self):
+        with self._lock:
+            self.armed += 1
+
+    def __call__(self, task):
+        with self._lock:
+            if not self.armed or task.gen.max_tokens != DOOMED_MAX_TOKENS:
+                return
+            self.armed -= 1
+        raise RuntimeError("a fault injected into this step")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm2, tiny_gguf):
+    reg = FakeRegistry().start()
+    reg.add_model("library/smollm2", "135m", smollm2)
+    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
+    models = str(tmp_path_factory.mktemp("faults") / "models")
+    settings = settings_for(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
+                            LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="2")
+    faults = Faults()
+    node = llmnode.Node(settings, step_hook=faults)
+    for name in (SMOL, TINY):
+        node.repairs.pull(llmnode.names.parse(name))
+    s = Served(node, threads=8)
+    s.registry, s.models_dir, s.faults = reg, models, faults
+    yield s
+    s.close()
+    reg.stop()
+
+
+def slots_of(served, model=SMOL):
+    """The model's Slots (loaded by a one-token request if it is not in memory)."""
+    assert chat(served, model, "Hi", max_tokens=1).status_code == 200
+    return served.node.pool._models[blob_of(served.models_dir, tuple(model.split(":")))[1]].llm.slots
+
+
+def chat(served, model, content, **kw):
+    return requests.post(served.url + "/v1/chat/completions", timeout=120, json=dict(
+        {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0}, **kw))
+
+
+def open_stream(served, model, content, **kw):
+    """A streamed chat's response, its first content chunk read."""
+    r = requests.post(served.url + "/v1/chat/completions", timeout=120, stream=True, json=dict(
+        {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+         "stream": True}, **kw))
+    assert r.status_code == 200, r.text
+    lines = r.iter_lines()
+    for line in lines:
+        if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            break
+    return r, lines
+
+
+def finish_of(lines):
+    """The finish reason the rest of a stream ends with."""
+    reason = None
+    for line in lines:
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                reason = choice.get("finish_reason") or reason
+    return reason
+
+
+def raw_post(served, body):
+    """A chat request on a socket of the test's own (closing it is a client leaving)."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", served.server.effective_port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return sock
+
+
+# -- faults ------------------------------------------------------------------------------------------
+
+def test_an_exception_in_one_step_fails_that_request_alone_and_the_engine_goes_on(served, caplog):
+    for model in (TINY, SMOL):
+        assert chat(served, model, "Hello", max_tokens=2).status_code == 200  # both loaded
+    stream, lines = open_stream(served, SMOL, "Count to a thousand.", max_tokens=300)
+    try:
+        for model in (TINY, SMOL):  # another model, then the streaming one
+            served.faults.arm()
+            failed = chat(served, model, "Hello", max_tokens=DOOMED_MAX_TOKENS)
+            assert failed.status_code == 500, failed.text
+            assert failed.json()["error"]["code"] == "engine_fault"
+            assert "a fault injected into this step" in caplog.text  # with its traceback
+            after = chat(served, model, "Hello", max_tokens=DOOMED_MAX_TOKENS)
+            assert after.status_code == 200, after.text
+            assert after.json()["choices"][0]["message"]["content"]
+        # The stream was still running through both faults, and ends as an answer does.
+        assert any(t is not None for t in slots_of(served).busy)
+        assert finish_of(lines) in ("stop", "length")
+    finally:
+        stream.close()
+
+
+def test_a_failing_job_on_the_compute_thread_leaves_it_running():
+    engine = llmnode.ComputeThread()
+
+    def explode():
+        raise RuntimeError("a job that fails")
+
+    engine.post(explode)
+    assert engine.run(lambda: 42) == 42
+
+
+class FailingStep:
+    """What the compute thread steps (a model's Slots, as far as it is concerned) whose step
+    raises once."""
+
+    def __init__(self):
+        self.faults, self.steps = [], 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps == 1:
+            raise RuntimeError("a fault outside any one answer")
+        return False
+
+    def fault(self, error):
+        self.faults.append(error)
+
+    def has_work(self):
+        return self.steps < 2
+
+
+def test_a_step_that_raises_fails_its_answers_and_the_thread_steps_on():
+    engine = llmnode.ComputeThread()
+    failing = FailingStep()
+    engine.wake(failing)
+    wait_for(lambda: failing.steps >= 2, "the thread to step on after the fault")
+    assert [str(e) for e in failing.faults] == ["a fault outside any one answer"]
+    assert engine.run(lambda: "alive") == "alive"
+
+
+# -- clients that leave ------------------------------------------------------------------------------
+
+def leaves_and_frees(served, body, busy_when):
+    """Send `body` on a socket, wait until `busy_when(slots)`, close the socket: the answer is
+    stopped (its sequence free, nothing queued) within a second or so."""
+    slots = slots_of(served)
+    sock = raw_post(served, body)
+    try:
+        wait_for(lambda: busy_when(slots), "the request to reach the engine", timeout=60)
+    finally:
+        sock.close()
+    left = time.monotonic()
+    wait_for(lambda: not any(slots.busy) and not slots._waiting, "its sequence to be free", timeout=10)
+    return time.monotonic() - left
+
+
+def test_an_unstreamed_client_that_leaves_frees_its_sequence(served):
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 1000, "temperature": 0}
+    took = leaves_and_frees(served, body, lambda slots: any(
+        t is not None and t.generated > 2 for t in slots.busy))
+    assert took < llmnode.Run.GONE_POLL_SECS + 1.5
+
+
+def test_a_tool_call_stream_whose_client_leaves_frees_its_sequence(served):
+    # Held for its tool calls, this stream writes nothing the client could fail to read.
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "tools": [WEATHER], "tool_choice": "auto", "stream": True, "max_tokens": 1000,
+            "temperature": 0}
+    took = leaves_and_frees(served, body, lambda slots: any(
+        t is not None and t.generated > 2 for t in slots.busy))
+    assert took < llmnode.Run.GONE_POLL_SECS + 1.5
+
+
+def test_a_queued_client_that_leaves_is_dropped_from_the_queue(served):
+    slots = slots_of(served)
+    # Both sequences taken by one request of two answers.
+    stream, lines = open_stream(served, SMOL, "Count to a thousand.", max_tokens=1000, n=2)
+    try:
+        queued = {"model": SMOL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        sock = raw_post(served, queued)
+        try:
+            wait_for(lambda: slots._waiting, "the request to queue")
+        finally:
+            sock.close()
+        wait_for(lambda: not slots._waiting, "the queue to be empty", timeout=llmnode.Run.GONE_POLL_SECS + 2)
+        assert sum(t is not None for t in slots.busy) == 2  # the stream runs on
+    finally:
+        stream.close()
+    wait_for(lambda: not any(slots.busy), "the stream's sequences to be free")
