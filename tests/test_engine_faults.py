@@ -25,18 +25,22 @@ DOOMED_MAX_TOKENS = 7
 
 class Faults:
     """The node's step hook: raises once per arming, in the sampling of an answer whose
-    request asked for DOOMED_MAX_TOKENS tokens."""
+    request asked for DOOMED_MAX_TOKENS tokens; `observe(task)`, if set, sees every answer
+    about to be sampled."""
 
     def __init__(self):
         # Guards armed (faults still to raise), read by the compute thread.
         self._lock = threading.Lock()
         self.armed = 0
+        self.observe = None
 
     def arm(self):
         with self._lock:
             self.armed += 1
 
     def __call__(self, task):
+        if self.observe is not None:
+            self.observe(task)
         with self._lock:
             if not self.armed or task.gen.max_tokens != DOOMED_MAX_TOKENS:
                 return
@@ -218,3 +222,73 @@ def test_a_queued_client_that_leaves_is_dropped_from_the_queue(served):
     finally:
         stream.close()
     wait_for(lambda: not any(slots.busy), "the stream's sequences to be free")
+
+
+# -- arrival order -----------------------------------------------------------------------------------
+
+def start(served, content, **kw):
+    """A chat started in this process: its Answer (its Run's tasks hold the engine's view)."""
+    req = llmnode.validate_chat(dict({"model": SMOL, "temperature": 0, "max_tokens": 4,
+                                      "messages": [{"role": "user", "content": content}]}, **kw),
+                                served.node.settings.n_ctx)
+    return served.node.chat(req)
+
+
+def first_task(answer):
+    return answer._run.groups[0][0]
+
+
+def test_the_long_prompt_that_arrived_first_is_read_first(served):
+    slots = slots_of(served)
+    wait_for(lambda: not any(slots.busy), "the engine to be idle")
+    if slots.used[0] < slots.used[1]:
+        # The next request takes the least recently used sequence: make that sequence 1, so
+        # that index order (sequence 0 first) and arrival order disagree.
+        start(served, "Say one word.", max_tokens=1).collect()
+    words = " ".join("word%d" % i for i in range(200))  # ~1,000 tokens: 2 chunks each
+    first = start(served, "A: " + words)
+    wait_for(lambda: first_task(first).state is llmnode.TaskState.PROMPT, "the first to start")
+    assert first_task(first).seq == 1
+    second = start(served, "B: " + words)
+    left = []  # B's prompt tokens still unread when A is first sampled
+
+    def observe(task):
+        if task is first_task(first) and not left:
+            left.append(len(first_task(second).todo))
+
+    served.faults.observe = observe
+    try:
+        first.collect()
+        second.collect()
+    finally:
+        served.faults.observe = None
+    assert left[0] > 0
+
+
+def test_a_request_for_every_sequence_does_not_hold_back_one_that_fits(served):
+    slots = slots_of(served)
+    running = start(served, "Count to a thousand.", max_tokens=1000, stream=True)
+    wait_for(lambda: first_task(running).state is llmnode.TaskState.GENERATING, "the first to run")
+    wide = start(served, "Name a fruit.", n=2)  # waits for both sequences
+    try:
+        wait_for(lambda: slots._waiting, "the wide request to queue")
+        r = chat(served, SMOL, "Hi", max_tokens=4)
+        assert r.status_code == 200, r.text
+        assert first_task(running).state is llmnode.TaskState.GENERATING
+        assert first_task(wide).state is llmnode.TaskState.QUEUED
+    finally:
+        running.close()
+    ended, _ = wide.collect()
+    assert sorted(ended) == [0, 1]
+
+
+def test_time_in_the_queue_is_not_counted_as_reading_the_prompt(served):
+    slots = slots_of(served)
+    both = start(served, "Count to a thousand.", max_tokens=60, n=2)  # both sequences, ~2 s
+    wait_for(lambda: first_task(both).state is llmnode.TaskState.GENERATING, "both to run")
+    queued = start(served, "Hi")
+    wait_for(lambda: slots._waiting, "the request to queue")
+    both.collect()
+    queued.collect()
+    assert queued.timings["queue"] > 0.3
+    assert queued.timings["prompt_eval"] < queued.timings["queue"]
