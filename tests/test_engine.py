@@ -296,3 +296,43 @@ def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_pass_picks(which
         ctx.free_sampler(sampler)
     ctx.close()
     llm.close()
+
+
+def test_a_second_conversation_sharing_a_running_ones_system_prompt_starts_from_its_cells(client):
+    # ~300 tokens of instructions no other test's prompt starts with.
+    system = "Session 7f3a. " + "You are a careful assistant; answer in one short sentence. " * 25
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Count to a thousand."}]
+    second = [{"role": "system", "content": system}, {"role": "user", "content": "What is bread?"}]
+
+    def ask(messages, max_tokens=16):
+        r = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=max_tokens,
+                                           temperature=0)
+        return r.choices[0].message.content, r.usage
+
+    _, cold = ask(first, max_tokens=1)
+    assert cold.prompt_tokens_details.cached_tokens < 40  # at most the template's opening
+    # The reference: the second conversation read on the first one's idle sequence, in place,
+    # beside another stream as it will be below (a read from scratch, or in a batch of another
+    # make-up, may say something else: llama.cpp's kernels for a whole prompt and for a few
+    # tokens round differently).
+    other = client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "Count to a thousand."}], max_tokens=400,
+        temperature=0, stream=True)
+    try:
+        next(c for c in other if c.choices and c.choices[0].delta.content)
+        alone, alone_usage = ask(second)
+    finally:
+        other.close()
+    shared = alone_usage.prompt_tokens_details.cached_tokens
+    assert shared > 300
+    # The first conversation takes that sequence again and generates there, while the second
+    # comes back: it starts from a copy of the running sequence's cells.
+    stream = client.chat.completions.create(model=SMOL, messages=first, max_tokens=400,
+                                            temperature=0, stream=True)
+    try:
+        next(c for c in stream if c.choices and c.choices[0].delta.content)
+        beside, beside_usage = ask(second)
+    finally:
+        stream.close()
+    assert beside_usage.prompt_tokens_details.cached_tokens == shared
+    assert beside == alone
