@@ -48,6 +48,7 @@ from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtim
     UnsupportedParameter,
 )
 from repair.guard import IntegrityGuard
+from repair.kvcache import PromptCache, Saver
 from repair.metrics import Metrics
 from repair.progress import progress_for
 from repair.registry import RegistryClient
@@ -295,6 +296,7 @@ class BatchedContext:
         # same logits whatever the batch holds (llama-server's default too).
         params.kv_unified = False
         params.no_perf = True
+        self.n_ctx = n_ctx
         self.model = model_pointer(llm)
         self.ctx = C.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -389,6 +391,32 @@ class BatchedContext:
         import numpy as np
 
         return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def state_key(self):
+        """What a saved sequence state is valid for beside the weights: this llama.cpp build
+        and the context's KV settings (a state saved under others is never restored)."""
+        import llama_cpp
+
+        return {"llama_cpp": llama_cpp.__version__,
+                "system": self.C.llama_print_system_info().decode("utf-8", "replace"),
+                "n_ctx": self.n_ctx, "type_k": "f16", "type_v": "f16", "kv_unified": False}
+
+    def seq_state(self, seq):
+        """The bytes of a sequence's KV state, as llama.cpp saves it."""
+        size = self.C.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = self.C.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return ctypes.string_at(buf, written)
+
+    def set_seq_state(self, seq, data):
+        """Put saved state bytes in a sequence (its cells dropped first); whether llama.cpp
+        took them."""
+        self.C.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self.C.llama_state_seq_set_data(self.ctx, buf, len(data), seq) > 0:
+            return True
+        self.C.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        return False
 
     def forget(self, seq, start=0):
         """Drop a sequence's KV cells from position `start` on."""
@@ -603,6 +631,8 @@ class Task:
         self.bypassed = 0  # later requests admitted while it waited (first of a group)
         self.admitted_at = None
         self.first_token_at = None
+        self.restore = None  # (tokens, state bytes) of a saved prefix read from disk, checked
+        self.computed = 0  # prompt tokens it read (not kept, copied or restored)
 
 
 # The callable saying whether the client of the request this thread serves has gone (waitress's
@@ -691,13 +721,20 @@ COPY_MIN_TOKENS = 64
 class Slots:
     """A loaded model's sequences and the answers waiting for one. Every method but `submit`
     runs on the compute thread. `step_hook(task)`, if given, runs before each answer is sampled
-    (a test seam: an exception there is a fault in that step)."""
+    (a test seam: an exception there is a fault in that step). With `kv` (a prompt-cache
+    Saver), a prompt of `cache_min` tokens or more is saved once read, and a prompt whose
+    longest prefix is on disk rather than in a sequence starts from the saved state."""
 
-    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None, step_hook=None):
+    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None, step_hook=None, kv=None,
+                 cache_min=1024):
         self.llm, self.engine, self.n_ctx = llm, engine, n_ctx
         self.metrics = metrics or Metrics()
         self.step_hook = step_hook
         self.ctx = BatchedContext(llm, n_seq, n_ctx, threads)
+        self.kv, self.cache_min = kv, cache_min
+        # What a saved state of this model is bound to: the weights (a blob is named by its
+        # digest), the build and the KV settings.
+        self.key = dict(self.ctx.state_key(), weights=os.path.basename(getattr(llm, "model_path", "")))
         self.cache = [[] for _ in range(n_seq)]  # tokens whose KV cells each sequence holds
         self.busy = [None] * n_seq  # the task decoding in each sequence
         self.used = [0] * n_seq  # when each sequence was last given out
@@ -712,6 +749,8 @@ class Slots:
     # -- the request threads' side --
 
     def submit(self, run):
+        for group in run.groups:
+            self._look_up(group[0])
         with self._lock:
             for group in run.groups:
                 arrival = next(self._arrivals)
@@ -719,6 +758,20 @@ class Slots:
                     task.arrival = arrival
             self._waiting.extend(run.groups)
         self.engine.wake(self)
+
+    def _look_up(self, task):
+        """Read (and check) the saved state of the longest prefix of a prompt from disk, when
+        no sequence holds one as long: on the request's thread, so the engine never waits on a
+        disk."""
+        prompt = task.gen.prompt
+        if self.kv is None or len(prompt) < self.cache_min:
+            return
+        # The compute thread replaces and grows these lists; a copy of each is a consistent
+        # (if already dated) view, which is all a guess at the best source needs.
+        in_memory = max(common_prefix(list(cached), prompt) for cached in self.cache)
+        found = self.kv.cache.find(self.key, prompt, max(self.cache_min, in_memory + COPY_MIN_TOKENS))
+        if found is not None:
+            task.restore = found
 
     # -- the compute thread's side --
 
@@ -769,10 +822,9 @@ class Slots:
         """Start a group in free sequences: the first where the longest prefix of its prompt is
         (kept, or copied from any sequence, busy or idle), the others from a copy of its prompt
         once read."""
-        first, prompt = group[0], group[0].gen.prompt
-        seq, source, keep = self._choose(prompt, free)
-        self._take(first, seq, keep, source)
-        first.run.usage.cached_tokens += keep
+        first = group[0]
+        seq, source, keep = self._choose(first, free)
+        first.run.usage.cached_tokens += self._take(first, seq, keep, source)
         free.remove(seq)
         for task in group[1:]:  # decoded from a copy of the first one's prompt
             sib = min(free, key=lambda s: self.used[s])
@@ -780,11 +832,13 @@ class Slots:
             self._take(task, sib, 0, prefill=False)
             first.siblings.append(task)
 
-    def _choose(self, prompt, free):
-        """(free sequence, sequence to copy cells from or None, prompt tokens kept) for a prompt:
+    def _choose(self, task, free):
+        """(free sequence, where its cells come from, prompt tokens kept) for a task's prompt:
         the free sequence sharing the longest prefix with it (if it shares enough, else the least
-        recently used), and the sequence whose cells hold the longest prefix of it, if that is
-        COPY_MIN_TOKENS longer."""
+        recently used); its cells its own, or copied from the sequence (busy or idle) whose
+        cells hold the longest prefix, or restored from the state read from disk, when either
+        is COPY_MIN_TOKENS longer."""
+        prompt, restore, task.restore = task.gen.prompt, task.restore, None
         shared = [common_prefix(cached, prompt) for cached in self.cache]
         seq = max(free, key=lambda s: (shared[s], -self.used[s]))
         if shared[seq] < len(prompt) * PREFIX_SHARE:
@@ -792,18 +846,30 @@ class Slots:
             seq = min(free, key=lambda s: self.used[s])
         donor = max(range(len(self.cache)), key=lambda s: shared[s])
         limit = len(prompt) - 1  # the last prompt token is decoded again: its logits sample
+        if restore is not None:
+            saved = common_prefix(restore[0], prompt)
+            if saved >= max(shared[seq], shared[donor]) + COPY_MIN_TOKENS:
+                return seq, restore, min(saved, limit)
         if shared[donor] >= shared[seq] + COPY_MIN_TOKENS:
             return seq, donor, min(shared[donor], limit)
         return seq, None, min(shared[seq], limit)
 
     def _take(self, task, seq, keep, source=None, prefill=True):
         """Give `task` sequence `seq` holding the first `keep` tokens of its prompt: its own
-        cells, or a copy of `source`'s."""
+        cells, a copy of sequence `source`'s, or the saved state `source` (tokens, bytes).
+        The tokens it keeps (fewer if llama.cpp refuses the saved state)."""
         self.busy[seq], task.seq = task, seq
         self.used[seq] = next(self._clock)
         task.state = TaskState.PROMPT
         task.admitted_at = time.monotonic()
-        if source is not None:
+        if isinstance(source, tuple):
+            if self.ctx.set_seq_state(seq, source[1]):
+                self.cache[seq] = list(source[0][:keep])
+            else:
+                log.warning("llama.cpp refused a saved prompt state of %d tokens; reading the "
+                            "prompt", len(source[0]))
+                self.cache[seq], keep = [], 0
+        elif source is not None:
             self.ctx.copy(source, seq)
             self.cache[seq] = self.cache[source][:keep]
         else:
@@ -811,6 +877,8 @@ class Slots:
         self.ctx.forget(seq, keep)
         task.n_past = keep
         task.todo = list(task.gen.prompt[keep:]) if prefill else []
+        task.computed = len(task.todo)
+        return keep
 
     def step(self):
         """One decode step: a token of every generating answer, then prompt chunks in arrival
@@ -848,6 +916,8 @@ class Slots:
             self.fault(e)
             return False
         for task, i in sampled:
+            if task.state is TaskState.PROMPT:
+                self._save(task)
             for sib in task.siblings:  # the prompt is read once, then copied to each sibling
                 self.ctx.copy(task.seq, sib.seq)
                 self.cache[sib.seq] = list(self.cache[task.seq])
@@ -856,6 +926,14 @@ class Slots:
             task.siblings = []
             self._sample_or_fail(task, i)
         return True
+
+    def _save(self, task):
+        """Hand a prompt just read to the prompt cache on disk, if it is long and was read here
+        (not kept, copied or restored) for the most part."""
+        prompt = task.gen.prompt
+        if self.kv is None or len(prompt) < self.cache_min or task.computed < self.cache_min:
+            return
+        self.kv.put(self.key, list(prompt), self.ctx.seq_state(task.seq))
 
     def fault(self, error):
         """A step failed outside one answer's sampling: every answer holding a sequence ends
@@ -1607,13 +1685,17 @@ class Node:
                                          connections=settings.download_connections,
                                          metrics=self.metrics)
         self.compute = ComputeThread()
+        # Long prompts' KV states, saved under the store and restored verified (off at 0 bytes).
+        self.prompt_cache = (Saver(PromptCache(self.store.root, settings.prompt_cache_bytes))
+                             if settings.prompt_cache_bytes else None)
         raw_loader = loader or (lambda path: load_llama(path, settings))
 
         def load_with_slots(path):
             llm = raw_loader(path)
             try:
                 llm.slots = Slots(llm, self.compute, settings.parallel, settings.n_ctx,
-                                  settings.n_threads, self.metrics, step_hook=step_hook)
+                                  settings.n_threads, self.metrics, step_hook=step_hook,
+                                  kv=self.prompt_cache, cache_min=settings.prompt_cache_min)
             except BaseException:
                 llm.close()
                 raise

@@ -187,6 +187,11 @@ SETTINGS = (
             "comma-separated models verified and loaded at start; /ready waits for them"),
     Setting("keep_alive", "LLM_KEEP_ALIVE", as_keep_alive, "5m",
             "how long an idle model stays loaded (30s, 10m, -1 forever, 0 unload at once)"),
+    Setting("prompt_cache_min", "LLM_PROMPT_CACHE_MIN", as_positive_int, "1024",
+            "prompts of at least this many tokens are saved to the prompt cache on disk once read"),
+    Setting("prompt_cache_bytes", "LLM_PROMPT_CACHE_BYTES", as_non_negative_int, "2147483648",
+            "most bytes the prompt cache on disk (.llmnode/kv/ in the store) holds; the least "
+            "recently used leave first (0: off)"),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}
