@@ -3896,6 +3896,11 @@ def cmd_verify(settings, name):
                                   ("CORRUPTED: " if layer else "BAD: ") + problem))
             bad += problem is not None
     print("%d model(s) checked, %d problem(s)" % (len(refs), bad))
+    if not name:
+        # Derived data: reported here, dropped by `repair` (or by the node when it meets it).
+        good, rotten = PromptCache(node.store.root, settings.prompt_cache_bytes).verify(drop=False)
+        print("prompt cache: %d entries ok, %d bad" % (good, rotten))
+        bad += rotten
     return 1 if bad else 0
 
 
@@ -3908,6 +3913,9 @@ def cmd_repair(settings, name):
     ref = names.parse(name)
     fetched = node.repairs.check_model(ref)
     print("%s: %s" % (ref, "%d blob(s) repaired" % len(fetched) if fetched else "intact"))
+    _good, dropped = PromptCache(node.store.root, settings.prompt_cache_bytes).verify(drop=True)
+    if dropped:
+        print("prompt cache: %d bad entries dropped" % dropped)
     return 0
 
 
@@ -3926,6 +3934,10 @@ def cmd_list(settings):
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+    entries = PromptCache(store.root, settings.prompt_cache_bytes).entries()
+    print("prompt cache: %d entries, %s (at most %s, LLM_PROMPT_CACHE_BYTES)"
+          % (len(entries), human_size(sum(size for _path, size in entries)),
+             human_size(settings.prompt_cache_bytes)))
     return 0
 
 

@@ -217,11 +217,12 @@ class PromptCache:
         """(data path, size) of every entry: what `list` reports."""
         return [(path, size) for path, size, _used in self._files()]
 
-    def verify(self):
-        """Check every entry against its record; delete the bad ones. (good, dropped) counts."""
-        good = dropped = 0
+    def verify(self, drop=True):
+        """Check every entry against its record: (good, bad) counts. With `drop`, a bad entry
+        (or a data file no record names) is deleted."""
+        good = bad = 0
         if not os.path.isdir(self.dir):
-            return good, dropped
+            return good, bad
         for d in sorted(os.listdir(self.dir)):
             d = os.path.join(self.dir, d)
             if not os.path.isdir(d):
@@ -229,16 +230,29 @@ class PromptCache:
             recorded = set()
             for record in self._records(d):
                 recorded.add(record["path"])
-                if self._read_checked(record) is None:
-                    dropped += 1
+                if not drop:
+                    ok = self._intact(record)
                 else:
-                    good += 1
+                    ok = self._read_checked(record) is not None
+                good, bad = good + ok, bad + (not ok)
             for name in os.listdir(d):
                 path = os.path.join(d, name)
                 if name.endswith(".kv") and path not in recorded:
-                    self._drop(path, "no record names it")
-                    dropped += 1
-        return good, dropped
+                    bad += 1
+                    if drop:
+                        self._drop(path, "no record names it")
+        return good, bad
+
+    def _intact(self, record):
+        h, size = hashlib.sha256(), 0
+        try:
+            with open(record["path"], "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    size += len(block)
+        except FileNotFoundError:
+            return False
+        return size == record.get("size") and h.hexdigest() == record["sha256"]
 
 
 class Saver:

@@ -13,7 +13,7 @@ import pytest
 
 import llmnode
 from repair.kvcache import PromptCache, key_id
-from tests.conftest import rot, settings_for
+from tests.conftest import node_env, rot, run_cli, settings_for
 from tests.fakeregistry import FakeRegistry
 
 SMOL = "smollm2:135m"
@@ -171,3 +171,20 @@ def test_a_full_disk_while_saving_still_answers_and_leaves_no_partial_file(nodes
         assert left == []
     finally:
         subprocess.run(["umount", kv], check=True)
+
+
+def test_list_and_verify_report_the_cache_and_repair_drops_a_bad_entry(nodes, store):
+    messages, before = conversation(), entry_files(store[0])
+    ask(nodes(), messages)
+    path = saved_entry(store[0], before)
+    env = node_env(store[0], store[1])
+    listed = run_cli("list", env=env)
+    assert "prompt cache: %d entries" % len(entry_files(store[0])) in listed.stdout
+    rot(path, n=1)
+    checked = run_cli("verify", env=env)
+    assert checked.returncode == 1 and "prompt cache: %d entries ok, 1 bad" % (
+        len(entry_files(store[0])) - 1) in checked.stdout
+    assert os.path.exists(path)  # verify reports; repair drops
+    repaired = run_cli("repair", SMOL, env=env)
+    assert repaired.returncode == 0 and "prompt cache: 1 bad entries dropped" in repaired.stdout
+    assert not os.path.exists(path)
