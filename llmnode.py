@@ -135,16 +135,28 @@ def without_extra_buffers():
 
 
 def load_llama(path, settings):
-    """Load a GGUF with llama.cpp; its chat template comes from the file."""
+    """Load a GGUF with llama.cpp; its chat template comes from the file. The layers offloaded to
+    a GPU (LLM_GPU_LAYERS) are logged."""
+    import llama_cpp
     from llama_cpp import Llama
 
     if cpu_has_amx():
         without_extra_buffers()
 
+    gpu = llama_cpp.llama_supports_gpu_offload()
+    layers = settings.gpu_layers
+    if layers is None:  # auto: every layer (llama-cpp-python's -1) when there is a GPU
+        layers = -1 if gpu else 0
     # The Llama's own context only embeds (up to BATCH_TOKENS tokens); answers are decoded in
     # the model's BatchedContext, made beside it.
-    return Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
-                 use_mmap=settings.use_mmap, verbose=False)
+    llm = Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
+                use_mmap=settings.use_mmap, n_gpu_layers=layers, verbose=False)
+    # llama.cpp offloads the repeating layers and then the output layer: n_layer + 1 in all.
+    total = llama_cpp.llama_model_n_layer(model_pointer(llm)) + 1
+    offloaded = (total if layers < 0 else min(layers, total)) if gpu else 0
+    log.info("model %s: %d of %d layers offloaded to the GPU%s", os.path.basename(path), offloaded,
+             total, "" if gpu else " (this llama.cpp has no GPU backend)")
+    return llm
 
 
 # byte-fallback tokens can run a generation up to 3 tokens past max_tokens (an unfinished
@@ -277,15 +289,24 @@ def model_pointer(llm):
     return llm._model.model
 
 
+# LLM_KV_CACHE_TYPE and LLM_FLASH_ATTENTION, as llama.cpp's context takes them.
+KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
+
+
 class BatchedContext:
     """One llama.cpp context on a loaded model's weights with `n_seq` sequences of `n_ctx`
-    tokens each, each in its own KV stream (a sequence's cells can be copied to another)."""
+    tokens each, each in its own KV stream (a sequence's cells can be copied to another), its
+    keys and values of `kv_type`, flash attention `flash_attn` (auto, on, off)."""
 
-    def __init__(self, llm, n_seq, n_ctx, threads):
+    def __init__(self, llm, n_seq, n_ctx, threads, kv_type="f16", flash_attn="auto"):
         import llama_cpp as C
 
         self.C = C
+        self.kv_type, self.flash_attn = kv_type, flash_attn
         params = C.llama_context_default_params()
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_type]
+        params.flash_attn_type = FLASH_ATTENTION[flash_attn]
         params.n_ctx = n_seq * n_ctx
         params.n_batch = params.n_ubatch = BATCH_TOKENS
         params.n_seq_max = n_seq
@@ -301,7 +322,10 @@ class BatchedContext:
         self.ctx = C.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise ModelLoadFailed("llama.cpp could not make a context of %d x %d tokens "
-                                  "(LLM_PARALLEL x LLM_CTX_SIZE)" % (n_seq, n_ctx))
+                                  "(LLM_PARALLEL x LLM_CTX_SIZE) with a %s KV cache and flash "
+                                  "attention %s (LLM_KV_CACHE_TYPE, LLM_FLASH_ATTENTION: a "
+                                  "quantised cache needs flash attention)"
+                                  % (n_seq, n_ctx, kv_type, flash_attn))
         self.mem = C.llama_get_memory(self.ctx)
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
@@ -399,7 +423,8 @@ class BatchedContext:
 
         return {"llama_cpp": llama_cpp.__version__,
                 "system": self.C.llama_print_system_info().decode("utf-8", "replace"),
-                "n_ctx": self.n_ctx, "type_k": "f16", "type_v": "f16", "kv_unified": False}
+                "n_ctx": self.n_ctx, "kv_type": self.kv_type, "flash_attn": self.flash_attn,
+                "kv_unified": False}
 
     def seq_state(self, seq):
         """The bytes of a sequence's KV state, as llama.cpp saves it."""
@@ -726,11 +751,11 @@ class Slots:
     longest prefix is on disk rather than in a sequence starts from the saved state."""
 
     def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None, step_hook=None, kv=None,
-                 cache_min=1024):
+                 cache_min=1024, kv_type="f16", flash_attn="auto"):
         self.llm, self.engine, self.n_ctx = llm, engine, n_ctx
         self.metrics = metrics or Metrics()
         self.step_hook = step_hook
-        self.ctx = BatchedContext(llm, n_seq, n_ctx, threads)
+        self.ctx = BatchedContext(llm, n_seq, n_ctx, threads, kv_type, flash_attn)
         self.kv, self.cache_min = kv, cache_min
         # What a saved state of this model is bound to: the weights (a blob is named by its
         # digest), the build and the KV settings.
@@ -1695,7 +1720,9 @@ class Node:
             try:
                 llm.slots = Slots(llm, self.compute, settings.parallel, settings.n_ctx,
                                   settings.n_threads, self.metrics, step_hook=step_hook,
-                                  kv=self.prompt_cache, cache_min=settings.prompt_cache_min)
+                                  kv=self.prompt_cache, cache_min=settings.prompt_cache_min,
+                                  kv_type=settings.kv_cache_type,
+                                  flash_attn=settings.flash_attention)
             except BaseException:
                 llm.close()
                 raise

@@ -50,6 +50,26 @@ def as_non_negative_int(text):
     return value
 
 
+def as_gpu_layers(text):
+    """`auto` (every layer when llama.cpp has a GPU backend, else none), or a count."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected auto or a number of layers (0 or more)")
+    return number
+
+
+def as_choice(*choices):
+    def convert(text):
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of %s" % ", ".join(choices))
+        return value
+    return convert
+
+
 def as_optional_secret(text):
     return text.strip() or None
 
@@ -187,6 +207,12 @@ SETTINGS = (
             "comma-separated models verified and loaded at start; /ready waits for them"),
     Setting("keep_alive", "LLM_KEEP_ALIVE", as_keep_alive, "5m",
             "how long an idle model stays loaded (30s, 10m, -1 forever, 0 unload at once)"),
+    Setting("gpu_layers", "LLM_GPU_LAYERS", as_gpu_layers, "auto",
+            "layers offloaded to the GPU (auto: all when llama.cpp has a GPU backend, else 0)"),
+    Setting("kv_cache_type", "LLM_KV_CACHE_TYPE", as_choice("f16", "q8_0", "q4_0"), "f16",
+            "type of the KV cache's keys and values (q8_0 halves its memory, q4_0 quarters it)"),
+    Setting("flash_attention", "LLM_FLASH_ATTENTION", as_choice("auto", "on", "off"), "auto",
+            "llama.cpp's flash attention (a quantised V cache needs it on or auto)"),
     Setting("prompt_cache_min", "LLM_PROMPT_CACHE_MIN", as_positive_int, "1024",
             "prompts of at least this many tokens are saved to the prompt cache on disk once read"),
     Setting("prompt_cache_bytes", "LLM_PROMPT_CACHE_BYTES", as_non_negative_int, "2147483648",

@@ -336,3 +336,49 @@ def test_a_second_conversation_sharing_a_running_ones_system_prompt_starts_from_
         stream.close()
     assert beside_usage.prompt_tokens_details.cached_tokens == shared
     assert beside == alone
+
+
+def kv_bytes(llm, kv_type, flash_attn="auto"):
+    """llama.cpp's own size of one sequence's KV state after reading a fixed prompt."""
+    ctx = llmnode.BatchedContext(llm, 1, 512, 2, kv_type=kv_type, flash_attn=flash_attn)
+    try:
+        prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 20, add_bos=True,
+                              special=False)
+        ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
+        token = ctx.sample(ctx.sampler(llmnode.Sampling(temperature=0)), len(prompt) - 1)
+        assert 0 <= token < ctx.n_vocab
+        return len(ctx.seq_state(0))
+    finally:
+        ctx.close()
+
+
+def test_a_q8_0_kv_cache_runs_and_holds_about_half_the_bytes_of_f16(tmp_path):
+    from tests.conftest import smollm2_path
+
+    settings = settings_for(str(tmp_path / "models"), "http://127.0.0.1:9", LLM_CPU_THREADS="2")
+    llm = llmnode.load_llama(smollm2_path(), settings)
+    try:
+        f16, q8, q4 = (kv_bytes(llm, t) for t in ("f16", "q8_0", "q4_0"))
+        assert 0.45 < q8 / f16 < 0.6  # 34 bytes a block of 32 against 64
+        assert 0.25 < q4 / f16 < 0.35
+        with pytest.raises(llmnode.ModelLoadFailed, match="LLM_KV_CACHE_TYPE"):
+            kv_bytes(llm, "q8_0", flash_attn="off")  # llama.cpp quantises V only with it
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("given, asked", [("auto", 0), ("12", 12)])
+def test_gpu_layers_reach_the_model_and_the_load_says_how_many_were_offloaded(
+        given, asked, tmp_path, tiny_gguf, caplog):
+    import logging
+
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(tiny_gguf)
+    settings = settings_for(str(tmp_path / "models"), "http://127.0.0.1:9", LLM_GPU_LAYERS=given)
+    with caplog.at_level(logging.INFO):
+        llm = llmnode.load_llama(str(path), settings)
+    try:
+        assert llm.model_params.n_gpu_layers == asked  # this build: no GPU backend, auto is 0
+        assert "tiny.gguf: 0 of " in caplog.text and "has no GPU backend" in caplog.text
+    finally:
+        llm.close()

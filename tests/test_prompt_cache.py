@@ -124,15 +124,18 @@ def test_a_state_saved_under_other_settings_is_never_restored(nodes, store):
     messages, before = conversation(), entry_files(store[0])
     ask(nodes(), messages)
     path = saved_entry(store[0], before)
-    other = nodes(LLM_CTX_SIZE="1024")
-    ask(other, [{"role": "user", "content": "Hi"}])  # loaded: its key is known
+    other = nodes(LLM_KV_CACHE_TYPE="q8_0")  # a KV cache of another type: states of another shape
+    assert ask(other, [{"role": "user", "content": "Hi"}])[0]  # loaded (its key known), and answers
     slots = other.pool._models[other.pool.loaded()[0]].llm.slots
     # Even put where the other key's entries are, the record's key does not match.
     planted = os.path.join(os.path.dirname(os.path.dirname(path)), key_id(slots.key))
     os.makedirs(planted, exist_ok=True)
     for f in (path, path[:-3] + ".json"):
         shutil.copy(f, planted)
-    _, usage = ask(other, messages)
+    answer, usage = ask(other, messages)
+    assert usage.cached_tokens < 40 and answer
+    # And a node of yet another context size finds neither.
+    _, usage = ask(nodes(LLM_CTX_SIZE="1024"), messages)
     assert usage.cached_tokens < 40
 
 
