@@ -763,6 +763,7 @@ class Slots:
         self.cache = [[] for _ in range(n_seq)]  # tokens whose KV cells each sequence holds
         self.busy = [None] * n_seq  # the task decoding in each sequence
         self.used = [0] * n_seq  # when each sequence was last given out
+        self.keys = [None] * n_seq  # the cache key (`prompt_cache_key`) of each one's last answer
         self._clock = itertools.count(1)
         # Guards _waiting (lists of tasks sharing a prompt, oldest first) and _arrivals: filled
         # by request threads, emptied by the compute thread.
@@ -837,7 +838,12 @@ class Slots:
             for g in blocked:
                 g[0].bypassed += 1
             self._unqueue(group)
-            self._place(group, free)
+            try:
+                self._place(group, free)
+            except Exception as e:
+                # Out of the queue and maybe in no sequence yet: ended here, or never.
+                log.exception("admitting an answer failed; ending it")
+                self._fail(group, e)
 
     def _unqueue(self, group):
         with self._lock:
@@ -869,6 +875,11 @@ class Slots:
         if shared[seq] < len(prompt) * PREFIX_SHARE:
             # A few shared opening tokens are not worth another conversation's cache.
             seq = min(free, key=lambda s: self.used[s])
+        mine = [s for s in free if task.gen.cache_key is not None and self.keys[s] == task.gen.cache_key]
+        if mine and shared[mine[0]] >= shared[seq]:
+            # The client's cache key names the conversation: its sequence stays its own, not
+            # another conversation's that happens to share as much.
+            seq = mine[0]
         donor = max(range(len(self.cache)), key=lambda s: shared[s])
         limit = len(prompt) - 1  # the last prompt token is decoded again: its logits sample
         if restore is not None:
@@ -885,6 +896,7 @@ class Slots:
         The tokens it keeps (fewer if llama.cpp refuses the saved state)."""
         self.busy[seq], task.seq = task, seq
         self.used[seq] = next(self._clock)
+        self.keys[seq] = task.gen.cache_key
         task.state = TaskState.PROMPT
         task.admitted_at = time.monotonic()
         if isinstance(source, tuple):
@@ -1387,6 +1399,9 @@ class Generation:
     n: int = 1  # answers to the same prompt, sharing its prefill
     logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
     hold: bool = False  # the answer is parsed whole (tool calls): no pieces until it ends
+    # The client's name for the conversation (OpenAI's `prompt_cache_key`): among free sequences
+    # sharing as long a prefix, the one its last answer used is taken.
+    cache_key: str = None
 
 
 @dataclass
@@ -1938,7 +1953,8 @@ class Node:
         return Generation(prompt=prompt, sampling=sampling,
                           max_tokens=min(req["max_tokens"] or budget, budget),
                           stop=asked + [s for s in stop if s not in asked],
-                          n=req["n"], logprobs=logprobs, hold=hold)
+                          n=req["n"], logprobs=logprobs, hold=hold,
+                          cache_key=req.get("prompt_cache_key"))
 
     def _start(self, entry, gens):
         run = Run(self.compute, entry.llm.slots, gens, entry.release, gone=CLIENT_GONE.get())

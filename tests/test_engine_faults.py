@@ -292,3 +292,25 @@ def test_time_in_the_queue_is_not_counted_as_reading_the_prompt(served):
     queued.collect()
     assert queued.timings["queue"] > 0.3
     assert queued.timings["prompt_eval"] < queued.timings["queue"]
+
+
+def test_a_cache_key_keeps_a_conversation_on_its_own_sequence(served):
+    slots_of(served)
+
+    def turn(system, question, key):
+        req = llmnode.validate_chat({"model": SMOL, "temperature": 0, "max_tokens": 2, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": question}]},
+            served.node.settings.n_ctx)
+        req["prompt_cache_key"] = key  # as the dialects set it from the client's field
+        answer = served.node.chat(req)
+        answer.collect()
+        return answer.usage
+
+    mine, other = ("Conversation %s. " % k + "Answer briefly and kindly. " * 40 for k in "AB")
+    turn(mine, "Hi", "mine")
+    turn(other, "Hi", "other")
+    turn(mine, "Hi", "mine")  # the other conversation's sequence is now the least recently used
+    # The same client starts over (nothing shared): its own sequence, not the other's cache.
+    turn("Start again.", "Hi", "mine")
+    usage = turn(other, "Hi", "other")
+    assert usage.cached_tokens == usage.prompt_tokens - 1
