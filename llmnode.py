@@ -27,6 +27,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
 import bottle
+import numpy as np
 
 import conf
 from repair import names
@@ -185,7 +186,6 @@ def embed_tokens(llm, tokens):
     same weights): the pooling the GGUF names, or the mean over the tokens for a chat model
     (which names none)."""
     import llama_cpp
-    import numpy as np
 
     ctx = llm._ctx.ctx
     n_embd = llm.n_embd()
@@ -289,6 +289,16 @@ def model_pointer(llm):
     return llm._model.model
 
 
+@dataclass
+class Sampler:
+    """One answer's llama.cpp samplers: its chain, its grammar (None without one), and whether
+    the chain is greedy alone (then the grammar is checked on the likeliest tokens first)."""
+
+    chain: object
+    grammar: object = None
+    greedy: bool = False
+
+
 # LLM_KV_CACHE_TYPE and LLM_FLASH_ATTENTION, as llama.cpp's context takes them.
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
 FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
@@ -332,8 +342,6 @@ class BatchedContext:
         self.batch = C.llama_batch_init(BATCH_TOKENS, 0, n_seq)
         self._buf = ctypes.create_string_buffer(256)
         # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
-        import numpy as np
-
         self._candidates = (C.llama_token_data * self.n_vocab)()
         self._ids_logits = np.ctypeslib.as_array(self._candidates)
         self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
@@ -357,7 +365,7 @@ class BatchedContext:
         (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
         all the logits, and only a token the grammar refuses makes it pick again from the
         grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
-        chain, gram, greedy = sampler
+        chain, gram, greedy = sampler.chain, sampler.grammar, sampler.greedy
         if gram is None:
             return self.C.llama_sampler_sample(chain, self.ctx, i)  # applies and accepts
         if greedy:
@@ -370,8 +378,8 @@ class BatchedContext:
         return token
 
     def accept(self, sampler, token):
-        """Advance a (chain, grammar) sampler past `token`."""
-        for part in sampler[:2]:
+        """Advance a sampler (chain and grammar) past `token`."""
+        for part in (sampler.chain, sampler.grammar):
             if part is not None:
                 self.C.llama_sampler_accept(part, token)
 
@@ -412,8 +420,6 @@ class BatchedContext:
         return arr.data[arr.selected].id
 
     def logits(self, i):
-        import numpy as np
-
         return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
 
     def state_key(self):
@@ -465,10 +471,10 @@ class BatchedContext:
         return self.C.llama_vocab_is_eog(self.vocab, token)
 
     def sampler(self, s, history=()):
-        """A sampler for one answer, (chain, grammar or None, whether the chain is greedy alone):
-        the chain is logit bias, penalties (fed the prompt's last tokens), then greedy at
-        temperature 0 or top-k, top-p, min-p, temperature and a seeded draw, as llama.cpp's
-        common sampler orders them; the grammar is applied as `sample` says."""
+        """A Sampler for one answer: the chain is logit bias, penalties (fed the prompt's last
+        tokens), then greedy at temperature 0 or top-k, top-p, min-p, temperature and a seeded
+        draw, as llama.cpp's common sampler orders them; the grammar is applied as `sample`
+        says."""
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 
@@ -501,10 +507,10 @@ class BatchedContext:
             add(C.llama_sampler_init_min_p(s.min_p, 1))
             add(C.llama_sampler_init_temp(s.temperature))
             add(C.llama_sampler_init_dist(s.seed))
-        return chain, gram, greedy
+        return Sampler(chain, gram, greedy)
 
     def free_sampler(self, sampler):
-        for part in sampler[:2]:
+        for part in (sampler.chain, sampler.grammar):
             if part is not None:
                 self.C.llama_sampler_free(part)
 
@@ -1026,8 +1032,6 @@ class Slots:
             self._end(task, "length")
 
     def _logprobs(self, i, token, top):
-        import numpy as np
-
         logits = self.ctx.logits(i).astype(np.float64)
         peak = logits.max()
         logz = peak + np.log(np.exp(logits - peak).sum())
@@ -1146,6 +1150,8 @@ class LoadedModel:
     def __init__(self, pool, path):
         self.pool = pool
         self.path = path
+        # Set (and cleared) only by the thread holding `lock` (the load) or the pool's condition
+        # (the close); read without either: a reader that sees None takes `lock` and looks again.
         self.llm = None
         self.formatter = None
         # Held while the weights load: the first request loads them, the others wait in order.

@@ -276,14 +276,14 @@ def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_pass_picks(which
                                                              "rank": {"type": "integer"}}})
     fast = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
     whole = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
-    assert fast[2] and whole[2]  # greedy alone in the chain: the shortcut applies
+    assert fast.greedy and whole.greedy  # greedy alone in the chain: the shortcut applies
     prompt = llm.tokenize(b"Describe Paris as JSON:", add_bos=True, special=False)
     ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
     at, pos, shortcuts = len(prompt) - 1, len(prompt), 0
     for _step in range(40):
-        expected = ctx._apply(ctx._greedy, at, whole[1])
+        expected = ctx._apply(ctx._greedy, at, whole.grammar)
         top = [int(t) for t in ctx.logits(at).argsort()[::-1][:ctx.GREEDY_FIRST]]
-        shortcuts += expected in ctx._allows(fast[1], top)  # found among the likeliest
+        shortcuts += expected in ctx._allows(fast.grammar, top)  # found among the likeliest
         got = ctx.sample(fast, at)
         assert got == expected
         ctx.accept(whole, expected)
