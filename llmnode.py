@@ -551,7 +551,8 @@ class ComputeThread:
     # How long a caller waits for its job or for its answer's next piece.
     WAIT_SECS = 3600
 
-    def __init__(self):
+    def __init__(self, name="llama-compute"):
+        self.name = name
         # Guards _jobs, _active (the Slots with work) and _thread; notified when either grows.
         self._cond = threading.Condition()
         self._jobs = deque()
@@ -560,7 +561,7 @@ class ComputeThread:
 
     def _start(self):
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
     def _loop(self):
@@ -1749,7 +1750,11 @@ class Node:
                 raise
             return llm
 
-        self.loader = lambda path: self.compute.run(load_with_slots, path)
+        # Loads run on a thread of their own, so the streams of the models in memory go on
+        # meanwhile; one thread, as for compute, so that llama.cpp's OpenMP team (its weight
+        # repacking computes) is made once, not on every request thread that loads.
+        self.loads = ComputeThread(name="llama-load")
+        self.loader = lambda path: self.loads.run(load_with_slots, path)
         # A model is freed on the compute thread, between decode steps.
         self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive,
                               close=lambda llm: self.compute.post(lambda: close_model(llm)))

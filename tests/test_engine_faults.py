@@ -3,6 +3,7 @@ request, a client that leaves frees its sequence, requests are served in arrival
 SmolLM2 and the tiny model through a real waitress server in this process."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -314,3 +315,47 @@ def test_a_cache_key_keeps_a_conversation_on_its_own_sequence(served):
     turn("Start again.", "Hi", "mine")
     usage = turn(other, "Hi", "other")
     assert usage.cached_tokens == usage.prompt_tokens - 1
+
+
+# -- a load beside a stream ----------------------------------------------------------------------------
+
+def test_a_model_load_does_not_stop_another_models_stream(tmp_path, smollm2, tiny_gguf):
+    reg = FakeRegistry().start()
+    reg.add_model("library/smollm2", "135m", smollm2)
+    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
+    settings = settings_for(str(tmp_path / "models"), reg.url, LLM_CTX_SIZE="2048",
+                            LLM_MAX_LOADED_MODELS="2", LLM_VERIFY_ON_LOAD="false")
+    streaming, window, sampled = threading.Event(), [], []
+
+    def loader(path):
+        if os.path.basename(path) == os.path.basename(smol_path):
+            assert streaming.wait(60), "the other model's stream never started"
+            window.append(time.monotonic())
+            try:
+                return llmnode.load_llama(path, settings)
+            finally:
+                window.append(time.monotonic())
+        return llmnode.load_llama(path, settings)
+
+    def hook(task):  # the tiny model's tokens, as the engine samples them
+        sampled.append(time.monotonic())
+        if len(sampled) == 20:
+            streaming.set()
+
+    node = llmnode.Node(settings, loader=loader, step_hook=hook)
+    for name in (SMOL, TINY):
+        node.repairs.pull(llmnode.names.parse(name))
+    smol_path = blob_of(str(tmp_path / "models"), ("smollm2", "135m"))[1]
+    s = Served(node)
+    try:
+        assert chat(s, TINY, "x", max_tokens=1).status_code == 200  # in memory before
+        # The tiny model streams ~2000 tokens (end-of-text barred) while SmolLM2 loads.
+        stream = threading.Thread(target=lambda: chat(s, TINY, "x", max_tokens=2000, logit_bias={"2": -100}))
+        stream.start()
+        assert chat(s, SMOL, "Hi", max_tokens=2).status_code == 200
+        stream.join(120)
+    finally:
+        s.close()
+        reg.stop()
+    start, end = window
+    assert sum(start < t < end for t in sampled) > 0
