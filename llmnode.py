@@ -22,8 +22,10 @@ bottom, each depending only on those above it:
 import argparse
 import base64
 import codecs
+import contextvars
 import ctypes
 import dataclasses
+import enum
 import hashlib
 import hmac
 import itertools
@@ -42,12 +44,15 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field, replace
 
 import bottle
+import numpy as np
 
 import conf
 from repair import names, operations
 from repair.coordinator import RepairCoordinator
 from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtime's, from here)
+    ClientGone,
     ContextTooLong,
+    EngineFault,
     InvalidRequest,
     LLMNodeError,
     MethodNotAllowed,
@@ -61,6 +66,7 @@ from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtim
     UnsupportedParameter,
 )
 from repair.guard import IntegrityGuard
+from repair.kvcache import PromptCache, Saver
 from repair.metrics import Metrics
 from repair.progress import progress_for
 from repair.registry import RegistryClient
@@ -147,16 +153,28 @@ def without_extra_buffers():
 
 
 def load_llama(path, settings):
-    """Load a GGUF with llama.cpp; its chat template comes from the file."""
+    """Load a GGUF with llama.cpp; its chat template comes from the file. The layers offloaded to
+    a GPU (LLM_GPU_LAYERS) are logged."""
+    import llama_cpp
     from llama_cpp import Llama
 
     if cpu_has_amx():
         without_extra_buffers()
 
+    gpu = llama_cpp.llama_supports_gpu_offload()
+    layers = settings.gpu_layers
+    if layers is None:  # auto: every layer (llama-cpp-python's -1) when there is a GPU
+        layers = -1 if gpu else 0
     # The Llama's own context only embeds (up to BATCH_TOKENS tokens); answers are decoded in
     # the model's BatchedContext, made beside it.
-    return Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
-                 use_mmap=settings.use_mmap, verbose=False)
+    llm = Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
+                use_mmap=settings.use_mmap, n_gpu_layers=layers, verbose=False)
+    # llama.cpp offloads the repeating layers and then the output layer: n_layer + 1 in all.
+    total = llama_cpp.llama_model_n_layer(model_pointer(llm)) + 1
+    offloaded = (total if layers < 0 else min(layers, total)) if gpu else 0
+    log.info("model %s: %d of %d layers offloaded to the GPU%s", os.path.basename(path), offloaded,
+             total, "" if gpu else " (this llama.cpp has no GPU backend)")
+    return llm
 
 
 # byte-fallback tokens can run a generation up to 3 tokens past max_tokens (an unfinished
@@ -185,7 +203,6 @@ def embed_tokens(llm, tokens):
     same weights): the pooling the GGUF names, or the mean over the tokens for a chat model
     (which names none)."""
     import llama_cpp
-    import numpy as np
 
     ctx = llm._ctx.ctx
     n_embd = llm.n_embd()
@@ -289,15 +306,34 @@ def model_pointer(llm):
     return llm._model.model
 
 
+@dataclass
+class Sampler:
+    """One answer's llama.cpp samplers: its chain, its grammar (None without one), and whether
+    the chain is greedy alone (then the grammar is checked on the likeliest tokens first)."""
+
+    chain: object
+    grammar: object = None
+    greedy: bool = False
+
+
+# LLM_KV_CACHE_TYPE and LLM_FLASH_ATTENTION, as llama.cpp's context takes them.
+KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
+
+
 class BatchedContext:
     """One llama.cpp context on a loaded model's weights with `n_seq` sequences of `n_ctx`
-    tokens each, each in its own KV stream (a sequence's cells can be copied to another)."""
+    tokens each, each in its own KV stream (a sequence's cells can be copied to another), its
+    keys and values of `kv_type`, flash attention `flash_attn` (auto, on, off)."""
 
-    def __init__(self, llm, n_seq, n_ctx, threads):
+    def __init__(self, llm, n_seq, n_ctx, threads, kv_type="f16", flash_attn="auto"):
         import llama_cpp as C
 
         self.C = C
+        self.kv_type, self.flash_attn = kv_type, flash_attn
         params = C.llama_context_default_params()
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_type]
+        params.flash_attn_type = FLASH_ATTENTION[flash_attn]
         params.n_ctx = n_seq * n_ctx
         params.n_batch = params.n_ubatch = BATCH_TOKENS
         params.n_seq_max = n_seq
@@ -308,19 +344,21 @@ class BatchedContext:
         # same logits whatever the batch holds (llama-server's default too).
         params.kv_unified = False
         params.no_perf = True
+        self.n_ctx = n_ctx
         self.model = model_pointer(llm)
         self.ctx = C.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise ModelLoadFailed("llama.cpp could not make a context of %d x %d tokens "
-                                  "(LLM_PARALLEL x LLM_CTX_SIZE)" % (n_seq, n_ctx))
+                                  "(LLM_PARALLEL x LLM_CTX_SIZE) with a %s KV cache and flash "
+                                  "attention %s (LLM_KV_CACHE_TYPE, LLM_FLASH_ATTENTION: a "
+                                  "quantised cache needs flash attention)"
+                                  % (n_seq, n_ctx, kv_type, flash_attn))
         self.mem = C.llama_get_memory(self.ctx)
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.batch = C.llama_batch_init(BATCH_TOKENS, 0, n_seq)
         self._buf = ctypes.create_string_buffer(256)
         # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
-        import numpy as np
-
         self._candidates = (C.llama_token_data * self.n_vocab)()
         self._ids_logits = np.ctypeslib.as_array(self._candidates)
         self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
@@ -344,7 +382,7 @@ class BatchedContext:
         (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
         all the logits, and only a token the grammar refuses makes it pick again from the
         grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
-        chain, gram, greedy = sampler
+        chain, gram, greedy = sampler.chain, sampler.grammar, sampler.greedy
         if gram is None:
             return self.C.llama_sampler_sample(chain, self.ctx, i)  # applies and accepts
         if greedy:
@@ -357,8 +395,8 @@ class BatchedContext:
         return token
 
     def accept(self, sampler, token):
-        """Advance a (chain, grammar) sampler past `token`."""
-        for part in sampler[:2]:
+        """Advance a sampler (chain and grammar) past `token`."""
+        for part in (sampler.chain, sampler.grammar):
             if part is not None:
                 self.C.llama_sampler_accept(part, token)
 
@@ -399,9 +437,34 @@ class BatchedContext:
         return arr.data[arr.selected].id
 
     def logits(self, i):
-        import numpy as np
-
         return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def state_key(self):
+        """What a saved sequence state is valid for beside the weights: this llama.cpp build
+        and the context's KV settings (a state saved under others is never restored)."""
+        import llama_cpp
+
+        return {"llama_cpp": llama_cpp.__version__,
+                "system": self.C.llama_print_system_info().decode("utf-8", "replace"),
+                "n_ctx": self.n_ctx, "kv_type": self.kv_type, "flash_attn": self.flash_attn,
+                "kv_unified": False}
+
+    def seq_state(self, seq):
+        """The bytes of a sequence's KV state, as llama.cpp saves it."""
+        size = self.C.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = self.C.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return ctypes.string_at(buf, written)
+
+    def set_seq_state(self, seq, data):
+        """Put saved state bytes in a sequence (its cells dropped first); whether llama.cpp
+        took them."""
+        self.C.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self.C.llama_state_seq_set_data(self.ctx, buf, len(data), seq) > 0:
+            return True
+        self.C.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        return False
 
     def forget(self, seq, start=0):
         """Drop a sequence's KV cells from position `start` on."""
@@ -425,10 +488,10 @@ class BatchedContext:
         return self.C.llama_vocab_is_eog(self.vocab, token)
 
     def sampler(self, s, history=()):
-        """A sampler for one answer, (chain, grammar or None, whether the chain is greedy alone):
-        the chain is logit bias, penalties (fed the prompt's last tokens), then greedy at
-        temperature 0 or top-k, top-p, min-p, temperature and a seeded draw, as llama.cpp's
-        common sampler orders them; the grammar is applied as `sample` says."""
+        """A Sampler for one answer: the chain is logit bias, penalties (fed the prompt's last
+        tokens), then greedy at temperature 0 or top-k, top-p, min-p, temperature and a seeded
+        draw, as llama.cpp's common sampler orders them; the grammar is applied as `sample`
+        says."""
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 
@@ -461,10 +524,10 @@ class BatchedContext:
             add(C.llama_sampler_init_min_p(s.min_p, 1))
             add(C.llama_sampler_init_temp(s.temperature))
             add(C.llama_sampler_init_dist(s.seed))
-        return chain, gram, greedy
+        return Sampler(chain, gram, greedy)
 
     def free_sampler(self, sampler):
-        for part in sampler[:2]:
+        for part in (sampler.chain, sampler.grammar):
             if part is not None:
                 self.C.llama_sampler_free(part)
 
@@ -505,7 +568,8 @@ class ComputeThread:
     # How long a caller waits for its job or for its answer's next piece.
     WAIT_SECS = 3600
 
-    def __init__(self):
+    def __init__(self, name="llama-compute"):
+        self.name = name
         # Guards _jobs, _active (the Slots with work) and _thread; notified when either grows.
         self._cond = threading.Condition()
         self._jobs = deque()
@@ -514,7 +578,7 @@ class ComputeThread:
 
     def _start(self):
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
     def _loop(self):
@@ -525,12 +589,31 @@ class ComputeThread:
                 jobs, self._jobs = self._jobs, deque()
                 active = list(self._active)
             for job in jobs:
-                job()
+                try:
+                    job()
+                except Exception:
+                    # A posted job (a model's close) that fails is that job's loss alone: this
+                    # thread is every model's, and ending it would stall them all.
+                    log.exception("a job on the compute thread failed")
             for slots in active:
-                if not slots.step():
+                if not self._step(slots):
                     with self._cond:
                         if not slots.has_work() and slots in self._active:
                             self._active.remove(slots)
+
+    def _step(self, slots):
+        """One step of one model; an exception that escapes it fails that model's answers in
+        the step (with the traceback logged) and the engine goes on."""
+        try:
+            return slots.step()
+        except Exception as e:
+            log.exception("an engine step failed; ending its answers")
+            try:
+                slots.fault(e)
+            except Exception:
+                log.exception("ending the answers of a failed step failed; the model stops")
+                return False
+            return slots.has_work()
 
     def post(self, fn):
         """Run fn() on the compute thread between decode steps, without waiting for it."""
@@ -568,11 +651,21 @@ class ComputeThread:
         return box["result"]
 
 
+class TaskState(enum.Enum):
+    """Where an answer is, as llama.cpp's slot_state says it of a slot."""
+
+    QUEUED = "queued"  # waiting for a sequence
+    PROMPT = "prompt"  # holds a sequence; its prompt is read (or copied from its first sibling)
+    GENERATING = "generating"  # a token sampled each step
+    DONE = "done"  # ended (stopped, cut, cancelled or failed): its sequence is free
+
+
 class Task:
     """One answer in the making: its prompt, sampler, sequence and the text it has made."""
 
     def __init__(self, run, index, gen, sampler):
         self.run, self.index, self.gen, self.sampler = run, index, gen, sampler
+        self.state = TaskState.QUEUED
         self.seq = None  # the sequence it decodes in, once admitted
         self.todo = []  # prompt tokens still to prefill
         self.n_past = 0  # tokens of this answer's sequence in the KV cache
@@ -583,15 +676,29 @@ class Task:
         self.tokens, self.logprobs = [], []  # of the piece not yet handed out
         self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python
         self.siblings = []  # answers sharing this one's prefill (n > 1)
+        self.arrival = 0  # its request's place in the order of arrival (set on submit)
+        self.bypassed = 0  # later requests admitted while it waited (first of a group)
+        self.admitted_at = None
         self.first_token_at = None
+        self.restore = None  # (tokens, state bytes) of a saved prefix read from disk, checked
+        self.computed = 0  # prompt tokens it read (not kept, copied or restored)
+
+
+# The callable saying whether the client of the request this thread serves has gone (waitress's
+# `waitress.client_disconnected`, set by the HTTP layer for each request); None when unknown.
+CLIENT_GONE = contextvars.ContextVar("client_gone", default=None)
 
 
 class Run:
     """The caller's side of a generation: its events (Piece, Finish) as they come, the usage and
-    timings once it has ended; close() stops it (a client that went away)."""
+    timings once it has ended; close() stops it (a client that went away). `gone()`, if given,
+    says whether the client has gone; it is asked every GONE_POLL_SECS while no event comes, so
+    an answer nobody reads (unstreamed, held for tool calls, or queued) stops within that."""
 
-    def __init__(self, engine, slots, gens, release):
-        self.engine, self.slots, self._release = engine, slots, release
+    GONE_POLL_SECS = 0.5
+
+    def __init__(self, engine, slots, gens, release, gone=None):
+        self.engine, self.slots, self._release, self._gone = engine, slots, release, gone
         self.events = queue.Queue()
         self.usage = Usage(prompt_tokens=sum(len(g.prompt) for g in gens))
         self.timings = {}
@@ -611,11 +718,7 @@ class Run:
 
     def __iter__(self):
         while self._open:
-            try:
-                event = self.events.get(timeout=self.engine.WAIT_SECS)
-            except queue.Empty:
-                self.close()
-                raise ModelBusy("The model did not answer within %ds" % self.engine.WAIT_SECS) from None
+            event = self._next()
             if isinstance(event, BaseException):
                 self.close()
                 raise event
@@ -624,6 +727,23 @@ class Run:
                 self.usage.completion_tokens += event.tokens
             yield event
         self.close()
+
+    def _next(self):
+        """The next event; ModelBusy past WAIT_SECS without one, ClientGone once the client left."""
+        deadline = time.monotonic() + self.engine.WAIT_SECS
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self.events.get(timeout=max(0.0, min(left, self.GONE_POLL_SECS) if self._gone
+                                                   else left))
+            except queue.Empty:
+                pass
+            if self._gone is not None and self._gone():
+                self.close()
+                raise ClientGone("The client closed its connection; its answer was stopped")
+            if time.monotonic() >= deadline:
+                self.close()
+                raise ModelBusy("The model did not answer within %ds" % self.engine.WAIT_SECS)
 
     def close(self):
         """Stop any answer still running (its sequence is free at the next step), release the
@@ -637,31 +757,71 @@ class Run:
         release()
 
 
+# A waiting request needing more free sequences than there are (`n` answers) lets later requests
+# that fit go first, but only this many times: then it holds the queue until enough are free.
+BYPASS_LIMIT = 8
+
+# A request starts from a copy of another sequence's cells (busy or idle) when they hold at
+# least this many more of its prompt's tokens than the sequence it gets; a shorter gain is
+# cheaper computed than copied (a copy moves the whole KV stream).
+COPY_MIN_TOKENS = 64
+
+
 class Slots:
     """A loaded model's sequences and the answers waiting for one. Every method but `submit`
-    runs on the compute thread."""
+    runs on the compute thread. `step_hook(task)`, if given, runs before each answer is sampled
+    (a test seam: an exception there is a fault in that step). With `kv` (a prompt-cache
+    Saver), a prompt of `cache_min` tokens or more is saved once read, and a prompt whose
+    longest prefix is on disk rather than in a sequence starts from the saved state."""
 
-    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None):
+    def __init__(self, llm, engine, n_seq, n_ctx, threads, metrics=None, step_hook=None, kv=None,
+                 cache_min=1024, kv_type="f16", flash_attn="auto"):
         self.llm, self.engine, self.n_ctx = llm, engine, n_ctx
         self.metrics = metrics or Metrics()
-        self.ctx = BatchedContext(llm, n_seq, n_ctx, threads)
+        self.step_hook = step_hook
+        self.ctx = BatchedContext(llm, n_seq, n_ctx, threads, kv_type, flash_attn)
+        self.kv, self.cache_min = kv, cache_min
+        # What a saved state of this model is bound to: the weights (a blob is named by its
+        # digest), the build and the KV settings.
+        self.key = dict(self.ctx.state_key(), weights=os.path.basename(getattr(llm, "model_path", "")))
         self.cache = [[] for _ in range(n_seq)]  # tokens whose KV cells each sequence holds
         self.busy = [None] * n_seq  # the task decoding in each sequence
         self.used = [0] * n_seq  # when each sequence was last given out
+        self.keys = [None] * n_seq  # the cache key (`prompt_cache_key`) of each one's last answer
         self._clock = itertools.count(1)
-        # Guards _waiting (lists of tasks sharing a prompt, oldest first): filled by request
-        # threads, emptied by the compute thread.
+        # Guards _waiting (lists of tasks sharing a prompt, oldest first) and _arrivals: filled
+        # by request threads, emptied by the compute thread.
         self._lock = threading.Lock()
         self._waiting = deque()
+        self._arrivals = itertools.count(1)
         self.closed = False
-        self.steps = 0  # decode steps run, for the tests' "within one step"
 
     # -- the request threads' side --
 
     def submit(self, run):
+        for group in run.groups:
+            self._look_up(group[0])
         with self._lock:
+            for group in run.groups:
+                arrival = next(self._arrivals)
+                for task in group:
+                    task.arrival = arrival
             self._waiting.extend(run.groups)
         self.engine.wake(self)
+
+    def _look_up(self, task):
+        """Read (and check) the saved state of the longest prefix of a prompt from disk, when
+        no sequence holds one as long: on the request's thread, so the engine never waits on a
+        disk."""
+        prompt = task.gen.prompt
+        if self.kv is None or len(prompt) < self.cache_min:
+            return
+        # The compute thread replaces and grows these lists; a copy of each is a consistent
+        # (if already dated) view, which is all a guess at the best source needs.
+        in_memory = max(common_prefix(list(cached), prompt) for cached in self.cache)
+        found = self.kv.cache.find(self.key, prompt, max(self.cache_min, in_memory + COPY_MIN_TOKENS))
+        if found is not None:
+            task.restore = found
 
     # -- the compute thread's side --
 
@@ -676,65 +836,129 @@ class Slots:
             self._end(task, "stop")
         self.ctx.close()
 
-    def _admit(self):
-        """Give waiting answers free sequences, oldest first: the one whose cached tokens share
-        the longest prefix with the prompt (else the least recently used), keeping that prefix."""
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    return
-                group = self._waiting[0]
-                free = [s for s, t in enumerate(self.busy) if t is None]
-                if group[0].run.cancelled:
-                    self._waiting.popleft()
-                    for task in group:
-                        self.ctx.free_sampler(task.sampler)
-                    continue
-                if len(free) < len(group):
-                    return
-                self._waiting.popleft()
-            first, prompt = group[0], group[0].gen.prompt
-            best = max(free, key=lambda s: (common_prefix(self.cache[s], prompt), -self.used[s]))
-            if common_prefix(self.cache[best], prompt) < len(prompt) * PREFIX_SHARE:
-                # A few shared opening tokens are not worth another conversation's cache.
-                best = min(free, key=lambda s: self.used[s])
-            keep = min(common_prefix(self.cache[best], prompt), len(prompt) - 1)
-            self._take(first, best, keep)
-            first.run.usage.cached_tokens += keep
-            free.remove(best)
-            for task in group[1:]:  # decoded from a copy of the first one's prompt
-                seq = min(free, key=lambda s: self.used[s])
-                free.remove(seq)
-                self._take(task, seq, 0, prefill=False)
-                first.siblings.append(task)
+    def _running(self):
+        """The answers holding a sequence, in arrival order."""
+        return sorted((t for t in self.busy if t is not None), key=lambda t: (t.arrival, t.index))
 
-    def _take(self, task, seq, keep, prefill=True):
+    def _admit(self):
+        """Give waiting answers free sequences in arrival order; a group that does not fit yet
+        lets later ones go first at most BYPASS_LIMIT times."""
+        with self._lock:
+            waiting = list(self._waiting)
+        blocked = []  # earlier groups waiting for more free sequences than there are
+        for group in waiting:
+            if group[0].run.cancelled:
+                self._unqueue(group)
+                for task in group:
+                    task.state = TaskState.DONE
+                    self.ctx.free_sampler(task.sampler)
+                continue
+            free = [s for s, t in enumerate(self.busy) if t is None]
+            if len(free) < len(group):
+                blocked.append(group)
+                if group[0].bypassed >= BYPASS_LIMIT:
+                    return
+                continue
+            for g in blocked:
+                g[0].bypassed += 1
+            self._unqueue(group)
+            try:
+                self._place(group, free)
+            except Exception as e:
+                # Out of the queue and maybe in no sequence yet: ended here, or never.
+                log.exception("admitting an answer failed; ending it")
+                self._fail(group, e)
+
+    def _unqueue(self, group):
+        with self._lock:
+            self._waiting.remove(group)
+
+    def _place(self, group, free):
+        """Start a group in free sequences: the first where the longest prefix of its prompt is
+        (kept, or copied from any sequence, busy or idle), the others from a copy of its prompt
+        once read."""
+        first = group[0]
+        seq, source, keep = self._choose(first, free)
+        first.run.usage.cached_tokens += self._take(first, seq, keep, source)
+        free.remove(seq)
+        for task in group[1:]:  # decoded from a copy of the first one's prompt
+            sib = min(free, key=lambda s: self.used[s])
+            free.remove(sib)
+            self._take(task, sib, 0, prefill=False)
+            first.siblings.append(task)
+
+    def _choose(self, task, free):
+        """(free sequence, where its cells come from, prompt tokens kept) for a task's prompt:
+        the free sequence sharing the longest prefix with it (if it shares enough, else the least
+        recently used); its cells its own, or copied from the sequence (busy or idle) whose
+        cells hold the longest prefix, or restored from the state read from disk, when either
+        is COPY_MIN_TOKENS longer."""
+        prompt, restore, task.restore = task.gen.prompt, task.restore, None
+        shared = [common_prefix(cached, prompt) for cached in self.cache]
+        seq = max(free, key=lambda s: (shared[s], -self.used[s]))
+        if shared[seq] < len(prompt) * PREFIX_SHARE:
+            # A few shared opening tokens are not worth another conversation's cache.
+            seq = min(free, key=lambda s: self.used[s])
+        mine = [s for s in free if task.gen.cache_key is not None and self.keys[s] == task.gen.cache_key]
+        if mine and shared[mine[0]] >= shared[seq]:
+            # The client's cache key names the conversation: its sequence stays its own, not
+            # another conversation's that happens to share as much.
+            seq = mine[0]
+        donor = max(range(len(self.cache)), key=lambda s: shared[s])
+        limit = len(prompt) - 1  # the last prompt token is decoded again: its logits sample
+        if restore is not None:
+            saved = common_prefix(restore[0], prompt)
+            if saved >= max(shared[seq], shared[donor]) + COPY_MIN_TOKENS:
+                return seq, restore, min(saved, limit)
+        if shared[donor] >= shared[seq] + COPY_MIN_TOKENS:
+            return seq, donor, min(shared[donor], limit)
+        return seq, None, min(shared[seq], limit)
+
+    def _take(self, task, seq, keep, source=None, prefill=True):
+        """Give `task` sequence `seq` holding the first `keep` tokens of its prompt: its own
+        cells, a copy of sequence `source`'s, or the saved state `source` (tokens, bytes).
+        The tokens it keeps (fewer if llama.cpp refuses the saved state)."""
         self.busy[seq], task.seq = task, seq
         self.used[seq] = next(self._clock)
+        self.keys[seq] = task.gen.cache_key
+        task.state = TaskState.PROMPT
+        task.admitted_at = time.monotonic()
+        if isinstance(source, tuple):
+            if self.ctx.set_seq_state(seq, source[1]):
+                self.cache[seq] = list(source[0][:keep])
+            else:
+                log.warning("llama.cpp refused a saved prompt state of %d tokens; reading the "
+                            "prompt", len(source[0]))
+                self.cache[seq], keep = [], 0
+        elif source is not None:
+            self.ctx.copy(source, seq)
+            self.cache[seq] = self.cache[source][:keep]
+        else:
+            del self.cache[seq][keep:]
         self.ctx.forget(seq, keep)
-        del self.cache[seq][keep:]
         task.n_past = keep
         task.todo = list(task.gen.prompt[keep:]) if prefill else []
+        task.computed = len(task.todo)
+        return keep
 
     def step(self):
-        """One decode step: a token of every running answer, then prompt chunks; each answer
-        sampled at its batch index. False when there is nothing left to do."""
+        """One decode step: a token of every generating answer, then prompt chunks in arrival
+        order; each answer sampled at its batch index. False when there is nothing left to do."""
         if self.closed:
             return False
         self._admit()
         items, sampled = [], []  # sampled: (task, batch index)
-        for task in self.busy:
-            if task is None:
-                continue
+        running = self._running()
+        for task in running:
             if task.run.cancelled:
                 self._end(task, "cancelled")
-            elif task.last is not None:
+            elif task.state is TaskState.GENERATING:
                 sampled.append((task, len(items)))
                 items.append((task.last, task.n_past, [task.seq], True))
                 self.cache[task.seq].append(task.last)
                 task.n_past += 1
-        for task in self.busy:
-            if task is None or not task.todo or len(items) >= BATCH_TOKENS:
+        for task in running:
+            if task.state is not TaskState.PROMPT or not task.todo or len(items) >= BATCH_TOKENS:
                 continue
             chunk = task.todo[:BATCH_TOKENS - len(items)]
             del task.todo[:len(chunk)]
@@ -746,30 +970,66 @@ class Slots:
                 sampled.append((task, len(items) - 1))
         if not items:
             return self.has_work()
-        self.steps += 1
         try:
             self.ctx.decode(items)
         except Exception as e:
             log.exception("decode step failed; ending its answers")
-            self._fail(LLMNodeError("Generation failed: %s" % e))
+            self.fault(e)
             return False
         for task, i in sampled:
+            if task.state is TaskState.PROMPT:
+                self._save(task)
             for sib in task.siblings:  # the prompt is read once, then copied to each sibling
                 self.ctx.copy(task.seq, sib.seq)
                 self.cache[sib.seq] = list(self.cache[task.seq])
                 sib.n_past = task.n_past
-                self._sample(sib, i)
+                self._sample_or_fail(sib, i)
             task.siblings = []
-            self._sample(task, i)
+            self._sample_or_fail(task, i)
         return True
 
-    def _fail(self, error):
-        for task in [t for t in self.busy if t is not None]:
-            self.busy[task.seq] = None
-            self.ctx.free_sampler(task.sampler)
-            task.run.events.put(error)
+    def _save(self, task):
+        """Hand a prompt just read to the prompt cache on disk, if it is long and was read here
+        (not kept, copied or restored) for the most part."""
+        prompt = task.gen.prompt
+        if self.kv is None or len(prompt) < self.cache_min or task.computed < self.cache_min:
+            return
+        self.kv.put(self.key, list(prompt), self.ctx.seq_state(task.seq))
+
+    def fault(self, error):
+        """A step failed outside one answer's sampling: every answer holding a sequence ends
+        with the error, and every sequence's cells are dropped (a failed step may have left them
+        half-written)."""
+        self._fail([t for t in self.busy if t is not None], error)
         self.ctx.clear()
         self.cache = [[] for _ in self.cache]
+
+    def _sample_or_fail(self, task, i):
+        """Sample one answer; an exception there ends that answer alone."""
+        try:
+            if self.step_hook is not None:
+                self.step_hook(task)
+            self._sample(task, i)
+        except Exception as e:
+            log.exception("sampling answer %d failed; ending it", task.index)
+            self._fail([task] + task.siblings, e)
+
+    def _fail(self, tasks, error):
+        """End `tasks` with an error their callers raise (a 500); what their sequences hold is
+        dropped, not kept as a prompt cache."""
+        if not isinstance(error, LLMNodeError):
+            error = EngineFault("The engine failed on this request (%s: %s); the node's log has "
+                                "the traceback" % (type(error).__name__, error))
+        for task in tasks:
+            if task.state is TaskState.DONE:
+                continue
+            task.state = TaskState.DONE
+            if task.seq is not None and self.busy[task.seq] is task:
+                self.busy[task.seq] = None
+                self.ctx.forget(task.seq)
+                self.cache[task.seq] = []
+            self.ctx.free_sampler(task.sampler)
+            task.run.events.put(error)
 
     def _sample(self, task, i):
         token = self.ctx.sample(task.sampler, i)
@@ -778,19 +1038,18 @@ class Slots:
         if self.ctx.is_eog(token):
             self._end(task, "stop")
             return
+        task.state = TaskState.GENERATING
         task.generated += 1
         task.last = token
         if task.gen.logprobs >= 0:
             task.logprobs.append(self._logprobs(i, token, task.gen.logprobs))
         task.tokens.append(token)
         self._text(task, task.decoder.decode(self.ctx.piece(token)))
-        if self.busy[task.seq] is task and (task.generated >= task.gen.max_tokens
-                                            or task.n_past + 1 >= self.n_ctx):
+        if task.state is TaskState.GENERATING and (task.generated >= task.gen.max_tokens
+                                                   or task.n_past + 1 >= self.n_ctx):
             self._end(task, "length")
 
     def _logprobs(self, i, token, top):
-        import numpy as np
-
         logits = self.ctx.logits(i).astype(np.float64)
         peak = logits.max()
         logz = peak + np.log(np.exp(logits - peak).sum())
@@ -833,13 +1092,16 @@ class Slots:
         if reason != "cancelled":
             self._hand_out(task, task.pending)
         task.pending = ""
+        task.state = TaskState.DONE
         self.busy[task.seq] = None
         self.used[task.seq] = next(self._clock)
         self.ctx.free_sampler(task.sampler)
         self.metrics.inc("llmnode_generated_tokens_total", task.generated)
         run = task.run
         if task is run.groups[0][0] and task.first_token_at is not None:
-            run.timings["prompt_eval"] = task.first_token_at - run.started
+            # The prompt's time runs from when it got a sequence: time queued is not reading.
+            run.timings["queue"] = task.admitted_at - run.started
+            run.timings["prompt_eval"] = task.first_token_at - task.admitted_at
             run.timings["eval"] = time.monotonic() - task.first_token_at
         run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence))
 
@@ -906,6 +1168,8 @@ class LoadedModel:
     def __init__(self, pool, path):
         self.pool = pool
         self.path = path
+        # Set (and cleared) only by the thread holding `lock` (the load) or the pool's condition
+        # (the close); read without either: a reader that sees None takes `lock` and looks again.
         self.llm = None
         self.formatter = None
         # Held while the weights load: the first request loads them, the others wait in order.
@@ -1225,6 +1489,7 @@ class CompletionRequest:
     ctx_limit: int = None
     format: str = None
     format_schema: dict = None
+    cache_key: str = None
     ignored: list = field(default_factory=list)
 
 
@@ -1256,6 +1521,9 @@ class Generation:
     n: int = 1  # answers to the same prompt, sharing its prefill
     logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
     hold: bool = False  # the answer is parsed whole (tool calls): no pieces until it ends
+    # The client's name for the conversation (OpenAI's `prompt_cache_key`): among free sequences
+    # sharing as long a prefix, the one its last answer used is taken.
+    cache_key: str = None
 
 
 @dataclass
@@ -1840,7 +2108,7 @@ def completion_logprobs(items):
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None, step_hook=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
         self.store = Store(settings.models_dir)
@@ -1856,19 +2124,29 @@ class Node:
                                          connections=settings.download_connections,
                                          metrics=self.metrics, retry=retry)
         self.compute = ComputeThread()
+        # Long prompts' KV states, saved under the store and restored verified (off at 0 bytes).
+        self.prompt_cache = (Saver(PromptCache(self.store.root, settings.prompt_cache_bytes))
+                             if settings.prompt_cache_bytes else None)
         raw_loader = loader or (lambda path: load_llama(path, settings))
 
         def load_with_slots(path):
             llm = raw_loader(path)
             try:
                 llm.slots = Slots(llm, self.compute, settings.parallel, settings.n_ctx,
-                                  settings.n_threads, self.metrics)
+                                  settings.n_threads, self.metrics, step_hook=step_hook,
+                                  kv=self.prompt_cache, cache_min=settings.prompt_cache_min,
+                                  kv_type=settings.kv_cache_type,
+                                  flash_attn=settings.flash_attention)
             except BaseException:
                 llm.close()
                 raise
             return llm
 
-        self.loader = lambda path: self.compute.run(load_with_slots, path)
+        # Loads run on a thread of their own, so the streams of the models in memory go on
+        # meanwhile; one thread, as for compute, so that llama.cpp's OpenMP team (its weight
+        # repacking computes) is made once, not on every request thread that loads.
+        self.loads = ComputeThread(name="llama-load")
+        self.loader = lambda path: self.loads.run(load_with_slots, path)
         # A model is freed on the compute thread, between decode steps.
         self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive,
                               close=lambda llm: self.compute.post(lambda: close_model(llm)))
@@ -2061,7 +2339,7 @@ class Node:
         entry = self.load(req.model, req.keep_alive)
         try:
             gens = generations(entry)
-            run = Run(self.compute, entry.llm.slots, gens, entry.release)
+            run = Run(self.compute, entry.llm.slots, gens, entry.release, gone=CLIENT_GONE.get())
             entry.llm.slots.submit(run)
         except BaseException:
             entry.release()
@@ -2124,7 +2402,7 @@ class Node:
             wanted = None  # Ollama's -1 and -2: until the context ends
         return Generation(prompt=prompt, sampling=sampling, max_tokens=min(wanted or budget, budget),
                           stop=asked + [s for s in stop if s not in asked],
-                          n=req.n, logprobs=logprobs, hold=hold)
+                          n=req.n, logprobs=logprobs, hold=hold, cache_key=req.cache_key)
 
     def embed(self, req):
         """Embeddings of each input, on the same loaded model (and guard) as generation:
@@ -2244,6 +2522,8 @@ def guarded(app, api_key, metrics):
             metrics.inc("llmnode_requests_total", status=status.split(" ", 1)[0])
             return start_response(status, headers, exc_info)
 
+        # An answer nobody waits for any more stops (waitress's callable, with a lookahead set).
+        CLIENT_GONE.set(environ.get("waitress.client_disconnected"))
         if expected and environ.get("PATH_INFO") != "/health":
             given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
             given_key = environ.get("HTTP_X_API_KEY", "").encode("latin-1", "replace")
@@ -3951,6 +4231,9 @@ def create_server(node, host, port, threads):
 
     server = waitress.create_server(make_app(node), host=host, port=port, threads=threads,
                                     ident="llmnode", clear_untrusted_proxy_headers=True,
+                                    # Reading ahead is how waitress sees a client close its
+                                    # connection while its answer is made (the engine stops it).
+                                    channel_request_lookahead=1,
                                     max_request_body_size=node.settings.max_body_bytes + 1)
     server.channel_class = Channel
     return server
@@ -4037,6 +4320,11 @@ def cmd_verify(settings, name):
                                   ("CORRUPTED: " if layer else "BAD: ") + problem))
             bad += problem is not None
     print("%d model(s) checked, %d problem(s)" % (len(refs), bad))
+    if not name:
+        # Derived data: reported here, dropped by `repair` (or by the node when it meets it).
+        good, rotten = PromptCache(node.store.root, settings.prompt_cache_bytes).verify(drop=False)
+        print("prompt cache: %d entries ok, %d bad" % (good, rotten))
+        bad += rotten
     return 1 if bad else 0
 
 
@@ -4049,6 +4337,9 @@ def cmd_repair(settings, name):
     ref = names.parse(name)
     fetched = node.repairs.check_model(ref)
     print("%s: %s" % (ref, "%d blob(s) repaired" % len(fetched) if fetched else "intact"))
+    _good, dropped = PromptCache(node.store.root, settings.prompt_cache_bytes).verify(drop=True)
+    if dropped:
+        print("prompt cache: %d bad entries dropped" % dropped)
     return 0
 
 
@@ -4067,6 +4358,10 @@ def cmd_list(settings):
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+    entries = PromptCache(store.root, settings.prompt_cache_bytes).entries()
+    print("prompt cache: %d entries, %s (at most %s, LLM_PROMPT_CACHE_BYTES)"
+          % (len(entries), human_size(sum(size for _path, size in entries)),
+             human_size(settings.prompt_cache_bytes)))
     return 0
 
 

@@ -33,7 +33,39 @@ def as_cpu_threads(text):
     value = int(text.strip())
     if value < 0:
         raise ValueError("expected 0 (one per core) or a positive number")
-    return value or os.cpu_count() or 1
+    return value or usable_cores()
+
+
+def usable_cores(affinity=None, cgroup_root="/sys/fs/cgroup"):
+    """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota
+    (v2 `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded down, at least 1.
+    A container given 2 of a host's 64 cores gets 2 threads, not 64 that the quota throttles."""
+    try:
+        cores = len((affinity or os.sched_getaffinity)(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, int(quota))
+    return max(1, cores)
+
+
+def _cgroup_quota(root):
+    """The CPU quota in cores of the cgroup under `root`; None when unlimited or unknown."""
+    def read(*parts):
+        try:
+            with open(os.path.join(root, *parts)) as f:
+                return f.read().split()
+        except (OSError, ValueError):
+            return None
+
+    v2 = read("cpu.max")
+    if v2 and len(v2) == 2 and v2[0] != "max":
+        return int(v2[0]) / int(v2[1])
+    quota, period = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+    if quota and period and int(quota[0]) > 0:
+        return int(quota[0]) / int(period[0])
+    return None
 
 
 def as_connections(text):
@@ -48,6 +80,26 @@ def as_non_negative_int(text):
     if value < 0:
         raise ValueError("expected 0 or a positive whole number")
     return value
+
+
+def as_gpu_layers(text):
+    """`auto` (every layer when llama.cpp has a GPU backend, else none), or a count."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected auto or a number of layers (0 or more)")
+    return number
+
+
+def as_choice(*choices):
+    def convert(text):
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of %s" % ", ".join(choices))
+        return value
+    return convert
 
 
 def as_optional_secret(text):
@@ -180,13 +232,24 @@ SETTINGS = (
             "map model files instead of reading them in (faster loads, but a file "
             "truncated under a running generation can crash the node)"),
     Setting("n_threads", "LLM_CPU_THREADS", as_cpu_threads, "0",
-            "CPU threads llama.cpp uses for generation (0: one per core)"),
+            "CPU threads llama.cpp uses for generation (0: one per core this process may use)"),
     Setting("verify_on_load", "LLM_VERIFY_ON_LOAD", as_bool, "true",
             "verify a model's blob every time its weights are loaded from disk"),
     Setting("preload", "LLM_PRELOAD", as_name_list, "",
             "comma-separated models verified and loaded at start; /ready waits for them"),
     Setting("keep_alive", "LLM_KEEP_ALIVE", as_keep_alive, "5m",
             "how long an idle model stays loaded (30s, 10m, -1 forever, 0 unload at once)"),
+    Setting("gpu_layers", "LLM_GPU_LAYERS", as_gpu_layers, "auto",
+            "layers offloaded to the GPU (auto: all when llama.cpp has a GPU backend, else 0)"),
+    Setting("kv_cache_type", "LLM_KV_CACHE_TYPE", as_choice("f16", "q8_0", "q4_0"), "f16",
+            "type of the KV cache's keys and values (q8_0 halves its memory, q4_0 quarters it)"),
+    Setting("flash_attention", "LLM_FLASH_ATTENTION", as_choice("auto", "on", "off"), "auto",
+            "llama.cpp's flash attention (a quantised V cache needs it on or auto)"),
+    Setting("prompt_cache_min", "LLM_PROMPT_CACHE_MIN", as_positive_int, "1024",
+            "prompts of at least this many tokens are saved to the prompt cache on disk once read"),
+    Setting("prompt_cache_bytes", "LLM_PROMPT_CACHE_BYTES", as_non_negative_int, "2147483648",
+            "most bytes the prompt cache on disk (.llmnode/kv/ in the store) holds; the least "
+            "recently used leave first (0: off)"),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}

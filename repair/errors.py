@@ -213,3 +213,20 @@ class RepairBusy(LLMNodeError):
     type = "repair_busy"
     code = "model_under_repair"
     retry_after = 10
+
+
+class EngineFault(LLMNodeError):
+    """An exception in the engine's step while it served this request: the request ends, the
+    engine goes on (the traceback is in the node's log)."""
+
+    code = "engine_fault"
+
+
+class ClientGone(LLMNodeError):
+    """The client closed its connection before its answer was done (nginx's 499): the answer
+    is stopped, and nobody reads this error."""
+
+    status = 499
+    kind = "invalid_request"
+    type = "invalid_request_error"
+    code = "client_closed_request"

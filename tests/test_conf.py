@@ -71,3 +71,19 @@ def test_example_conf_loads_to_the_defaults(tmp_path):
     path = tmp_path / "c.conf"
     path.write_text(re.sub(r"^# (\w+ =)", r"\1", example, flags=re.M))
     assert vars(conf.load(environ={}, conf_path=str(path))) == vars(conf.load(environ={}))
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({}, 4),  # no cgroup limit: the affinity
+    ({"cpu.max": "max 100000\n"}, 4),
+    ({"cpu.max": "200000 100000\n"}, 2),
+    ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 cores: one thread the quota never throttles
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+])
+def test_zero_cpu_threads_means_the_cores_this_process_may_use(tmp_path, files, cores):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert conf.usable_cores(affinity=lambda pid: {0, 1, 2, 5}, cgroup_root=str(tmp_path)) == cores

@@ -286,7 +286,7 @@ def test_compute_jobs_run_on_one_thread_whatever_thread_asks():
     assert compute.run(lambda: "still serving") == "still serving"
 
 
-def test_the_node_loads_and_generates_on_the_compute_thread(pulled, registry):
+def test_the_node_loads_on_the_load_thread_and_generates_on_the_compute_thread(pulled, registry):
     from tests.conftest import Served, settings_for
     settings = settings_for(pulled, registry.url)
     threads = []
@@ -312,5 +312,5 @@ def test_the_node_loads_and_generates_on_the_compute_thread(pulled, registry):
             assert s.post("/v1/chat/completions", dict(body, stream=stream)).status_code == 200
     finally:
         s.close()
-    assert threads[0] == ("load", "llama-compute") and len(threads) >= 4
+    assert threads[0] == ("load", "llama-load") and len(threads) >= 4
     assert set(threads[1:]) == {("decode", "llama-compute")}
