@@ -89,10 +89,9 @@ def configure_logging(log_file=None, level=logging.INFO):
 ###############################################################################
 # Loading a GGUF, its chat template and metadata, embeddings, and the batched context answers are
 # decoded in. Every private llama-cpp-python field the node touches is here, read from
-# llama-cpp-python 0.3.36: `Llama._model.model` (the llama_model pointer the batched context is
-# made on), and, for embeddings on the Llama's own small context, `Llama._ctx.ctx`,
-# `Llama._ctx.kv_cache_clear`, `Llama._ctx.decode` and `Llama._batch`; and one public function
-# it wraps, `llama_cpp.llama_model_default_params` (`without_extra_buffers`).
+# llama-cpp-python 0.3.36: `Llama._model.model` (the llama_model pointer the batched and
+# embedding contexts are made on); and one public function it wraps,
+# `llama_cpp.llama_model_default_params` (`without_extra_buffers`).
 
 def cpu_has_amx():
     """Whether this CPU has Intel AMX (Sapphire Rapids and later), from /proc/cpuinfo."""
@@ -136,8 +135,8 @@ def load_llama(path, settings):
     if cpu_has_amx():
         without_extra_buffers()
 
-    # The Llama's own context only embeds (up to BATCH_TOKENS tokens); answers are decoded in
-    # the model's BatchedContext, made beside it.
+    # Nothing is decoded in the Llama's own context: answers are decoded in the model's
+    # BatchedContext, embeddings in its EmbeddingContext, both made beside it.
     return Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
                  use_mmap=settings.use_mmap, verbose=False)
 
@@ -162,33 +161,94 @@ def chat_formatter(llm):
                                bos_token=text(llm.token_bos()))
 
 
-def embed_tokens(llm, tokens):
-    """One normalised embedding of a token sequence, on the Llama's own small context (switched
-    into embeddings mode for the call; answers are decoded in the model's BatchedContext, on the
-    same weights): the pooling the GGUF names, or the mean over the tokens for a chat model
-    (which names none)."""
-    import llama_cpp
-    import numpy as np
+class EmbeddingContext:
+    """A llama.cpp context in embeddings mode on a loaded model's weights, made on the model's
+    first embedding or rerank (a chat model that never embeds holds none): one sequence of up to
+    `n_ctx` tokens, the model's trained context capped by LLM_EMBED_CTX_SIZE. A model that pools
+    (an embedding model, a reranker) reads an input in one batch, as llama.cpp's pooling needs;
+    a chat model (no pooling) reads it in batches of BATCH_TOKENS, the KV cache carrying the
+    earlier ones, and its token vectors are averaged."""
 
-    ctx = llm._ctx.ctx
-    n_embd = llm.n_embd()
-    llama_cpp.llama_set_embeddings(ctx, True)
-    try:
-        llm._ctx.kv_cache_clear()
-        llm._batch.reset()
-        llm._batch.add_sequence(tokens, 0, True)
-        llm._ctx.decode(llm._batch)
-        if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            rows = np.array([llama_cpp.llama_get_embeddings_ith(ctx, i)[:n_embd]
-                             for i in range(len(tokens))], dtype=np.float64)
-            vector = rows.mean(axis=0)
-        else:
-            vector = np.array(llama_cpp.llama_get_embeddings_seq(ctx, 0)[:n_embd], dtype=np.float64)
-    finally:
-        llama_cpp.llama_set_embeddings(ctx, False)
-        llm._batch.reset()
-        llm._ctx.kv_cache_clear()
-        llm.reset()
+    def __init__(self, llm, cap, threads):
+        import llama_cpp as C
+
+        self.C = C
+        model = model_pointer(llm)
+        self.n_ctx = embed_limit(llm, cap)
+        self.n_embd = C.llama_model_n_embd(model)
+        params = C.llama_context_default_params()
+        params.embeddings = True
+        params.n_ctx = self.n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.pooling = llm.pooling_type()  # the GGUF's (the Llama's context takes the default too)
+        self.n_batch = BATCH_TOKENS if self.pooling == C.LLAMA_POOLING_TYPE_NONE else self.n_ctx
+        params.n_batch = params.n_ubatch = self.n_batch
+        self.ctx = C.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise ModelLoadFailed("llama.cpp could not make an embedding context of %d tokens "
+                                  "(LLM_EMBED_CTX_SIZE)" % self.n_ctx)
+        self.mem = C.llama_get_memory(self.ctx)
+        self.batch = C.llama_batch_init(self.n_batch, 0, 1)
+        # A reranker's pooled output is its classifier's n_cls_out scores, not a vector.
+        self.n_out = C.llama_model_n_cls_out(model) if self.pooling == C.LLAMA_POOLING_TYPE_RANK \
+            else self.n_embd
+
+    def pooled(self, tokens):
+        """The model's output for one token sequence (at most `n_ctx`): its pooled vector (or
+        rank scores), or the mean of its token vectors when the model names no pooling."""
+        import numpy as np
+
+        C, b = self.C, self.batch
+        total = np.zeros(self.n_embd, dtype=np.float64)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                part = tokens[start:start + self.n_batch]
+                for i, token in enumerate(part):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + i, 1, True
+                    b.seq_id[i][0] = 0
+                b.n_tokens = len(part)
+                rc = C.llama_decode(self.ctx, b)
+                if rc != 0:
+                    raise RuntimeError("llama_decode returned %d" % rc)
+                if self.pooling == C.LLAMA_POOLING_TYPE_NONE:
+                    rows = np.ctypeslib.as_array(C.llama_get_embeddings(self.ctx), shape=(len(part), self.n_embd))
+                    total += rows.sum(axis=0, dtype=np.float64)
+            if self.pooling == C.LLAMA_POOLING_TYPE_NONE:
+                return total / len(tokens)
+            out = C.llama_get_embeddings_seq(self.ctx, 0)
+            return np.array(out[:self.n_out], dtype=np.float64)
+        finally:
+            C.llama_memory_clear(self.mem, True)
+
+    def close(self):
+        if self.ctx:
+            self.C.llama_batch_free(self.batch)
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+
+
+def embed_limit(llm, cap):
+    """Most tokens one embedding or rerank input of this model reads: its trained context, at
+    most `cap` (LLM_EMBED_CTX_SIZE)."""
+    import llama_cpp as C
+
+    return min(C.llama_model_n_ctx_train(model_pointer(llm)) or cap, cap)
+
+
+def embedder(llm, cap, threads):
+    """The loaded model's EmbeddingContext, made on first use (on the compute thread, as every
+    context of the model is)."""
+    if getattr(llm, "embedder", None) is None:
+        llm.embedder = EmbeddingContext(llm, cap, threads)
+    return llm.embedder
+
+
+def embed_tokens(llm, tokens, cap, threads):
+    """One normalised embedding of a token sequence: the pooling the GGUF names, or the mean
+    over the tokens for a chat model (which names none)."""
+    vector = embedder(llm, cap, threads).pooled(tokens)
     norm = float((vector * vector).sum()) ** 0.5
     return [float(x) for x in (vector / norm if norm else vector)]
 
@@ -460,10 +520,10 @@ class BatchedContext:
 
 
 def close_model(llm):
-    """Free a loaded model: its batched context, then the Llama."""
-    slots = getattr(llm, "slots", None)
-    if slots is not None:
-        slots.close()
+    """Free a loaded model: its batched and embedding contexts, then the Llama."""
+    for part in (getattr(llm, "slots", None), getattr(llm, "embedder", None)):
+        if part is not None:
+            part.close()
     llm.close()
 
 
@@ -1718,20 +1778,63 @@ class Node:
 
     def embed(self, req):
         """Embeddings of each input, on the same loaded model (and guard) as generation:
-        (vectors, tokens read)."""
+        (vectors, tokens read). An input longer than the model reads is cut with `truncate`,
+        else refused; `dimensions` keeps that many leading values, renormalised."""
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
+            llm, field = entry.llm, req.get("field", "input")
+            if rank_pooled(llm):
+                raise InvalidRequest("model %s is a reranker: it scores a query against documents "
+                                     "(POST /v1/rerank) and gives no embeddings" % req["model"])
+            dims = req.get("dimensions")
+            if dims is not None and dims > llm.n_embd():
+                raise UnsupportedParameter("'dimensions' above the model's embedding size (%d) is not "
+                                           "supported" % llm.n_embd())
+            limit = min(embed_limit(llm, self.settings.embed_ctx_size), req.get("ctx_limit") or 1 << 31)
             vectors, used = [], 0
             for item in req["inputs"]:
-                tokens = item if isinstance(item, list) else entry.llm.tokenize(
+                tokens = item if isinstance(item, list) else llm.tokenize(
                     item.encode("utf-8"), add_bos=True, special=False)
-                _check_tokens(entry.llm, tokens, "input", entry.llm.n_batch)
-                vectors.append(self.compute.run(embed_tokens, entry.llm, tokens))
+                tokens = fit_input(llm, tokens, field, limit, req.get("truncate"))
+                vector = self.compute.run(embed_tokens, llm, tokens, self.settings.embed_ctx_size,
+                                          self.settings.n_threads)
+                vectors.append(shorten(vector, dims) if dims else vector)
                 used += len(tokens)
         finally:
             entry.release()
         self.metrics.inc("llmnode_embedded_tokens_total", used)
         return vectors, used
+
+
+def fit_input(llm, tokens, field, limit, truncate):
+    """An embedding or rerank input's tokens, checked against the vocabulary and `limit`: a
+    longer input is cut with `truncate`, else refused (ContextTooLong)."""
+    if not tokens:
+        raise InvalidRequest("'%s' is empty" % field)
+    vocab = llm.n_vocab()
+    if any(not 0 <= t < vocab for t in tokens):
+        raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)" % (field, vocab - 1))
+    if len(tokens) > limit:
+        if not truncate:
+            raise ContextTooLong("input exceeds maximum context length: '%s' has %d tokens, the model "
+                                 "reads at most %d (its trained context, at most LLM_EMBED_CTX_SIZE)"
+                                 % (field, len(tokens), limit))
+        tokens = tokens[:limit]
+    return tokens
+
+
+def shorten(vector, dims):
+    """The first `dims` values of a vector, renormalised to unit length (Matryoshka truncation)."""
+    head = vector[:dims]
+    norm = sum(x * x for x in head) ** 0.5
+    return [x / norm for x in head] if norm else head
+
+
+def rank_pooled(llm):
+    """Whether a loaded model's GGUF names rank pooling: a reranker's classifier head."""
+    import llama_cpp as C
+
+    return llm.pooling_type() == C.LLAMA_POOLING_TYPE_RANK
 
 
 def _check_tokens(llm, tokens, what, limit):
