@@ -213,7 +213,8 @@ class EmbeddingContext:
                 if rc != 0:
                     raise RuntimeError("llama_decode returned %d" % rc)
                 if self.pooling == C.LLAMA_POOLING_TYPE_NONE:
-                    rows = np.ctypeslib.as_array(C.llama_get_embeddings(self.ctx), shape=(len(part), self.n_embd))
+                    rows = np.ctypeslib.as_array(C.llama_get_embeddings(self.ctx),
+                                                 shape=(len(part), self.n_embd))
                     total += rows.sum(axis=0, dtype=np.float64)
             if self.pooling == C.LLAMA_POOLING_TYPE_NONE:
                 return total / len(tokens)
@@ -251,6 +252,49 @@ def embed_tokens(llm, tokens, cap, threads):
     vector = embedder(llm, cap, threads).pooled(tokens)
     norm = float((vector * vector).sum()) ** 0.5
     return [float(x) for x in (vector / norm if norm else vector)]
+
+
+def rank_score(llm, tokens, cap, threads):
+    """A reranker's score of one (query, document) prompt: its classifier's first output, as
+    llama.cpp's server reads it."""
+    return float(embedder(llm, cap, threads).pooled(tokens)[0])
+
+
+def rerank_tokens(llm, query, document):
+    """The prompt a reranker reads for a query and a document, as llama.cpp's server builds it:
+    the GGUF's `rerank` template when it has one, else BOS query EOS SEP document EOS, each
+    special token where the vocabulary asks for it."""
+    import llama_cpp as C
+
+    model = model_pointer(llm)
+    vocab = C.llama_model_get_vocab(model)
+    template = C.llama_model_chat_template(model, b"rerank")
+    if template:
+        text = template.decode("utf-8").replace("{query}", query).replace("{document}", document)
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    eos = C.llama_vocab_eos(vocab)
+    if eos < 0:
+        eos = C.llama_vocab_sep(vocab)
+    add_eos, add_sep = C.llama_vocab_get_add_eos(vocab), C.llama_vocab_get_add_sep(vocab)
+    tokens = [C.llama_vocab_bos(vocab)] if C.llama_vocab_get_add_bos(vocab) else []
+    tokens += llm.tokenize(query.encode("utf-8"), add_bos=False, special=False)
+    tokens += [eos] if add_eos else []
+    tokens += [C.llama_vocab_sep(vocab)] if add_sep else []
+    tokens += llm.tokenize(document.encode("utf-8"), add_bos=False, special=False)
+    return tokens + ([eos] if add_eos else [])
+
+
+def token_piece(llm, token):
+    """The bytes a token stands for, special tokens as their text (llama.cpp's server's pieces)."""
+    import llama_cpp as C
+
+    vocab = C.llama_model_get_vocab(model_pointer(llm))
+    buf = ctypes.create_string_buffer(64)
+    n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[:n]
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -1805,6 +1849,16 @@ class Node:
         self.metrics.inc("llmnode_embedded_tokens_total", used)
         return vectors, used
 
+    def chat_prompt_text(self, req):
+        """The text of the prompt a checked chat request renders to, as `chat` renders it,
+        special tokens as their text: what the model would read (apply-template)."""
+        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
+        try:
+            tokens = self._chat_prompt(entry, req)[0]
+            return b"".join(token_piece(entry.llm, t) for t in tokens).decode("utf-8", "replace")
+        finally:
+            entry.release()
+
 
 def fit_input(llm, tokens, field, limit, truncate):
     """An embedding or rerank input's tokens, checked against the vocabulary and `limit`: a
@@ -1813,7 +1867,8 @@ def fit_input(llm, tokens, field, limit, truncate):
         raise InvalidRequest("'%s' is empty" % field)
     vocab = llm.n_vocab()
     if any(not 0 <= t < vocab for t in tokens):
-        raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)" % (field, vocab - 1))
+        raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)"
+                             % (field, vocab - 1))
     if len(tokens) > limit:
         if not truncate:
             raise ContextTooLong("input exceeds maximum context length: '%s' has %d tokens, the model "
@@ -1901,8 +1956,53 @@ def error_body(err, path):
 
 
 def make_app(node):
-    """The WSGI app: the Bottle routes behind the API key check and the request counter."""
-    return guarded(routes(node), node.settings.api_key, node.metrics)
+    """The WSGI app: the Bottle routes behind the API key check and the request counter, with
+    CORS answered in front of both."""
+    return cors(guarded(routes(node), node.settings.api_key, node.metrics), node.settings.cors_origins)
+
+
+# What a preflight allows: every method a route takes; the headers are the ones the browser asks
+# for (an SDK's own, Authorization for LLM_API_KEY), or these when it names none.
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, x-api-key, anthropic-version"
+
+
+def cors(app, origins):
+    """Answer browsers from LLM_CORS_ORIGINS (patterns, `*` matching anything): every OPTIONS
+    (a preflight, which carries no API key) here, with the methods and headers allowed; every
+    other answer, errors and event streams included, with Access-Control-Allow-Origin when the
+    request's Origin is allowed. A disallowed origin gets no CORS header, so its page cannot read
+    the answer."""
+    any_origin = "*" in origins
+    patterns = [re.compile(".*".join(re.escape(p) for p in o.split("*")), re.I) for o in origins]
+
+    def allowed(origin):
+        return origin if any(p.fullmatch(origin) for p in patterns) else None
+
+    def wsgi(environ, start_response):
+        origin = environ.get("HTTP_ORIGIN", "")
+        allow = ("*" if any_origin else allowed(origin)) if origin else None
+        granted = [("Access-Control-Allow-Origin", allow)] if allow else []
+        if allow and not any_origin:
+            granted.append(("Vary", "Origin"))
+        if environ.get("REQUEST_METHOD") == "OPTIONS":
+            headers = [("Allow", CORS_METHODS), ("Content-Length", "0")] + granted
+            if allow:
+                asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "").strip()
+                headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                            ("Access-Control-Allow-Headers", asked or CORS_HEADERS),
+                            ("Access-Control-Max-Age", "600")]
+            start_response("204 No Content", headers)
+            return [b""]
+        if not allow:
+            return app(environ, start_response)
+
+        def with_origin(status, headers, exc_info=None):
+            return start_response(status, list(headers) + granted, exc_info)
+
+        return app(environ, with_origin)
+
+    return wsgi
 
 
 def guarded(app, api_key, metrics):
@@ -2362,11 +2462,12 @@ def validate_embeddings(req):
     if any(isinstance(v, str) and not v for v in inputs):
         raise InvalidRequest("'input' must not hold empty strings")
     refuse_unknown(req, EMBEDDING_FIELDS)
-    refuse(req, "dimensions", lambda v: False, "embeddings have the model's own size")
     fmt = req.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64")
-    return {"model": model, "inputs": inputs, "encoding_format": fmt}
+    # An input longer than the model reads is a 400, as OpenAI answers it (truncate: False).
+    return {"model": model, "inputs": inputs, "encoding_format": fmt, "truncate": False,
+            "dimensions": _integer(req, "dimensions", 1, 1 << 16)}
 
 
 def dialect_request(model, messages, **fields):
@@ -3488,22 +3589,40 @@ def ollama_generate(node):
     return ollama_generation(node, body, messages, "response")
 
 
-def ollama_embed_inputs(node, body, inputs):
-    refuse(body, "dimensions", lambda v: False, "embeddings have the model's own size")
-    ollama_options(body, {}, node.settings.n_ctx)
-    req = validate_embeddings({"model": _model(body), "input": inputs})
-    req["keep_alive"] = ollama_keep_alive(body)
-    started = time.monotonic()
-    vectors, used = node.embed(req)
-    return vectors, used, started
+OLLAMA_EMBED_FIELDS = ("model", "input", "truncate", "options", "keep_alive", "dimensions")
+
+
+def ollama_embed_request(node, body, field):
+    """The internal embedding request of an Ollama body, its inputs under `field`; errors name
+    Ollama's fields. `truncate` (default true) cuts an input to what the model reads, as
+    Ollama does; `options.num_ctx` shortens that further."""
+    model = _model(body)
+    value = body.get(field)
+    inputs = [value] if isinstance(value, str) else value if field == "input" else None
+    if not isinstance(inputs, list) or not inputs or len(inputs) > 2048 or not all(
+            isinstance(v, str) for v in inputs):
+        raise InvalidRequest("'%s' must be a string%s" % (field, " or an array of strings"
+                                                           if field == "input" else ""))
+    if not all(inputs):
+        raise InvalidRequest("'%s' must not hold empty strings" % field)
+    options = body.get("options")
+    ctx = None
+    if isinstance(options, dict) and "num_ctx" in options:
+        options = dict(options)
+        ctx = _integer(options, "num_ctx", 1, 1 << 31, "options.num_ctx")
+        del options["num_ctx"]
+    ollama_options(dict(body, options=options), {}, node.settings.n_ctx)
+    return {"model": model, "inputs": inputs, "field": field, "keep_alive": ollama_keep_alive(body),
+            "truncate": _bool(body, "truncate", True) if field == "input" else False,
+            "dimensions": _integer(body, "dimensions", 1, 1 << 16), "ctx_limit": ctx}
 
 
 @route("POST", "/api/embed")
 def ollama_embed(node):
-    body = ollama_body(node, ("model", "input", "truncate", "options", "keep_alive", "dimensions"))
-    refuse(body, "truncate", lambda v: v is True, "inputs longer than the context are refused, "
-           "not truncated")
-    vectors, used, started = ollama_embed_inputs(node, body, body.get("input"))
+    body = ollama_body(node, OLLAMA_EMBED_FIELDS)
+    req = ollama_embed_request(node, body, "input")
+    started = time.monotonic()
+    vectors, used = node.embed(req)
     return {"model": body["model"], "embeddings": vectors,
             "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
             "prompt_eval_count": used}
@@ -3511,8 +3630,9 @@ def ollama_embed(node):
 
 @route("POST", "/api/embeddings")
 def ollama_embeddings(node):
+    """Ollama's older route: one `prompt`, refused (not cut) when longer than the model reads."""
     body = ollama_body(node, ("model", "prompt", "options", "keep_alive"))
-    vectors, _used, _started = ollama_embed_inputs(node, body, body.get("prompt"))
+    vectors, _used = node.embed(ollama_embed_request(node, body, "prompt"))
     return {"embedding": vectors[0]}
 
 
@@ -3596,6 +3716,151 @@ def _pull_events(node, call, events):
         yield ollama_pull_status(event)
         if event.step == "done":
             return
+
+
+###############################################################################
+# Retrieval ###################################################################
+###############################################################################
+# Rerank in llama.cpp's server's shape (Jina's and Cohere's), and llama.cpp's server's tokenize,
+# detokenize and apply-template, each on the model the body names, through the same guard,
+# repair and pool as generation. Errors are OpenAI's shape.
+
+RERANK_FIELDS = ("model", "query", "documents", "top_n", "return_documents")
+TOKENIZE_FIELDS = ("model", "content", "add_special", "parse_special", "with_pieces")
+
+
+def validate_rerank(req):
+    """Check a rerank body: the query, the documents' texts, top_n and return_documents."""
+    model = _model(req)
+    refuse_unknown(req, RERANK_FIELDS)
+    query = req.get("query")
+    if not isinstance(query, str) or not query:
+        raise InvalidRequest("'query' is required and must be a non-empty string")
+    documents = req.get("documents")
+    if not isinstance(documents, list) or not documents or len(documents) > 1024:
+        raise InvalidRequest("'documents' must be an array of 1 to 1024 strings or {\"text\": ...} objects")
+    texts = []
+    for i, d in enumerate(documents):
+        text = d.get("text") if isinstance(d, dict) else d
+        if not isinstance(text, str) or not text:
+            raise InvalidRequest("'documents[%d]' must be a non-empty string or {\"text\": \"...\"}" % i)
+        texts.append(text)
+    top_n = _integer(req, "top_n", 1, 1 << 31)
+    return {"model": model, "query": query, "documents": texts, "top_n": top_n or len(texts),
+            "return_documents": _bool(req, "return_documents")}
+
+
+def rank(node, req):
+    """(score of each document, tokens read) on the reranker `req` names; a model without rank
+    pooling is refused by name."""
+    entry = node.load(req["model"])
+    try:
+        llm, cap = entry.llm, node.settings.embed_ctx_size
+        if not rank_pooled(llm):
+            raise InvalidRequest("model %s cannot rank: its GGUF names no rank pooling (a reranker "
+                                 "such as bge-reranker or Qwen3-Reranker does)" % req["model"])
+        limit = embed_limit(llm, cap)
+        scores, used = [], 0
+        for i, document in enumerate(req["documents"]):
+            tokens = fit_input(llm, rerank_tokens(llm, req["query"], document), "documents[%d]" % i,
+                               limit, truncate=False)
+            scores.append(node.compute.run(rank_score, llm, tokens, cap, node.settings.n_threads))
+            used += len(tokens)
+    finally:
+        entry.release()
+    node.metrics.inc("llmnode_embedded_tokens_total", used)
+    return scores, used
+
+
+@route("POST", "/v1/rerank")
+@route("POST", "/rerank")
+def rerank(node):
+    req = validate_rerank(read_json(node))
+    scores, used = rank(node, req)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:req["top_n"]]
+    results = [{"index": i, "relevance_score": scores[i]} for i in order]
+    if req["return_documents"]:
+        for r in results:
+            r["document"] = {"text": req["documents"][r["index"]]}
+    return {"model": req["model"], "object": "list", "results": results,
+            "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+
+def _token_ids(llm, value, where):
+    vocab = llm.n_vocab()
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in value):
+        raise InvalidRequest("'%s' must be an array of token ids of the model's vocabulary (0-%d)"
+                             % (where, vocab - 1))
+    return value
+
+
+@route("POST", "/tokenize")
+def tokenize(node):
+    """llama.cpp's server's /tokenize: `content` (a string, or strings and token ids mixed) to
+    token ids, with their pieces if asked."""
+    req = read_json(node)
+    model = _model(req)
+    refuse_unknown(req, TOKENIZE_FIELDS)
+    content = req.get("content")
+    parts = [content] if isinstance(content, str) else content
+    if not isinstance(parts, list) or not all(
+            isinstance(p, (str, int)) and not isinstance(p, bool) for p in parts):
+        raise InvalidRequest("'content' must be a string or an array of strings and token ids")
+    add_special, parse_special = _bool(req, "add_special"), _bool(req, "parse_special", True)
+    with_pieces = _bool(req, "with_pieces")
+    entry = node.load(model)
+    try:
+        llm, tokens = entry.llm, []
+        _token_ids(llm, [p for p in parts if isinstance(p, int)], "content")
+        for i, part in enumerate(parts):
+            if isinstance(part, int):
+                tokens.append(part)
+            elif part:
+                # Only a leading string gets the BOS, as llama.cpp's tokenize_mixed does.
+                tokens += llm.tokenize(part.encode("utf-8"), add_bos=add_special and i == 0,
+                                       special=parse_special)
+        pieces = [token_piece(llm, t) for t in tokens] if with_pieces else None
+    finally:
+        entry.release()
+    if not with_pieces:
+        return {"tokens": tokens}
+    out = []
+    for token, piece in zip(tokens, pieces, strict=True):
+        try:
+            out.append({"id": token, "piece": piece.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"id": token, "piece": list(piece)})  # part of a character: its bytes
+    return {"tokens": out}
+
+
+@route("POST", "/detokenize")
+def detokenize(node):
+    """llama.cpp's server's /detokenize: token ids to text, special tokens as their text."""
+    req = read_json(node)
+    model = _model(req)
+    refuse_unknown(req, ("model", "tokens"))
+    entry = node.load(model)
+    try:
+        tokens = _token_ids(entry.llm, req.get("tokens", []), "tokens")
+        text = b"".join(token_piece(entry.llm, t) for t in tokens)
+    finally:
+        entry.release()
+    return {"content": text.decode("utf-8", "replace")}
+
+
+@route("POST", "/apply-template")
+def apply_template(node):
+    """llama.cpp's server's /apply-template: a chat body's prompt, as the chat route renders it
+    (the model's template, its tool prompt, and the Modelfile's system layer when the messages
+    have no system message), special tokens as their text; /tokenize with add_special false
+    turns it back into the tokens the model reads."""
+    req = validate_chat(read_json(node), node.settings.n_ctx)
+    extras = node.describe(names.parse(req["model"]))[4]
+    if extras.get("system") and not any(m["role"] == "system" for m in req["messages"]):
+        layer = {"role": "system", "content": extras["system"]}
+        req = dict(req, messages=[layer] + req["messages"], native_messages=[layer] + req["native_messages"])
+    return {"prompt": node.chat_prompt_text(req)}
 
 
 ###############################################################################
