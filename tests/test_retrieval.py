@@ -8,6 +8,7 @@ import struct
 import subprocess
 
 import pytest
+import requests
 
 import llmnode
 from repair import names
@@ -179,7 +180,6 @@ def test_tokenize_and_detokenize_round_trip_as_llama_cpp_pythons_tokenizer(node,
     assert r.status_code == 200, r.text
     tokens = r.json()["tokens"]
     assert tokens == smol_tokenizer.tokenize(TEXT.encode(), add_bos=add_special, special=True)
-    assert smol_tokenizer.token_bos() not in tokens or add_special
     plain = node.post("/tokenize", {"model": SMOL, "content": TEXT, "parse_special": False}).json()["tokens"]
     assert plain == smol_tokenizer.tokenize(TEXT.encode(), add_bos=False, special=False) != tokens
     r = node.post("/detokenize", {"model": SMOL, "tokens": tokens})
@@ -225,20 +225,24 @@ def test_apply_template_equals_the_prompt_the_chat_route_renders(node, smol_toke
 
 # -- embeddings as long as the model reads --------------------------------------------------------
 
-def long_text(tokenizer_model, node, n):
-    """A text of at least n tokens on a model."""
+def long_text(model, node, n):
+    """A text of about n tokens on a model (cut at a token boundary, it may tokenize a few tokens
+    differently), and its tokens."""
     text = " ".join("w%d" % i for i in range(n))
-    tokens = node.post("/tokenize", {"model": tokenizer_model, "content": text}).json()["tokens"]
-    assert len(tokens) >= n
+    tokens = node.post("/tokenize", {"model": model, "content": text}).json()["tokens"]
+    text = node.post("/detokenize", {"model": model, "tokens": tokens[:n]}).json()["content"]
+    tokens = node.post("/tokenize", {"model": model, "content": text, "add_special": True}).json()["tokens"]
+    assert n - 2 <= len(tokens) <= n + 8
     return text, tokens
 
 
 @pytest.mark.parametrize("model", [LONG, SMOL])
 def test_a_3000_token_input_embeds_whole(node, model):
     text, tokens = long_text(model, node, 3000)
-    r = node.post("/v1/embeddings", {"model": model, "input": text})
+    # SmolLM2 reads 3000 tokens in seconds on two idle cores, in minutes on busy ones.
+    r = requests.post(node.url + "/v1/embeddings", json={"model": model, "input": text}, timeout=900)
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["prompt_tokens"] == len(tokens) + 1  # and the BOS
+    assert r.json()["usage"]["prompt_tokens"] == len(tokens)
     whole = r.json()["data"][0]["embedding"]
     head = node.post("/v1/embeddings", {"model": model, "input": [tokens[:400]]}).json()
     head = head["data"][0]["embedding"]
@@ -286,7 +290,7 @@ def test_ollama_truncates_by_default_to_the_context_or_num_ctx(node):
     cut = node.post("/api/embed", {"model": TINY, "input": text})
     assert cut.status_code == 200, cut.text
     assert cut.json()["prompt_eval_count"] == 512
-    first = node.post("/v1/embeddings", {"model": TINY, "input": [[1] + tokens[:511]]}).json()
+    first = node.post("/v1/embeddings", {"model": TINY, "input": [tokens[:512]]}).json()
     assert cut.json()["embeddings"][0] == pytest.approx(first["data"][0]["embedding"], abs=1e-6)
     short = node.post("/api/embed", {"model": TINY, "input": text, "truncate": True,
                                      "options": {"num_ctx": 100}})
