@@ -191,37 +191,56 @@ class EmbeddingContext:
                                   "(LLM_EMBED_CTX_SIZE)" % self.n_ctx)
         self.mem = C.llama_get_memory(self.ctx)
         self.batch = C.llama_batch_init(self.n_batch, 0, 1)
+        # Held by the input being read, across its batches (each a compute-thread job): one
+        # input at a time in the context's one sequence.
+        self.lock = threading.Lock()
         # A reranker's pooled output is its classifier's n_cls_out scores, not a vector.
         self.n_out = C.llama_model_n_cls_out(model) if self.pooling == C.LLAMA_POOLING_TYPE_RANK \
             else self.n_embd
 
-    def pooled(self, tokens):
+    def pooled(self, tokens, run=None):
         """The model's output for one token sequence (at most `n_ctx`): its pooled vector (or
-        rank scores), or the mean of its token vectors when the model names no pooling."""
+        rank scores), or the mean of its token vectors when the model names no pooling. Each
+        batch is one `run` (the compute thread's: answers' decode steps go on between a long
+        input's batches)."""
+        run = run or (lambda fn, *args: fn(*args))
+        if not self.lock.acquire(timeout=GENERATION_WAIT_SECS):
+            raise ModelBusy("The model's embedding context stayed busy for %ds" % GENERATION_WAIT_SECS)
+        try:
+            total = 0.0
+            for start in range(0, len(tokens), self.n_batch):
+                total = total + run(self._decode, tokens[start:start + self.n_batch], start)
+            return run(self._output, total, len(tokens))
+        finally:
+            try:
+                run(self.C.llama_memory_clear, self.mem, True)
+            finally:
+                self.lock.release()
+
+    def _decode(self, part, start):
+        """Read the tokens at positions start...; the sum of their vectors when the model names
+        no pooling (else 0: the pooled output is read once, at the end)."""
         import numpy as np
 
         C, b = self.C, self.batch
-        total = np.zeros(self.n_embd, dtype=np.float64)
-        try:
-            for start in range(0, len(tokens), self.n_batch):
-                part = tokens[start:start + self.n_batch]
-                for i, token in enumerate(part):
-                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + i, 1, True
-                    b.seq_id[i][0] = 0
-                b.n_tokens = len(part)
-                rc = C.llama_decode(self.ctx, b)
-                if rc != 0:
-                    raise RuntimeError("llama_decode returned %d" % rc)
-                if self.pooling == C.LLAMA_POOLING_TYPE_NONE:
-                    rows = np.ctypeslib.as_array(C.llama_get_embeddings(self.ctx),
-                                                 shape=(len(part), self.n_embd))
-                    total += rows.sum(axis=0, dtype=np.float64)
-            if self.pooling == C.LLAMA_POOLING_TYPE_NONE:
-                return total / len(tokens)
-            out = C.llama_get_embeddings_seq(self.ctx, 0)
-            return np.array(out[:self.n_out], dtype=np.float64)
-        finally:
-            C.llama_memory_clear(self.mem, True)
+        for i, token in enumerate(part):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + i, 1, True
+            b.seq_id[i][0] = 0
+        b.n_tokens = len(part)
+        rc = C.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode returned %d" % rc)
+        if self.pooling != C.LLAMA_POOLING_TYPE_NONE:
+            return 0.0
+        rows = np.ctypeslib.as_array(C.llama_get_embeddings(self.ctx), shape=(len(part), self.n_embd))
+        return rows.sum(axis=0, dtype=np.float64)
+
+    def _output(self, total, n):
+        import numpy as np
+
+        if self.pooling == self.C.LLAMA_POOLING_TYPE_NONE:
+            return total / n
+        return np.array(self.C.llama_get_embeddings_seq(self.ctx, 0)[:self.n_out], dtype=np.float64)
 
     def close(self):
         if self.ctx:
@@ -246,18 +265,19 @@ def embedder(llm, cap, threads):
     return llm.embedder
 
 
-def embed_tokens(llm, tokens, cap, threads):
-    """One normalised embedding of a token sequence: the pooling the GGUF names, or the mean
-    over the tokens for a chat model (which names none)."""
-    vector = embedder(llm, cap, threads).pooled(tokens)
+def embed_tokens(llm, tokens, cap, threads, run):
+    """One normalised embedding of a token sequence, its llama.cpp work done through `run` (the
+    compute thread's): the pooling the GGUF names, or the mean over the tokens for a chat model
+    (which names none)."""
+    vector = run(embedder, llm, cap, threads).pooled(tokens, run)
     norm = float((vector * vector).sum()) ** 0.5
     return [float(x) for x in (vector / norm if norm else vector)]
 
 
-def rank_score(llm, tokens, cap, threads):
+def rank_score(llm, tokens, cap, threads, run):
     """A reranker's score of one (query, document) prompt: its classifier's first output, as
     llama.cpp's server reads it."""
-    return float(embedder(llm, cap, threads).pooled(tokens)[0])
+    return float(run(embedder, llm, cap, threads).pooled(tokens, run)[0])
 
 
 def rerank_tokens(llm, query, document):
@@ -1840,8 +1860,8 @@ class Node:
                 tokens = item if isinstance(item, list) else llm.tokenize(
                     item.encode("utf-8"), add_bos=True, special=False)
                 tokens = fit_input(llm, tokens, field, limit, req.get("truncate"))
-                vector = self.compute.run(embed_tokens, llm, tokens, self.settings.embed_ctx_size,
-                                          self.settings.n_threads)
+                vector = embed_tokens(llm, tokens, self.settings.embed_ctx_size, self.settings.n_threads,
+                                      self.compute.run)
                 vectors.append(shorten(vector, dims) if dims else vector)
                 used += len(tokens)
         finally:
@@ -3764,7 +3784,7 @@ def rank(node, req):
         for i, document in enumerate(req["documents"]):
             tokens = fit_input(llm, rerank_tokens(llm, req["query"], document), "documents[%d]" % i,
                                limit, truncate=False)
-            scores.append(node.compute.run(rank_score, llm, tokens, cap, node.settings.n_threads))
+            scores.append(rank_score(llm, tokens, cap, node.settings.n_threads, node.compute.run))
             used += len(tokens)
     finally:
         entry.release()
