@@ -198,12 +198,11 @@ class EmbeddingContext:
         self.n_out = C.llama_model_n_cls_out(model) if self.pooling == C.LLAMA_POOLING_TYPE_RANK \
             else self.n_embd
 
-    def pooled(self, tokens, run=None):
+    def pooled(self, tokens, run):
         """The model's output for one token sequence (at most `n_ctx`): its pooled vector (or
         rank scores), or the mean of its token vectors when the model names no pooling. Each
         batch is one `run` (the compute thread's: answers' decode steps go on between a long
         input's batches)."""
-        run = run or (lambda fn, *args: fn(*args))
         if not self.lock.acquire(timeout=GENERATION_WAIT_SECS):
             raise ModelBusy("The model's embedding context stayed busy for %ds" % GENERATION_WAIT_SECS)
         try:
