@@ -147,6 +147,12 @@ def test_bad_rerank_bodies_are_400_naming_the_field(node, body, field):
     assert r.status_code == 400 and "'%s'" % field in r.json()["error"]["message"], r.text
 
 
+def test_a_document_longer_than_the_reranker_reads_is_refused_by_index(node):
+    r = node.post("/v1/rerank", {"model": RERANKER, "query": QUERY, "documents": ["short", "x" * 600]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "'documents[1]'" in r.json()["error"]["message"]
+
+
 def test_a_corrupted_reranker_blob_is_repaired_inside_the_request(node):
     before = node.post("/v1/rerank", {"model": RERANKER, "query": QUERY, "documents": DOCS}).json()
     layer, blob = blob_of(node.models_dir, ("reranker", "tiny"))
@@ -308,6 +314,8 @@ def test_too_long_is_a_400_for_openai_and_for_ollama_without_truncate(node):
     assert r.status_code == 400, r.text
     assert list(r.json()) == ["error"]
     assert r.json()["error"].startswith("input exceeds maximum context length")
+    r = node.post("/api/embeddings", {"model": TINY, "prompt": text})  # the older route: no truncate
+    assert r.status_code == 400 and "'prompt'" in r.json()["error"], r.text
 
 
 def test_ollama_truncates_by_default_to_the_context_or_num_ctx(node):
