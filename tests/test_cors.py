@@ -4,6 +4,10 @@ preflight, and LLM_CORS_ORIGINS's syntax."""
 
 import json
 import re
+import shutil
+import subprocess
+import tempfile
+import threading
 
 import pytest
 import requests
@@ -107,3 +111,55 @@ def test_listed_origins_and_wildcards(serve):
 def test_a_malformed_origin_setting_is_refused_naming_the_variable(value):
     with pytest.raises(conf.SettingsError, match="LLM_CORS_ORIGINS"):
         conf.load(environ={"LLM_CORS_ORIGINS": value})
+
+
+PAGE_HTML = """<!doctype html><html><body>waiting<script>
+fetch("%s/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json",
+      "Authorization": "Bearer sekrit"}, body: JSON.stringify(%s)})
+  .then(r => r.json())
+  .then(j => { document.body.textContent = "answer:" + j.choices[0].message.role; })
+  .catch(e => { document.body.textContent = "refused:" + e; });
+</script></body></html>"""
+
+
+def page_server(html):
+    """A page on its own loopback port (another origin than the node's)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def browse(url):
+    """The page's DOM once headless Chromium has run its script (and its fetch) to the end."""
+    done = subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+                           "--user-data-dir=" + tempfile.mkdtemp(), "--virtual-time-budget=60000",
+                           "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+@pytest.mark.parametrize("origins, seen", [("loopback", "answer:assistant"),
+                                           ("https://app.example", "refused:")])
+def test_a_real_browser_page_on_another_origin_calls_the_node(serve, origins, seen):
+    s = serve(LLM_API_KEY="sekrit", LLM_CORS_ORIGINS=origins)
+    page = page_server(PAGE_HTML % (s.url, json.dumps(CHAT)))
+    try:
+        dom = browse("http://127.0.0.1:%d/" % page.server_address[1])
+    finally:
+        page.shutdown()
+        page.server_close()
+    assert seen in dom, dom
