@@ -112,10 +112,9 @@ def configure_logging(log_file=None, level=logging.INFO):
 ###############################################################################
 # Loading a GGUF, its chat template and metadata, embeddings, and the batched context answers are
 # decoded in. Every private llama-cpp-python field the node touches is here, read from
-# llama-cpp-python 0.3.36: `Llama._model.model` (the llama_model pointer the batched context is
-# made on), and, for embeddings on the Llama's own small context, `Llama._ctx.ctx`,
-# `Llama._ctx.kv_cache_clear`, `Llama._ctx.decode` and `Llama._batch`; and one public function
-# it wraps, `llama_cpp.llama_model_default_params` (`without_extra_buffers`).
+# llama-cpp-python 0.3.36: `Llama._model.model` (the llama_model pointer the batched and
+# embedding contexts are made on); and one public function it wraps,
+# `llama_cpp.llama_model_default_params` (`without_extra_buffers`).
 
 def cpu_has_amx():
     """Whether this CPU has Intel AMX (Sapphire Rapids and later), from /proc/cpuinfo."""
@@ -165,8 +164,8 @@ def load_llama(path, settings):
     layers = settings.gpu_layers
     if layers is None:  # auto: every layer (llama-cpp-python's -1) when there is a GPU
         layers = -1 if gpu else 0
-    # The Llama's own context only embeds (up to BATCH_TOKENS tokens); answers are decoded in
-    # the model's BatchedContext, made beside it.
+    # Nothing is decoded in the Llama's own context: answers are decoded in the model's
+    # BatchedContext, embeddings in its EmbeddingContext, both made beside it.
     llm = Llama(model_path=path, n_ctx=BATCH_TOKENS, n_batch=BATCH_TOKENS, n_threads=settings.n_threads,
                 use_mmap=settings.use_mmap, n_gpu_layers=layers, verbose=False)
     # llama.cpp offloads the repeating layers and then the output layer: n_layer + 1 in all.
@@ -197,34 +196,159 @@ def chat_formatter(llm):
                                bos_token=text(llm.token_bos()))
 
 
-def embed_tokens(llm, tokens):
-    """One normalised embedding of a token sequence, on the Llama's own small context (switched
-    into embeddings mode for the call; answers are decoded in the model's BatchedContext, on the
-    same weights): the pooling the GGUF names, or the mean over the tokens for a chat model
-    (which names none)."""
-    import llama_cpp
+class EmbeddingContext:
+    """A llama.cpp context in embeddings mode on a loaded model's weights, made on the model's
+    first embedding or rerank (a chat model that never embeds holds none): one sequence of up to
+    `n_ctx` tokens, the model's trained context capped by LLM_EMBED_CTX_SIZE. A model that pools
+    (an embedding model, a reranker) reads an input in one batch, as llama.cpp's pooling needs;
+    a chat model (no pooling) reads it in batches of BATCH_TOKENS, the KV cache carrying the
+    earlier ones, and its token vectors are averaged."""
 
-    ctx = llm._ctx.ctx
-    n_embd = llm.n_embd()
-    llama_cpp.llama_set_embeddings(ctx, True)
-    try:
-        llm._ctx.kv_cache_clear()
-        llm._batch.reset()
-        llm._batch.add_sequence(tokens, 0, True)
-        llm._ctx.decode(llm._batch)
-        if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            rows = np.array([llama_cpp.llama_get_embeddings_ith(ctx, i)[:n_embd]
-                             for i in range(len(tokens))], dtype=np.float64)
-            vector = rows.mean(axis=0)
-        else:
-            vector = np.array(llama_cpp.llama_get_embeddings_seq(ctx, 0)[:n_embd], dtype=np.float64)
-    finally:
-        llama_cpp.llama_set_embeddings(ctx, False)
-        llm._batch.reset()
-        llm._ctx.kv_cache_clear()
-        llm.reset()
+    def __init__(self, llm, cap, threads):
+        import llama_cpp as C
+
+        self.C = C
+        model = model_pointer(llm)
+        self.n_ctx = embed_limit(llm, cap)
+        self.n_embd = C.llama_model_n_embd(model)
+        params = C.llama_context_default_params()
+        params.embeddings = True
+        params.n_ctx = self.n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.pooling = llm.pooling_type()  # the GGUF's (the Llama's context takes the default too)
+        self.n_batch = BATCH_TOKENS if self.pooling == C.LLAMA_POOLING_TYPE_NONE else self.n_ctx
+        params.n_batch = params.n_ubatch = self.n_batch
+        self.ctx = C.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise ModelLoadFailed("llama.cpp could not make an embedding context of %d tokens "
+                                  "(LLM_EMBED_CTX_SIZE)" % self.n_ctx)
+        self.mem = C.llama_get_memory(self.ctx)
+        self.batch = C.llama_batch_init(self.n_batch, 0, 1)
+        # Held by the input being read, across its batches (each a compute-thread job): one
+        # input at a time in the context's one sequence.
+        self.lock = threading.Lock()
+        # A reranker's pooled output is its classifier's n_cls_out scores, not a vector.
+        self.n_out = C.llama_model_n_cls_out(model) if self.pooling == C.LLAMA_POOLING_TYPE_RANK \
+            else self.n_embd
+
+    def pooled(self, tokens, run):
+        """The model's output for one token sequence (at most `n_ctx`): its pooled vector (or
+        rank scores), or the mean of its token vectors when the model names no pooling. Each
+        batch is one `run` (the compute thread's: answers' decode steps go on between a long
+        input's batches)."""
+        if not self.lock.acquire(timeout=GENERATION_WAIT_SECS):
+            raise ModelBusy("The model's embedding context stayed busy for %ds" % GENERATION_WAIT_SECS)
+        try:
+            total = 0.0
+            for start in range(0, len(tokens), self.n_batch):
+                total = total + run(self._decode, tokens[start:start + self.n_batch], start)
+            return run(self._output, total, len(tokens))
+        finally:
+            try:
+                run(self.C.llama_memory_clear, self.mem, True)
+            finally:
+                self.lock.release()
+
+    def _decode(self, part, start):
+        """Read the tokens at positions start...; the sum of their vectors when the model names
+        no pooling (else 0: the pooled output is read once, at the end)."""
+        import numpy as np
+
+        C, b = self.C, self.batch
+        for i, token in enumerate(part):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, start + i, 1, True
+            b.seq_id[i][0] = 0
+        b.n_tokens = len(part)
+        rc = C.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode returned %d" % rc)
+        if self.pooling != C.LLAMA_POOLING_TYPE_NONE:
+            return 0.0
+        rows = np.ctypeslib.as_array(C.llama_get_embeddings(self.ctx), shape=(len(part), self.n_embd))
+        return rows.sum(axis=0, dtype=np.float64)
+
+    def _output(self, total, n):
+        import numpy as np
+
+        if self.pooling == self.C.LLAMA_POOLING_TYPE_NONE:
+            return total / n
+        return np.array(self.C.llama_get_embeddings_seq(self.ctx, 0)[:self.n_out], dtype=np.float64)
+
+    def close(self):
+        if self.ctx:
+            self.C.llama_batch_free(self.batch)
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+
+
+def embed_limit(llm, cap):
+    """Most tokens one embedding or rerank input of this model reads: its trained context, at
+    most `cap` (LLM_EMBED_CTX_SIZE)."""
+    import llama_cpp as C
+
+    return min(C.llama_model_n_ctx_train(model_pointer(llm)) or cap, cap)
+
+
+def embedder(llm, cap, threads):
+    """The loaded model's EmbeddingContext, made on first use (on the compute thread, as every
+    context of the model is)."""
+    if getattr(llm, "embedder", None) is None:
+        llm.embedder = EmbeddingContext(llm, cap, threads)
+    return llm.embedder
+
+
+def embed_tokens(llm, tokens, cap, threads, run):
+    """One normalised embedding of a token sequence, its llama.cpp work done through `run` (the
+    compute thread's): the pooling the GGUF names, or the mean over the tokens for a chat model
+    (which names none)."""
+    vector = run(embedder, llm, cap, threads).pooled(tokens, run)
     norm = float((vector * vector).sum()) ** 0.5
     return [float(x) for x in (vector / norm if norm else vector)]
+
+
+def rank_score(llm, tokens, cap, threads, run):
+    """A reranker's score of one (query, document) prompt: its classifier's first output, as
+    llama.cpp's server reads it."""
+    return float(run(embedder, llm, cap, threads).pooled(tokens, run)[0])
+
+
+def rerank_tokens(llm, query, document):
+    """The prompt a reranker reads for a query and a document, as llama.cpp's server builds it:
+    the GGUF's `rerank` template when it has one, else BOS query EOS SEP document EOS, each
+    special token where the vocabulary asks for it."""
+    import llama_cpp as C
+
+    model = model_pointer(llm)
+    vocab = C.llama_model_get_vocab(model)
+    template = C.llama_model_chat_template(model, b"rerank")
+    if template:
+        text = template.decode("utf-8").replace("{query}", query).replace("{document}", document)
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    eos = C.llama_vocab_eos(vocab)
+    if eos < 0:
+        eos = C.llama_vocab_sep(vocab)
+    add_eos, add_sep = C.llama_vocab_get_add_eos(vocab), C.llama_vocab_get_add_sep(vocab)
+    tokens = [C.llama_vocab_bos(vocab)] if C.llama_vocab_get_add_bos(vocab) else []
+    tokens += llm.tokenize(query.encode("utf-8"), add_bos=False, special=False)
+    tokens += [eos] if add_eos else []
+    tokens += [C.llama_vocab_sep(vocab)] if add_sep else []
+    tokens += llm.tokenize(document.encode("utf-8"), add_bos=False, special=False)
+    return tokens + ([eos] if add_eos else [])
+
+
+def token_piece(llm, token):
+    """The bytes a token stands for, special tokens as their text (llama.cpp's server's pieces)."""
+    import llama_cpp as C
+
+    vocab = C.llama_model_get_vocab(model_pointer(llm))
+    buf = ctypes.create_string_buffer(64)
+    n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[:n]
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -540,10 +664,10 @@ class BatchedContext:
 
 
 def close_model(llm):
-    """Free a loaded model: its batched context, then the Llama."""
-    slots = getattr(llm, "slots", None)
-    if slots is not None:
-        slots.close()
+    """Free a loaded model: its batched and embedding contexts, then the Llama."""
+    for part in (getattr(llm, "slots", None), getattr(llm, "embedder", None)):
+        if part is not None:
+            part.close()
     llm.close()
 
 
@@ -1627,6 +1751,7 @@ def unknown_fields(body, known, where, ignored):
     for key in body:
         if key not in known:
             ignored.append("%s.%s" % (where, key) if where else key)
+    return ignored
 
 
 def refuse(req, key, ok, why):
@@ -1886,6 +2011,13 @@ def params_layer(extras):
         except InvalidRequest as e:
             log.warning("the params layer's %s is not applied: %s", key, e)
     return {k: v for k, v in clean.items() if v is not None}
+
+
+def with_system(req, system):
+    """The request with a Modelfile's system prompt as its first message, when it has none."""
+    if system and not any(m.role == "system" for m in req.messages):
+        return replace(req, messages=[Message("system", system)] + req.messages)
+    return req
 
 
 def template_messages(messages, native):
@@ -2300,8 +2432,7 @@ class Node:
     def chat(self, req):
         """Start a checked `ChatRequest` (any dialect's): its `Answer`."""
         system, params = self.modelfile(req.model)
-        if system and not any(m.role == "system" for m in req.messages):
-            req = replace(req, messages=[Message("system", system)] + req.messages)
+        req = with_system(req, system)
         modes = []  # the tool mode the prompt was rendered in
 
         def generations(entry):
@@ -2406,20 +2537,75 @@ class Node:
 
     def embed(self, req):
         """Embeddings of each input, on the same loaded model (and guard) as generation:
-        (vectors, tokens read)."""
+        (vectors, tokens read). An input longer than the model reads is cut with `truncate`,
+        else refused; `dimensions` keeps that many leading values, renormalised."""
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
+            llm, field = entry.llm, req.get("field", "input")
+            if rank_pooled(llm):
+                raise InvalidRequest("model %s is a reranker: it scores a query against documents "
+                                     "(POST /v1/rerank) and gives no embeddings" % req["model"])
+            dims = req.get("dimensions")
+            if dims is not None and dims > llm.n_embd():
+                raise UnsupportedParameter("'dimensions' above the model's embedding size (%d) is not "
+                                           "supported" % llm.n_embd())
+            limit = min(embed_limit(llm, self.settings.embed_ctx_size), req.get("ctx_limit") or 1 << 31)
             vectors, used = [], 0
             for item in req["inputs"]:
-                tokens = item if isinstance(item, list) else entry.llm.tokenize(
+                tokens = item if isinstance(item, list) else llm.tokenize(
                     item.encode("utf-8"), add_bos=True, special=False)
-                _check_tokens(entry.llm, tokens, "input", entry.llm.n_batch)
-                vectors.append(self.compute.run(embed_tokens, entry.llm, tokens))
+                tokens = fit_input(llm, tokens, field, limit, req.get("truncate"))
+                vector = embed_tokens(llm, tokens, self.settings.embed_ctx_size, self.settings.n_threads,
+                                      self.compute.run)
+                vectors.append(shorten(vector, dims) if dims else vector)
                 used += len(tokens)
         finally:
             entry.release()
         self.metrics.inc("llmnode_embedded_tokens_total", used)
         return vectors, used
+
+    def chat_prompt_text(self, req):
+        """The text of the prompt a checked chat request renders to, as `chat` renders it,
+        special tokens as their text: what the model would read (apply-template)."""
+        req = with_system(req, self.modelfile(req.model)[0])
+        entry = self.load(req.model, req.keep_alive)
+        try:
+            tokens = self.chat_prompt(entry, req)[0]
+            return b"".join(token_piece(entry.llm, t) for t in tokens).decode("utf-8", "replace")
+        finally:
+            entry.release()
+
+
+def fit_input(llm, tokens, field, limit, truncate):
+    """An embedding or rerank input's tokens, checked against the vocabulary and `limit`: a
+    longer input is cut with `truncate`, else refused (ContextTooLong)."""
+    if not tokens:
+        raise InvalidRequest("'%s' is empty" % field)
+    vocab = llm.n_vocab()
+    if any(not 0 <= t < vocab for t in tokens):
+        raise InvalidRequest("'%s' holds token ids outside the model's vocabulary (0-%d)"
+                             % (field, vocab - 1))
+    if len(tokens) > limit:
+        if not truncate:
+            raise ContextTooLong("input exceeds maximum context length: '%s' has %d tokens, the model "
+                                 "reads at most %d (its trained context, at most LLM_EMBED_CTX_SIZE)"
+                                 % (field, len(tokens), limit))
+        tokens = tokens[:limit]
+    return tokens
+
+
+def shorten(vector, dims):
+    """The first `dims` values of a vector, renormalised to unit length (Matryoshka truncation)."""
+    head = vector[:dims]
+    norm = sum(x * x for x in head) ** 0.5
+    return [x / norm for x in head] if norm else head
+
+
+def rank_pooled(llm):
+    """Whether a loaded model's GGUF names rank pooling: a reranker's classifier head."""
+    import llama_cpp as C
+
+    return llm.pooling_type() == C.LLAMA_POOLING_TYPE_RANK
 
 
 def _check_tokens(llm, tokens, what, limit):
@@ -2508,8 +2694,53 @@ def error_response(err, dialect):
 
 
 def make_app(node):
-    """The WSGI app: the Bottle routes behind the API key check and the request counter."""
-    return guarded(routes(node), node.settings.api_key, node.metrics)
+    """The WSGI app: the Bottle routes behind the API key check and the request counter, with
+    CORS answered in front of both."""
+    return cors(guarded(routes(node), node.settings.api_key, node.metrics), node.settings.cors_origins)
+
+
+# What a preflight allows: every method a route takes; the headers are the ones the browser asks
+# for (an SDK's own, Authorization for LLM_API_KEY), or these when it names none.
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, x-api-key, anthropic-version"
+
+
+def cors(app, origins):
+    """Answer browsers from LLM_CORS_ORIGINS (patterns, `*` matching anything): every OPTIONS
+    (a preflight, which carries no API key) here, with the methods and headers allowed; every
+    other answer, errors and event streams included, with Access-Control-Allow-Origin when the
+    request's Origin is allowed. A disallowed origin gets no CORS header, so its page cannot read
+    the answer."""
+    any_origin = "*" in origins
+    patterns = [re.compile(".*".join(re.escape(p) for p in o.split("*")), re.I) for o in origins]
+
+    def allowed(origin):
+        return origin if any(p.fullmatch(origin) for p in patterns) else None
+
+    def wsgi(environ, start_response):
+        origin = environ.get("HTTP_ORIGIN", "")
+        allow = ("*" if any_origin else allowed(origin)) if origin else None
+        granted = [("Access-Control-Allow-Origin", allow)] if allow else []
+        if allow and not any_origin:
+            granted.append(("Vary", "Origin"))
+        if environ.get("REQUEST_METHOD") == "OPTIONS":
+            headers = [("Allow", CORS_METHODS), ("Content-Length", "0")] + granted
+            if allow:
+                asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "").strip()
+                headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                            ("Access-Control-Allow-Headers", asked or CORS_HEADERS),
+                            ("Access-Control-Max-Age", "600")]
+            start_response("204 No Content", headers)
+            return [b""]
+        if not allow:
+            return app(environ, start_response)
+
+        def with_origin(status, headers, exc_info=None):
+            return start_response(status, list(headers) + granted, exc_info)
+
+        return app(environ, with_origin)
+
+    return wsgi
 
 
 def guarded(app, api_key, metrics):
@@ -2881,11 +3112,12 @@ def validate_embeddings(req):
     ignored = []
     unknown_fields(req, EMBEDDING_FIELDS, "", ignored)
     report_ignored(ignored)
-    refuse(req, "dimensions", lambda v: False, "embeddings have the model's own size")
     fmt = req.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64")
-    return {"model": model, "inputs": inputs, "encoding_format": fmt}
+    # An input longer than the model reads is a 400, as OpenAI answers it (truncate: False).
+    return {"model": model, "inputs": inputs, "encoding_format": fmt, "truncate": False,
+            "dimensions": _integer(req, "dimensions", 1, 1 << 16)}
 
 
 def openai_tool_calls(message):
@@ -3675,9 +3907,7 @@ def _anthropic_events(answer, model):
 def count_prompt_tokens(node, req):
     """The prompt's tokens as the model's template renders it, tools included: rendered as the
     engine renders it for an answer."""
-    system, _params = node.modelfile(req.model)
-    if system and not any(m.role == "system" for m in req.messages):
-        req = replace(req, messages=[Message("system", system)] + req.messages)
+    req = with_system(req, node.modelfile(req.model)[0])
     entry = node.load(req.model)
     try:
         return len(node.chat_prompt(entry, req)[0])  # the very prompt a generation would read
@@ -4027,24 +4257,42 @@ def ollama_generate(node):
     return ollama_generation(node, body, messages, "response", ignored)
 
 
-def ollama_embed_inputs(node, body, inputs, ignored):
-    refuse(body, "dimensions", lambda v: False, "embeddings have the model's own size")
-    ollama_options(body, node.settings.n_ctx, ignored)
+OLLAMA_EMBED_FIELDS = ("model", "input", "truncate", "options", "keep_alive", "dimensions")
+
+
+def ollama_embed_request(node, body, field, ignored):
+    """The internal embedding request of an Ollama body, its inputs under `field`; errors name
+    Ollama's fields. `truncate` (default true) cuts an input to what the model reads, as
+    Ollama does; `options.num_ctx` shortens that further."""
+    model = _model(body)
+    value = body.get(field)
+    inputs = [value] if isinstance(value, str) else value if field == "input" else None
+    if not isinstance(inputs, list) or not inputs or len(inputs) > 2048 or not all(
+            isinstance(v, str) for v in inputs):
+        raise InvalidRequest("'%s' must be a string%s" % (field, " or an array of strings"
+                                                           if field == "input" else ""))
+    if not all(inputs):
+        raise InvalidRequest("'%s' must not hold empty strings" % field)
+    options = body.get("options")
+    ctx = None
+    if isinstance(options, dict) and "num_ctx" in options:
+        options = dict(options)
+        ctx = _integer(options, "num_ctx", 1, 1 << 31, "options.num_ctx")
+        del options["num_ctx"]
+    ollama_options(dict(body, options=options), node.settings.n_ctx, ignored)
     report_ignored(ignored)
-    req = validate_embeddings({"model": _model(body), "input": inputs})
-    req["keep_alive"] = ollama_keep_alive(body)
-    started = time.monotonic()
-    vectors, used = node.embed(req)
-    return vectors, used, started
+    return {"model": model, "inputs": inputs, "field": field, "keep_alive": ollama_keep_alive(body),
+            "truncate": _bool(body, "truncate", True) if field == "input" else False,
+            "dimensions": _integer(body, "dimensions", 1, 1 << 16), "ctx_limit": ctx}
 
 
 @route("POST", "/api/embed", OLLAMA)
 def ollama_embed(node):
     ignored = []
-    body = ollama_body(node, ("model", "input", "truncate", "options", "keep_alive", "dimensions"), ignored)
-    refuse(body, "truncate", lambda v: v is True, "inputs longer than the context are refused, "
-           "not truncated")
-    vectors, used, started = ollama_embed_inputs(node, body, body.get("input"), ignored)
+    body = ollama_body(node, OLLAMA_EMBED_FIELDS, ignored)
+    req = ollama_embed_request(node, body, "input", ignored)
+    started = time.monotonic()
+    vectors, used = node.embed(req)
     return {"model": body["model"], "embeddings": vectors,
             "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
             "prompt_eval_count": used}
@@ -4052,9 +4300,10 @@ def ollama_embed(node):
 
 @route("POST", "/api/embeddings", OLLAMA)
 def ollama_embeddings(node):
+    """Ollama's older route: one `prompt`, refused (not cut) when longer than the model reads."""
     ignored = []
     body = ollama_body(node, ("model", "prompt", "options", "keep_alive"), ignored)
-    vectors, _used, _started = ollama_embed_inputs(node, body, body.get("prompt"), ignored)
+    vectors, _used = node.embed(ollama_embed_request(node, body, "prompt", ignored))
     return {"embedding": vectors[0]}
 
 
@@ -4143,6 +4392,148 @@ def _pull_events(node, call, events):
         yield ollama_pull_status(event)
         if event.step == "done":
             return
+
+
+###############################################################################
+# Retrieval ###################################################################
+###############################################################################
+# Rerank in llama.cpp's server's shape (Jina's and Cohere's), and llama.cpp's server's tokenize,
+# detokenize and apply-template, each on the model the body names, through the same guard,
+# repair and pool as generation. Errors are OpenAI's shape.
+
+RERANK_FIELDS = ("model", "query", "documents", "top_n", "return_documents")
+TOKENIZE_FIELDS = ("model", "content", "add_special", "parse_special", "with_pieces")
+
+
+def validate_rerank(req):
+    """Check a rerank body: the query, the documents' texts, top_n and return_documents."""
+    model = _model(req)
+    report_ignored(unknown_fields(req, RERANK_FIELDS, "", []))
+    query = req.get("query")
+    if not isinstance(query, str) or not query:
+        raise InvalidRequest("'query' is required and must be a non-empty string")
+    documents = req.get("documents")
+    if not isinstance(documents, list) or not documents or len(documents) > 1024:
+        raise InvalidRequest("'documents' must be an array of 1 to 1024 strings or {\"text\": ...} objects")
+    texts = []
+    for i, d in enumerate(documents):
+        text = d.get("text") if isinstance(d, dict) else d
+        if not isinstance(text, str) or not text:
+            raise InvalidRequest("'documents[%d]' must be a non-empty string or {\"text\": \"...\"}" % i)
+        texts.append(text)
+    top_n = _integer(req, "top_n", 1, 1 << 31)
+    return {"model": model, "query": query, "documents": texts, "top_n": top_n or len(texts),
+            "return_documents": _bool(req, "return_documents")}
+
+
+def rank(node, req):
+    """(score of each document, tokens read) on the reranker `req` names; a model without rank
+    pooling is refused by name."""
+    entry = node.load(req["model"])
+    try:
+        llm, cap = entry.llm, node.settings.embed_ctx_size
+        if not rank_pooled(llm):
+            raise InvalidRequest("model %s cannot rank: its GGUF names no rank pooling (a reranker "
+                                 "such as bge-reranker or Qwen3-Reranker does)" % req["model"])
+        limit = embed_limit(llm, cap)
+        scores, used = [], 0
+        for i, document in enumerate(req["documents"]):
+            tokens = fit_input(llm, rerank_tokens(llm, req["query"], document), "documents[%d]" % i,
+                               limit, truncate=False)
+            scores.append(rank_score(llm, tokens, cap, node.settings.n_threads, node.compute.run))
+            used += len(tokens)
+    finally:
+        entry.release()
+    node.metrics.inc("llmnode_embedded_tokens_total", used)
+    return scores, used
+
+
+@route("POST", "/v1/rerank")
+@route("POST", "/rerank")
+def rerank(node):
+    req = validate_rerank(read_json(node))
+    scores, used = rank(node, req)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:req["top_n"]]
+    results = [{"index": i, "relevance_score": scores[i]} for i in order]
+    if req["return_documents"]:
+        for r in results:
+            r["document"] = {"text": req["documents"][r["index"]]}
+    return {"model": req["model"], "object": "list", "results": results,
+            "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+
+def _token_ids(llm, value, where):
+    vocab = llm.n_vocab()
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in value):
+        raise InvalidRequest("'%s' must be an array of token ids of the model's vocabulary (0-%d)"
+                             % (where, vocab - 1))
+    return value
+
+
+@route("POST", "/tokenize")
+def tokenize(node):
+    """llama.cpp's server's /tokenize: `content` (a string, or strings and token ids mixed) to
+    token ids, with their pieces if asked."""
+    req = read_json(node)
+    model = _model(req)
+    report_ignored(unknown_fields(req, TOKENIZE_FIELDS, "", []))
+    content = req.get("content")
+    parts = [content] if isinstance(content, str) else content
+    if not isinstance(parts, list) or not all(
+            isinstance(p, (str, int)) and not isinstance(p, bool) for p in parts):
+        raise InvalidRequest("'content' must be a string or an array of strings and token ids")
+    add_special, parse_special = _bool(req, "add_special"), _bool(req, "parse_special", True)
+    with_pieces = _bool(req, "with_pieces")
+    entry = node.load(model)
+    try:
+        llm, tokens = entry.llm, []
+        _token_ids(llm, [p for p in parts if isinstance(p, int)], "content")
+        for i, part in enumerate(parts):
+            if isinstance(part, int):
+                tokens.append(part)
+            elif part:
+                # Only a leading string gets the BOS, as llama.cpp's tokenize_mixed does.
+                tokens += llm.tokenize(part.encode("utf-8"), add_bos=add_special and i == 0,
+                                       special=parse_special)
+        pieces = [token_piece(llm, t) for t in tokens] if with_pieces else None
+    finally:
+        entry.release()
+    if not with_pieces:
+        return {"tokens": tokens}
+    out = []
+    for token, piece in zip(tokens, pieces, strict=True):
+        try:
+            out.append({"id": token, "piece": piece.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"id": token, "piece": list(piece)})  # part of a character: its bytes
+    return {"tokens": out}
+
+
+@route("POST", "/detokenize")
+def detokenize(node):
+    """llama.cpp's server's /detokenize: token ids to text, special tokens as their text."""
+    req = read_json(node)
+    model = _model(req)
+    report_ignored(unknown_fields(req, ("model", "tokens"), "", []))
+    entry = node.load(model)
+    try:
+        tokens = _token_ids(entry.llm, req.get("tokens", []), "tokens")
+        text = b"".join(token_piece(entry.llm, t) for t in tokens)
+    finally:
+        entry.release()
+    return {"content": text.decode("utf-8", "replace")}
+
+
+@route("POST", "/apply-template")
+def apply_template(node):
+    """llama.cpp's server's /apply-template: a chat body's prompt, as the chat route renders it
+    (the model's template, its tool prompt, and the Modelfile's system layer when the messages
+    have no system message), special tokens as their text; /tokenize with add_special false
+    turns it back into the tokens the model reads."""
+    req = validate_chat(read_json(node), node.settings.n_ctx)
+    report_ignored(req.ignored)
+    return {"prompt": node.chat_prompt_text(req)}
 
 
 ###############################################################################

@@ -127,6 +127,22 @@ def as_host_list(text):
     return tuple(h.strip().lower() for h in text.split(",") if h.strip())
 
 
+def as_origins(text):
+    """Comma-separated browser origins (`*` in one matches anything there); `loopback` stands
+    for http and https on localhost, 127.0.0.1 and [::1] at any port, as Ollama allows by default."""
+    origins = []
+    for origin in (o.strip() for o in text.split(",")):
+        if origin == "loopback":
+            origins += ["%s://%s%s" % (scheme, host, port) for scheme in ("http", "https")
+                        for host in ("localhost", "127.0.0.1", "[::1]") for port in ("", ":*")]
+        elif origin == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin or "-"):
+            origins.append(origin)
+        elif origin:
+            raise ValueError("expected origins such as http://localhost:3000, https://*.example.com, "
+                             "loopback or *")
+    return tuple(origins)
+
+
 def as_url(text):
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -217,6 +233,9 @@ SETTINGS = (
             "user:password for the registry (token endpoint and registry host only)"),
     Setting("api_key", "LLM_API_KEY", as_optional_secret, "",
             "when set, every route but /health needs Authorization: Bearer <key>"),
+    Setting("cors_origins", "LLM_CORS_ORIGINS", as_origins, "loopback",
+            "browser origins answered with CORS headers (comma-separated, `*` wildcards; "
+            "loopback: localhost, 127.0.0.1, [::1] at any port; empty: none)"),
     Setting("scrub_interval_secs", "LLM_SCRUB_INTERVAL_SECS", as_non_negative_int, "0",
             "re-verify every blob in the background this often (0: off)"),
     Setting("max_body_bytes", "LLM_MAX_BODY_BYTES", as_positive_int, "8388608",
@@ -225,6 +244,9 @@ SETTINGS = (
             "models kept loaded in memory; the least recently used leaves first"),
     Setting("n_ctx", "LLM_CTX_SIZE", as_positive_int, "4096",
             "context size in tokens of each sequence of a loaded model"),
+    Setting("embed_ctx_size", "LLM_EMBED_CTX_SIZE", as_positive_int, "8192",
+            "most tokens one embedding or rerank input reads (the model's trained context, if "
+            "smaller)"),
     Setting("parallel", "LLM_PARALLEL", as_positive_int, "4",
             "sequences each loaded model decodes at once (continuous batching); each keeps its "
             "tokens as a prompt cache"),

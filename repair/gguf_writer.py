@@ -33,21 +33,25 @@ def _kv(key, vtype, value):
     return _s(key) + struct.pack("<I", vtype) + payload
 
 
-def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CHAT_TEMPLATE):
-    """A llama-architecture GGUF with a byte vocabulary and random weights (about 460 KB)."""
+def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CHAT_TEMPLATE,
+              context_length=512, reranker=False):
+    """A llama-architecture GGUF with a byte vocabulary and random weights (about 460 KB). With
+    `reranker`, a Qwen3-Reranker-shaped one instead: the qwen3 architecture, rank pooling and a
+    two-label classification head (`cls.output`), whose first label's softmax is the score."""
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)]
     n_vocab = len(tokens)
+    arch = "qwen3" if reranker else "llama"
     kvs = [
-        _kv("general.architecture", _STR, "llama"),
-        _kv("llama.context_length", _U32, 512),
-        _kv("llama.embedding_length", _U32, n_embd),
-        _kv("llama.block_count", _U32, n_layer),
-        _kv("llama.feed_forward_length", _U32, n_ff),
-        _kv("llama.attention.head_count", _U32, n_head),
-        _kv("llama.attention.head_count_kv", _U32, n_head),
-        _kv("llama.rope.dimension_count", _U32, n_embd // n_head),
-        _kv("llama.attention.layer_norm_rms_epsilon", _F32, 1e-5),
+        _kv("general.architecture", _STR, arch),
+        _kv(arch + ".context_length", _U32, context_length),
+        _kv(arch + ".embedding_length", _U32, n_embd),
+        _kv(arch + ".block_count", _U32, n_layer),
+        _kv(arch + ".feed_forward_length", _U32, n_ff),
+        _kv(arch + ".attention.head_count", _U32, n_head),
+        _kv(arch + ".attention.head_count_kv", _U32, n_head),
+        _kv(arch + ".rope.dimension_count", _U32, n_embd // n_head),
+        _kv(arch + ".attention.layer_norm_rms_epsilon", _F32, 1e-5),
         _kv("tokenizer.ggml.model", _STR, "llama"),
         _kv("tokenizer.ggml.tokens", _ARR, (_STR, tokens)),
         _kv("tokenizer.ggml.scores", _ARR, (_F32, [0.0] * n_vocab)),
@@ -56,9 +60,13 @@ def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CH
         _kv("tokenizer.ggml.eos_token_id", _U32, 2),
         _kv("tokenizer.ggml.unknown_token_id", _U32, 0),
         _kv("tokenizer.ggml.add_bos_token", _BOOL, True),
-        _kv("llama.vocab_size", _U32, n_vocab),
+        _kv(arch + ".vocab_size", _U32, n_vocab),
         _kv("tokenizer.chat_template", _STR, chat_template),
     ]
+    if reranker:
+        # llama.cpp's LLAMA_POOLING_TYPE_RANK (4); the labels set the head's width.
+        kvs += [_kv("qwen3.pooling_type", _U32, 4),
+                _kv("qwen3.classifier.output_labels", _ARR, (_STR, ["yes", "no"]))]
 
     def w(*shape):
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
@@ -73,7 +81,13 @@ def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CH
                     ("blk.%d.ffn_norm.weight" % i, ones), ("blk.%d.ffn_gate.weight" % i, w(n_ff, n_embd)),
                     ("blk.%d.ffn_down.weight" % i, w(n_embd, n_ff)),
                     ("blk.%d.ffn_up.weight" % i, w(n_ff, n_embd))]
+        if reranker:
+            head = np.ones(n_embd // n_head, dtype=np.float32)
+            tensors += [("blk.%d.attn_q_norm.weight" % i, head), ("blk.%d.attn_k_norm.weight" % i, head)]
     tensors += [("output_norm.weight", ones), ("output.weight", w(n_vocab, n_embd))]
+    if reranker:
+        # Larger than the other weights, so documents' scores differ visibly.
+        tensors += [("cls.output.weight", w(2, n_embd) * 10)]
 
     infos, data, offset = [], [], 0
     for name, array in tensors:

@@ -843,6 +843,64 @@ def bench_engine(work, rounds, threads=2, n_ctx=2048):
     report("g. peak RSS (VmHWM), LLM_PARALLEL=4 vs -np 4", ours["rss4"], ref["rss4"], "MiB", "<= 1.1")
 
 
+def bench_retrieval(work, rounds, threads=2):
+    """Embeddings of 1k-token inputs on SmolLM2 and a rerank of 32 short documents on the tiny
+    reranker, against llama-server (`--embeddings --pooling mean`, the mean over the tokens the
+    node gives a chat model; `--reranking`): both sides up at once, measured in turn."""
+    from tests.conftest import smollm2_path
+
+    print("\n== h. retrieval vs llama-server: 1k-token embeddings on SmolLM2, rerank of 32 documents "
+          "on the tiny reranker, %d threads" % threads)
+    binary = llama_server()
+    smol = smollm2_path()
+    reranker = write_tiny_gguf(work / "reranker.gguf", seed=3, reranker=True)
+    store = store_with(work / "retrieval-store", "smol:1", smol)
+    store_with(work / "retrieval-store", "reranker:1", reranker)
+    ours = Served({"LLM_MODELS_DIR": store.root, "LLM_CPU_THREADS": str(threads),
+                   "LLM_EMBED_CTX_SIZE": "2048"})
+    refs = []
+    for gguf, extra in ((smol, ["--embeddings", "--pooling", "mean", "-c", "2048", "-b", "2048",
+                                "-ub", "2048"]),
+                        (str(reranker), ["--reranking", "-c", "2048", "-ub", "512"])):
+        port = free_port()
+        refs.append(("http://127.0.0.1:%d" % port, subprocess.Popen(
+            [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+             "-tb", str(threads)] + extra + (["--no-repack"] if llmnode.cpu_has_amx() else []),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 70)
+    topics = STORY_TOPICS + CITIES
+    documents = ["Notes %d on %s, and what it tells us." % (i, topics[i % len(topics)]) for i in range(32)]
+    cases = [("h. embeddings of 1k-token inputs: throughput", "/v1/embeddings",
+              {"model": "smol:1", "input": text}, refs[0][0], smol),
+             ("h. rerank of 32 short documents: latency", "/v1/rerank",
+              {"model": "reranker:1", "query": "a lighthouse keeper", "documents": documents}, refs[1][0],
+              str(reranker))]
+    try:
+        if not wait_until_up(ours.url, ours.proc) or not all(
+                wait_until_up(url, proc, path="/health") for url, proc in refs):
+            print("a server did not start: retrieval comparison not run")
+            return
+        for name, path, body, ref_url, gguf in cases:
+            ref_body = dict(body, model=gguf)
+            load(ours.url, None, 0, 1, 2, body=body, path=path)  # loads the model, makes its context
+            load(ref_url, None, 0, 1, 2, body=ref_body, path=path)
+            a, b = [], []
+            for _ in range(rounds):
+                a.append(load(ours.url, None, 0, 2, 5, body=body, path=path))
+                b.append(load(ref_url, None, 0, 2, 5, body=ref_body, path=path))
+            if path == "/v1/embeddings":
+                ours_rps, ref_rps = (statistics.median(r[0] for r in rows) for rows in (a, b))
+                report(name + ", ref llama-server", ours_rps, ref_rps, "rps", ">= 1.0")
+            else:
+                ours_p50, ref_p50 = (statistics.median(r[1] for r in rows) for rows in (a, b))
+                report(name + " p50, ref llama-server", ours_p50, ref_p50, "s", "<= 1.0")
+    finally:
+        for _url, proc in refs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        ours.close()
+
+
 def human(n):
     return "%.0f MiB" % (n / (1 << 20)) if n < 1 << 30 else "%.1f GiB" % (n / (1 << 30))
 
@@ -851,7 +909,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
-    parts = ["verify", "repair", "serving", "load", "api", "engine"]
+    parts = ["verify", "repair", "serving", "load", "api", "engine", "retrieval"]
     parser.add_argument("--only", choices=parts, action="append", help="run only these parts (repeatable)")
     args = parser.parse_args(argv)
     only = set(args.only or parts)
@@ -874,6 +932,8 @@ def main(argv=None):
             bench_api(work, args.rounds)
         if "engine" in only:
             bench_engine(work, args.rounds)
+        if "retrieval" in only:
+            bench_retrieval(work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n== summary (ratio: ours / reference unless noted)")

@@ -285,7 +285,10 @@ BAD = [
     ("/api/generate", b'{"model": "gpt-oss:7b", "prompt": 5}'),
     ("/api/generate", b'{"model": "gpt-oss:7b", "prompt": "x", "context": [1, 2]}'),
     ("/api/embed", b'{"model": "gpt-oss:7b", "input": 5}'),
-    ("/api/embed", b'{"model": "gpt-oss:7b", "input": "x", "dimensions": 8}'),
+    ("/api/embed", b'{"model": "gpt-oss:7b", "input": "x", "dimensions": 0}'),
+    ("/api/embed", b'{"model": "gpt-oss:7b", "input": "x", "dimensions": 65}'),  # above its 64
+    ("/api/embed", b'{"model": "gpt-oss:7b", "input": "x", "truncate": "no"}'),
+    ("/api/embeddings", b'{"model": "gpt-oss:7b", "prompt": ["x"]}'),
     ("/api/show", b'{"model": "/etc/passwd"}'), ("/api/pull", b'{"model": "a/b/c/d:e"}'),
     ("/api/copy", b'{"source": "gpt-oss:7b", "destination": "../../x"}'),
     ("/api/copy", b'{"source": "nothing:here", "destination": "x:1"}'),

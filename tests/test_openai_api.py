@@ -198,7 +198,7 @@ REFUSED = [
     ("/v1/chat/completions", {"modalities": ["audio"]}, "modalities"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
-    ("/v1/embeddings", {"dimensions": 64}, "dimensions"),
+    ("/v1/embeddings", {"dimensions": 1024}, "dimensions"),  # above SmolLM2's 576
 ]
 BASE = {"/v1/chat/completions": {"model": SMOL, "messages": ASK, "max_tokens": 2},
         "/v1/completions": {"model": SMOL, "prompt": "x", "max_tokens": 2},

@@ -9,10 +9,11 @@ from repair.gguf_writer import CHAT_TEMPLATE, tiny_gguf
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 
-def write_tiny_gguf(path, seed=0, chat_template=CHAT_TEMPLATE):
-    """Write the model to `path` (about 460 KB; different seeds give different weights)."""
+def write_tiny_gguf(path, seed=0, chat_template=CHAT_TEMPLATE, **shape):
+    """Write the model to `path` (about 460 KB; different seeds give different weights; `shape`:
+    tiny_gguf's context_length or reranker)."""
     with open(path, "wb") as f:
-        f.write(tiny_gguf(seed=seed, chat_template=chat_template))
+        f.write(tiny_gguf(seed=seed, chat_template=chat_template, **shape))
     return path
 
 
