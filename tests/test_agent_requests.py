@@ -63,17 +63,18 @@ def anthropic_tool_names():
 
 @pytest.mark.parametrize("tool", anthropic_tool_names())
 def test_each_claude_code_tool_can_be_called(node, tool):
-    """Forcing a call of each tool makes the node turn its input_schema into a grammar (Workflow's
-    has a property with no type, any JSON value, and a maxLength of 524288)."""
+    """Forcing a call of each tool, offered alone (a short prompt), makes the node turn its
+    input_schema into a grammar and sample under it (Workflow's has a property with no type, any
+    JSON value, and a maxLength of 524288). One token is enough for that; a grammar-constrained
+    token costs a tenth of a second or more on SmolLM2's 49k vocabulary."""
     body, path, headers = recorded("claude_code_messages")
-    body = {"model": body["model"], "max_tokens": 64, "tools": body["tools"],
+    body = {"model": body["model"], "max_tokens": 1, "tools": [t for t in body["tools"] if t["name"] == tool],
             "tool_choice": {"type": "tool", "name": tool},
             "messages": [{"role": "user", "content": "Call the tool."}]}
     status, text = post(node, path, body, headers)
     assert_answered(status, text, node)
     answer = json.loads(text)
-    assert [b["name"] for b in answer["content"] if b["type"] == "tool_use"] in ([tool], []), answer
-    assert answer["stop_reason"] in ("tool_use", "max_tokens"), answer
+    assert answer["stop_reason"] == "max_tokens" and answer["usage"]["output_tokens"] == 1, answer
 
 
 def codex_function_tools():
@@ -84,11 +85,11 @@ def codex_function_tools():
 @pytest.mark.parametrize("tool", codex_function_tools())
 def test_each_codex_function_tool_can_be_called(node, tool):
     body, path, headers = recorded("codex_responses")
-    body = {"model": body["model"], "max_output_tokens": 64, "tools": body["tools"],
+    body = {"model": body["model"], "max_output_tokens": 1,
+            "tools": [t for t in body["tools"] if t.get("name") == tool],
             "tool_choice": {"type": "function", "name": tool}, "input": "Call the tool."}
     headers = dict(headers, accept="application/json")
     status, text = post(node, path, body, headers)
     assert_answered(status, text, node)
     answer = json.loads(text)
-    assert answer["status"] in ("completed", "incomplete"), answer
-    assert [i["name"] for i in answer["output"] if i["type"] == "function_call"] in ([tool], []), answer
+    assert answer["status"] == "incomplete" and answer["usage"]["output_tokens"] == 1, answer
