@@ -46,7 +46,8 @@ def assert_answered(status, text, node):
     assert status == 200, text
     # An error after the stream's head: Anthropic's `error` event, the Responses API's
     # `response.failed` or `error` events.
-    assert "event: error" not in text and '"type": "error"' not in text and "response.failed" not in text, text
+    for mark in ("event: error", '"type": "error"', "response.failed"):
+        assert mark not in text, text
     assert node.proc.poll() is None, node.log()[-3000:]
 
 
