@@ -25,7 +25,7 @@ from repair.coordinator import RepairCoordinator
 from repair.retry import Retry
 from repair.store import Store, model_layer
 from tests.fakeregistry import FakeRegistry
-from tests.tinymodel import write_tiny_gguf
+from tests.tinymodel import BRIEF, write_tiny_bpe_gguf, write_tiny_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "gpt-oss:7b"
@@ -368,6 +368,23 @@ def start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name):
         assert run_cli("pull", model, env=env).returncode == 0
     proc = NodeProcess(env)
     proc.registry, proc.models_dir = reg, models
+    return proc
+
+
+def start_agents_node(tmp_path_factory):
+    """A node process serving, as smollm2:135m, a 2-layer random model with SmolLM2's tokenizer and
+    chat template (the coding agents' prompts at their real size, 8-15k tokens, prefilled in
+    seconds) that answers briefly (`BRIEF`); a context large enough for those prompts, one
+    sequence at a time. Stop it with `.stop()` and its registry with `.registry.stop()`."""
+    work = tmp_path_factory.mktemp("agents")
+    gguf = write_tiny_bpe_gguf(work / "tiny-bpe.gguf", source=smollm2_path(), favoured=BRIEF)
+    reg = FakeRegistry().start()
+    reg.add_model("library/smollm2", "135m", gguf.read_bytes())
+    env = node_env(str(work / "models"), reg.url, LLM_CTX_SIZE="32768", LLM_PARALLEL="1",
+                   LLM_CPU_THREADS="2")
+    assert run_cli("pull", SMOL, env=env).returncode == 0
+    proc = NodeProcess(env)
+    proc.registry = reg
     return proc
 
 

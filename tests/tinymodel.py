@@ -18,11 +18,13 @@ def write_tiny_gguf(path, seed=0, chat_template=CHAT_TEMPLATE, **shape):
 
 
 def write_tiny_bpe_gguf(path, source, chat_template=None, added_tokens=(), seed=0, context_length=32768,
-                        n_embd=64, n_ff=128, n_head=4, n_layer=2):
+                        n_embd=64, n_ff=128, n_head=4, n_layer=2, favoured=None):
     """A 2-layer random-weight llama GGUF with the tokenizer of the GGUF at `source` (its vocabulary,
     merges and special tokens; SmolLM2's BPE in the tests), so prompts have their real size and
     prefill takes seconds. `chat_template` replaces the source's; `added_tokens` are (text, type)
-    pairs appended to the vocabulary (a reasoning format's markers). About 6 MB."""
+    pairs appended to the vocabulary (a reasoning format's markers). `favoured` maps token texts
+    to how far (in logits) the model prefers them over every other token, at every position
+    (see `BRIEF`). About 6 MB."""
     import gguf  # a test dependency, as the `gguf` package is not the node's
 
     reader = gguf.GGUFReader(str(source))
@@ -70,8 +72,19 @@ def write_tiny_bpe_gguf(path, source, chat_template=None, added_tokens=(), seed=
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
     ones = np.ones(n_embd, dtype=np.float32)
+    embd = rand(n_vocab, n_embd)
+    if favoured:
+        # Every embedding leans along one direction, so the last hidden state (the residual stream,
+        # which the small random layers barely move, normalized to length sqrt(n_embd)) points
+        # that way whatever the input; with the output tied to the embeddings, a token's logit is
+        # then about sqrt(n_embd) times its embedding's length along that direction.
+        lean = rng.standard_normal(n_embd)
+        lean = (lean / np.linalg.norm(lean)).astype(np.float32)
+        embd += 2 * lean
+        for text, gap in favoured.items():
+            embd[tokens.index(text)] = (2 + gap / np.sqrt(n_embd)) * lean
     # No output.weight: llama.cpp ties the output to the token embeddings, halving the file.
-    w.add_tensor("token_embd.weight", rand(n_vocab, n_embd).astype(np.float16))
+    w.add_tensor("token_embd.weight", embd.astype(np.float16))
     for i in range(n_layer):
         w.add_tensor("blk.%d.attn_norm.weight" % i, ones)
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
@@ -86,3 +99,10 @@ def write_tiny_bpe_gguf(path, source, chat_template=None, added_tokens=(), seed=
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# A model that answers briefly under any grammar, so an agent's turn ends in seconds: the end of
+# turn whenever it may come, else (inside a JSON string, where a grammar bars the end) a closing
+# quote about one step in eight, a closing brace as soon as an object may close, and the
+# `response` key over `tool_call` when a tool grammar lets it choose (SmolLM2's token texts).
+BRIEF = {"<|im_end|>": 60.0, "\"": 9.0, "}": 9.0, "response": 6.0}
