@@ -12,6 +12,7 @@ import pytest
 import requests
 
 import llmnode
+from repair import operations
 from tests.conftest import Served, blob_of, settings_for, wait_for
 from tests.fakeregistry import FakeRegistry
 
@@ -60,7 +61,7 @@ def served(tmp_path_factory, smollm2, tiny_gguf):
     faults = Faults()
     node = llmnode.Node(settings, step_hook=faults)
     for name in (SMOL, TINY):
-        node.repairs.pull(llmnode.names.parse(name))
+        operations.pull(node.repairs, llmnode.names.parse(name))
     s = Served(node, threads=8)
     s.registry, s.models_dir, s.faults = reg, models, faults
     yield s
@@ -344,7 +345,7 @@ def test_a_model_load_does_not_stop_another_models_stream(tmp_path, smollm2, tin
 
     node = llmnode.Node(settings, loader=loader, step_hook=hook)
     for name in (SMOL, TINY):
-        node.repairs.pull(llmnode.names.parse(name))
+        operations.pull(node.repairs, llmnode.names.parse(name))
     smol_path = blob_of(str(tmp_path / "models"), ("smollm2", "135m"))[1]
     s = Served(node)
     try:

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 import llmnode
+from repair import operations
 from repair.kvcache import PromptCache, key_id
 from tests.conftest import node_env, rot, run_cli, settings_for
 from tests.fakeregistry import FakeRegistry
@@ -26,7 +27,7 @@ def store(tmp_path_factory, smollm2):
     reg.add_model("library/smollm2", "135m", smollm2)
     models = str(tmp_path_factory.mktemp("kv") / "models")
     node = llmnode.Node(settings_for(models, reg.url))
-    node.repairs.pull(llmnode.names.parse(SMOL))
+    operations.pull(node.repairs, llmnode.names.parse(SMOL))
     yield models, reg.url
     reg.stop()
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 import llmnode
-from repair import names
+from repair import names, operations
 from tests.conftest import Served, blob_of, intact, settings_for, wait_for
 from tests.fakeregistry import FakeRegistry
 from tests.tinymodel import write_tiny_gguf
@@ -51,7 +51,7 @@ def node(tmp_path_factory, ggufs, smollm2, tiny_gguf):
     prompts = []
     n = llmnode.Node(settings, on_prompt=prompts.append)
     for name in (SMOL, SYSTEM, TINY, LONG, RERANKER):
-        n.repairs.pull(names.parse(name))
+        operations.pull(n.repairs, names.parse(name))
     served = Served(n)
     served.prompts, served.models_dir, served.registry = prompts, models, reg
     yield served
