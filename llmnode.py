@@ -397,11 +397,11 @@ class BatchedContext:
     def clear(self):
         self.C.llama_memory_clear(self.mem, True)
 
-    def piece(self, token):
-        n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+    def piece(self, token, special=False):
+        n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
         if n < 0:
             self._buf = ctypes.create_string_buffer(-n)
-            n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+            n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
         return self._buf.raw[:n]
 
     def is_eog(self, token):
@@ -567,6 +567,10 @@ class Task:
         self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python
         self.siblings = []  # answers sharing this one's prefill (n > 1)
         self.first_token_at = None
+        # A reasoning model's answer: its parser, thinking so far, the tokens to feed instead of
+        # sampling (the block closed by the budget), whether the answer grammar has started.
+        self.parser = gen.reasoning.parser() if gen.reasoning is not None else None
+        self.reasoning, self.reasoning_tokens, self.forced, self.answer_sampler = [], 0, [], False
 
 
 class Run:
@@ -605,6 +609,7 @@ class Run:
             if isinstance(event, Finish):
                 self._open -= 1
                 self.usage.completion_tokens += event.tokens
+                self.usage.reasoning_tokens += event.reasoning_tokens
             yield event
         self.close()
 
@@ -755,7 +760,11 @@ class Slots:
         self.cache = [[] for _ in self.cache]
 
     def _sample(self, task, i):
-        token = self.ctx.sample(task.sampler, i)
+        if task.forced:  # the budget's closing marker, fed as if sampled
+            token = task.forced.pop(0)
+            self.ctx.accept((task.sampler[0], None), token)
+        else:
+            token = self.ctx.sample(task.sampler, i)
         if task.first_token_at is None:
             task.first_token_at = time.monotonic()
         if self.ctx.is_eog(token):
@@ -766,7 +775,10 @@ class Slots:
         if task.gen.logprobs >= 0:
             task.logprobs.append(self._logprobs(i, token, task.gen.logprobs))
         task.tokens.append(token)
-        self._text(task, task.decoder.decode(self.ctx.piece(token)))
+        if task.parser is None:
+            self._text(task, task.decoder.decode(self.ctx.piece(token)))
+        else:  # markers are special tokens: their text is kept for the parser
+            self._reasoned(task, task.decoder.decode(self.ctx.piece(token, special=True)))
         if self.busy[task.seq] is task and (task.generated >= task.gen.max_tokens
                                             or task.n_past + 1 >= self.n_ctx):
             self._end(task, "length")
@@ -809,10 +821,50 @@ class Slots:
             task.run.events.put(Piece(task.index, text, task.tokens, task.logprobs))
             task.tokens, task.logprobs = [], []
 
+    def _reasoned(self, task, text):
+        """A reasoning model's text: the thinking handed out as it comes (stop strings and
+        tool parsing are for the answer), the answer through `_text`; the answer grammar starts
+        once the thinking has ended; the budget spent, the block is closed."""
+        parser, reasoning = task.parser, task.gen.reasoning
+        thinking = parser.thinking
+        segments = parser.feed(text)
+        if thinking or parser.thinking:
+            task.reasoning_tokens += 1
+        self._segments(task, segments)
+        if self.busy[task.seq] is not task:
+            return
+        if reasoning.answer_grammar and not task.answer_sampler and parser.answering:
+            task.answer_sampler = True
+            self.ctx.free_sampler(task.sampler)
+            task.sampler = self.ctx.sampler(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
+                                            self.cache[task.seq])
+        if (reasoning.budget is not None and parser.thinking and not task.forced
+                and task.reasoning_tokens >= reasoning.budget):
+            task.forced = list(reasoning.close_tokens)
+
+    def _segments(self, task, segments):
+        for kind, text in segments:
+            if self.busy[task.seq] is not task:
+                return  # a stop string ended it
+            if kind == "answer":
+                self._text(task, text)
+                continue
+            task.reasoning.append(text)
+            task.run.events.put(Piece(task.index, text, [], [], kind="reasoning"))
+
     def _end(self, task, reason, stop_sequence=None):
         """An answer is over: its sequence is free (keeping its tokens as a prompt cache)."""
         if reason != "stop" or stop_sequence is None:
-            task.pending += task.decoder.decode(b"", final=True)
+            tail = task.decoder.decode(b"", final=True)
+            if task.parser is None:
+                task.pending += tail
+            else:
+                for kind, text in task.parser.feed(tail) + task.parser.finish():
+                    if kind == "answer":
+                        task.pending += text
+                    elif reason != "cancelled":
+                        task.reasoning.append(text)
+                        task.run.events.put(Piece(task.index, text, [], [], kind="reasoning"))
         if reason != "cancelled":
             self._hand_out(task, task.pending)
         task.pending = ""
@@ -824,7 +876,9 @@ class Slots:
         if task is run.groups[0][0] and task.first_token_at is not None:
             run.timings["prompt_eval"] = task.first_token_at - run.started
             run.timings["eval"] = time.monotonic() - task.first_token_at
-        run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence))
+        run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence,
+                              "".join(task.reasoning), task.reasoning_tokens,
+                              task.parser.calls if task.parser is not None else None))
 
 
 def common_prefix(a, b):
@@ -1142,6 +1196,7 @@ class Generation:
     n: int = 1  # answers to the same prompt, sharing its prefill
     logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
     hold: bool = False  # the answer is parsed whole (tool calls): no pieces until it ends
+    reasoning: "Reasoning" = None  # a reasoning model's thinking, split from the answer
 
 
 @dataclass
@@ -1152,17 +1207,22 @@ class Piece:
     text: str
     tokens: list
     logprobs: list  # [(token text, logprob, [(alternative text, logprob)])] or []
+    kind: str = "answer"  # or "reasoning": a reasoning model's thinking (sent even when held)
 
 
 @dataclass
 class Finish:
-    """Answer `index` has ended: why (stop, length), its whole text, the stop string met."""
+    """Answer `index` has ended: why (stop, length), its whole text, the stop string met; a
+    reasoning model's thinking, its tokens, and the tool calls its format carried (harmony)."""
 
     index: int
     reason: str
     text: str
     tokens: int
     stop_sequence: str = None
+    reasoning: str = ""
+    reasoning_tokens: int = 0
+    calls: list = None
 
 
 @dataclass
@@ -1170,11 +1230,13 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in a sequence's KV cache, not evaluated again
+    reasoning_tokens: int = 0  # of the completion tokens, those of the thinking
 
     def openai(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
 
 
 @dataclass
@@ -1188,6 +1250,7 @@ class Ended:
     reason: str
     stop_sequence: str = None
     text: str = ""
+    reasoning: str = ""  # a reasoning model's thinking (streamed as Pieces of kind "reasoning")
 
 
 class Answer:
@@ -1209,7 +1272,7 @@ class Answer:
                     yield event
                     continue
                 message, reason = chat_message(event, self._tools, self._mode)
-                yield Ended(event.index, message, reason, event.stop_sequence, event.text)
+                yield Ended(event.index, message, reason, event.stop_sequence, event.text, event.reasoning)
         finally:
             self._run.close()
 
@@ -1393,15 +1456,20 @@ def parse_native_calls(text, tools):
     return calls, re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text, flags=re.S).strip()
 
 
-def render_chat(llm, formatter, messages, tools=None):
-    """(prompt tokens, the template's stop strings) of a chat."""
+def render_chat(llm, formatter, messages, tools=None, template_kwargs=None):
+    """(prompt tokens, the template's stop strings, the prompt's text) of a chat;
+    `template_kwargs` are more variables for the template (`enable_thinking`, ...)."""
     if formatter is None:
         text = "".join("%s: %s\n" % (m["role"], m["content"]) for m in messages) + "assistant:"
-        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
-    rendered = formatter(messages=messages, tools=tools) if tools else formatter(messages=messages)
+        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), [], text
+    extra = dict(template_kwargs or {}, **({"tools": tools} if tools else {}))
+    try:
+        rendered = formatter(messages=messages, **extra)
+    except ValueError as e:  # the template's raise_exception: what it refuses, in its words
+        raise InvalidRequest("The model's chat template refused the messages: %s" % e) from e
     tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
     stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
-    return tokens, stop
+    return tokens, stop, rendered.prompt
 
 
 def chat_message(finish, tools, mode):
@@ -1410,7 +1478,9 @@ def chat_message(finish, tools, mode):
     text, reason = finish.text, finish.reason
     if mode is None:
         return {"role": "assistant", "content": text}, reason
-    if mode == "native":
+    if mode == "harmony":
+        calls, plain = finish.calls or [], text
+    elif mode == "native":
         calls, plain = parse_native_calls(text, tools)
     else:
         call, plain = parse_tool_answer(text)
@@ -1443,15 +1513,296 @@ def completion_logprobs(items):
 
 
 ###############################################################################
+# Reasoning formats ###########################################################
+###############################################################################
+# A reasoning model writes its thinking before its answer, between markers its chat template
+# knows: `<think>…</think>` (Qwen3, DeepSeek-R1 and its distills, SmolLM3; some templates open the
+# block themselves, so the answer starts inside it) or harmony's channels (gpt-oss: `analysis`,
+# `commentary` with `to=functions.NAME` tool calls, `final`). The format is recognised once per
+# model from its template, as llama.cpp's chat parsers do; a `ReasoningParser` per answer splits
+# the generated text at the markers as it comes (a marker may span tokens), in the engine's one
+# place where tokens become pieces, so no marker text reaches a client.
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+HARMONY_MESSAGE, HARMONY_END = "<|message|>", "<|end|>"
+# What the node writes to end a reasoning it has to cut (the budget), and to open one itself
+# (a grammar-constrained answer must come after the thinking, so the thinking is begun in the prompt).
+HARMONY_TO_FINAL = "<|end|><|start|>assistant<|channel|>final<|message|>"
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
+EFFORTS = ("low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How a model's template marks its thinking, and the template variables that control it."""
+
+    kind: str  # "think" or "harmony"
+    thinking_switch: bool = False  # the template reads `enable_thinking`
+    effort_switch: bool = False  # the template reads `reasoning_effort`
+
+    def template_kwargs(self, thinking=None, effort=None):
+        """The template variables for a request's controls: `enable_thinking` (on unless turned
+        off: templates such as R1's close the block when it is not set), `reasoning_effort`
+        (harmony cannot turn thinking off: `think: false` asks for the least)."""
+        kwargs = {}
+        if self.thinking_switch:
+            kwargs["enable_thinking"] = thinking is not False
+        if self.effort_switch:
+            kwargs["reasoning_effort"] = effort or ("low" if thinking is False else "medium")
+        return kwargs
+
+    def opening(self):
+        return THINK_OPEN + "\n" if self.kind == "think" else HARMONY_ANALYSIS
+
+    def closing(self):
+        return "\n" + THINK_CLOSE + "\n\n" if self.kind == "think" else HARMONY_TO_FINAL
+
+    def start(self, prompt):
+        """Where an answer to `prompt` (the rendered text) begins: "answer" after a block the
+        template closed (thinking off), "reasoning" inside one it opened, else "start"."""
+        tail = prompt.rstrip()
+        if self.kind == "harmony":
+            return "reasoning" if tail.endswith(HARMONY_ANALYSIS) else "start"
+        if tail.endswith(THINK_CLOSE):
+            return "answer"
+        return "reasoning" if tail.endswith(THINK_OPEN) else "start"
+
+
+def reasoning_format(template):
+    """A model's reasoning format from its chat template, or None (no reasoning)."""
+    if not template:
+        return None
+    if "<|channel|>" in template and HARMONY_MESSAGE in template:
+        return ReasoningFormat("harmony", "enable_thinking" in template, "reasoning_effort" in template)
+    if THINK_CLOSE in template or THINK_OPEN in template:
+        return ReasoningFormat("think", "enable_thinking" in template, "reasoning_effort" in template)
+    return None
+
+
+@dataclass
+class Reasoning:
+    """The reasoning part of one Generation: its format, where the answer begins, the tokens
+    that close the block (fed when `budget` reasoning tokens are spent; None: no limit), and a
+    grammar the answer after the thinking must follow."""
+
+    format: ReasoningFormat
+    state: str = "start"
+    budget: int = None
+    close_tokens: list = field(default_factory=list)
+    answer_grammar: str = None
+
+    def parser(self):
+        return ReasoningParser(self.format.kind, self.state)
+
+
+def _partial_suffix(text, marker):
+    """How many characters at the end of `text` could begin `marker`."""
+    for k in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+_HARMONY_HEADER_START = ("<|", "to=", " to=")
+
+
+class ReasoningParser:
+    """Splits one answer's text, as it is generated, into ("reasoning" | "answer", text)
+    segments; harmony tool calls (`commentary to=functions.NAME`) are kept in `calls`. Text
+    that may be the start of a marker is held until the next text decides it."""
+
+    def __init__(self, kind, state="start"):
+        self.kind = kind
+        self.state = "header" if kind == "harmony" and state == "start" else state
+        self.channel = "analysis" if kind == "harmony" and state == "reasoning" else None
+        self.recipient = None
+        self.fresh = True  # leading whitespace of a block or an answer is dropped
+        self.buf = ""
+        self.calls = []  # [{"name", "arguments": dict}]
+        self._call_text = []
+        self.answered = False  # some of the answer has been seen
+
+    @property
+    def thinking(self):
+        """Whether the text now generated belongs to the reasoning."""
+        if self.kind == "think":
+            return self.state == "reasoning"
+        if self.state == "header":
+            return not self.answered and not self.calls
+        return self.state == "message" and self.channel == "analysis"
+
+    @property
+    def answering(self):
+        """Whether the answer itself has begun (where an answer grammar starts)."""
+        if self.kind == "think":
+            return self.state == "answer"
+        return self.state == "raw" or (self.state == "message" and self.channel == "final")
+
+    def feed(self, text):
+        self.buf += text
+        out = []
+        step = self._think if self.kind == "think" else self._harmony
+        while step(out):
+            pass
+        return [(k, t) for k, t in out if t]
+
+    def finish(self):
+        """The segments held back, at the end of the answer."""
+        out, rest, self.buf = [], self.buf, ""
+        if self.kind == "think":
+            kind = "reasoning" if self.state == "reasoning" else "answer"
+            text = rest.rstrip() if kind == "reasoning" else rest.strip() if self.fresh else rest
+            out.append((kind, text))
+        elif self.state == "message":
+            self._emit(out, rest)
+            self._end_message()
+        elif self.state == "raw" or (rest.strip() and not rest.lstrip().startswith(_HARMONY_HEADER_START)):
+            out.append(("answer", rest))  # a header cut short is no answer
+        return [(k, t) for k, t in out if t]
+
+    # -- <think>…</think> --
+
+    def _think(self, out):
+        """One step of the `<think>` parser; False when it waits for more text."""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if not head:
+                return False
+            if head.startswith(THINK_OPEN):
+                self.buf, self.state, self.fresh = head[len(THINK_OPEN):], "reasoning", True
+                return True
+            if THINK_OPEN.startswith(head):
+                return False
+            self.state = "answer"
+            return True
+        if self.fresh:
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return False
+            self.fresh = False
+        if self.state == "answer":
+            self.answered = True
+            out.append(("answer", self.buf))
+            self.buf = ""
+            return False
+        at = self.buf.find(THINK_CLOSE)
+        if at >= 0:
+            out.append(("reasoning", self.buf[:at].rstrip()))
+            self.buf, self.state, self.fresh = self.buf[at + len(THINK_CLOSE):], "answer", True
+            return True
+        self._hand_out(out, "reasoning", THINK_CLOSE)
+        return False
+
+    def _hand_out(self, out, kind, marker):
+        """Hand out the text but what may begin `marker` (and reasoning's trailing whitespace,
+        dropped if the marker follows)."""
+        keep = _partial_suffix(self.buf, marker)
+        ready = self.buf[:len(self.buf) - keep]
+        if kind == "reasoning":
+            keep += len(ready) - len(ready.rstrip())
+            ready = ready.rstrip()
+        out.append((kind, ready))
+        self.buf = self.buf[len(self.buf) - keep:]
+
+    # -- harmony --
+
+    def _harmony(self, out):
+        """One step of the harmony parser; False when it waits for more text."""
+        if self.state == "raw":
+            self.answered = True
+            out.append(("answer", self.buf))
+            self.buf = ""
+            return False
+        if self.state == "header":
+            at = self.buf.find(HARMONY_MESSAGE)
+            if at >= 0:
+                self._header(self.buf[:at])
+                self.buf, self.state, self.fresh = self.buf[at + len(HARMONY_MESSAGE):], "message", True
+                return True
+            head = self.buf.lstrip()
+            if head and (len(self.buf) > 256 or not any(
+                    head.startswith(p) or p.startswith(head) for p in _HARMONY_HEADER_START)):
+                self.state = "raw"  # no channels: the text is all answer
+                return True
+            return False
+        at = self.buf.find(HARMONY_END)
+        if at >= 0:
+            self._emit(out, self.buf[:at])
+            self._end_message()
+            self.buf, self.state = self.buf[at + len(HARMONY_END):], "header"
+            return True
+        keep = _partial_suffix(self.buf, HARMONY_END)
+        self._emit(out, self.buf[:len(self.buf) - keep])
+        self.buf = self.buf[len(self.buf) - keep:]
+        return False
+
+    def _header(self, text):
+        """A message's header: `<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json`."""
+        m = re.search(r"<\|channel\|>\s*(\w+)", text)
+        self.channel = m.group(1) if m else "final"
+        m = re.search(r"to=([^\s<]+)", text)
+        self.recipient = m.group(1) if m else None
+        self._call_text = []
+
+    def _emit(self, out, text):
+        if not text:
+            return
+        if self.recipient is not None:
+            self._call_text.append(text)
+        elif self.channel == "analysis":
+            if self.fresh:
+                text = text.lstrip()
+                self.fresh = not text
+            out.append(("reasoning", text))
+        else:
+            if self.fresh and not self.answered:
+                text = text.lstrip()
+                self.fresh = not text
+            self.answered = self.answered or bool(text)
+            out.append(("answer", text))
+
+    def _end_message(self):
+        if self.recipient is None:
+            return
+        name = self.recipient.split(".", 1)[1] if self.recipient.startswith("functions.") else self.recipient
+        try:
+            arguments = json.loads("".join(self._call_text), strict=False)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            arguments = {}
+        self.calls.append({"name": name, "arguments": arguments})
+        self.recipient, self._call_text = None, []
+
+
+def harmony_tool_grammar(tools, choice):
+    """A grammar for one harmony tool call, `<|channel|>commentary to=functions.NAME
+    <|constrain|>json<|message|>{...}`, of the tool named (its arguments held to its schema)
+    or of any tool (any JSON arguments)."""
+    chosen = [t for t in tools if choice == "required" or t["name"] == choice]
+    if len(chosen) == 1:
+        return grammar(chosen[0]["parameters"], wrap=(
+            "<|channel|>commentary to=functions.%s <|constrain|>json<|message|>" % chosen[0]["name"], ""))
+    text = grammar(None)
+    text = re.sub(r"^root ::=", "call-json ::=", text, flags=re.M)
+    names_ = " | ".join(json.dumps(t["name"]) for t in chosen)
+    return ('root ::= "<|channel|>commentary to=functions." ( %s ) " <|constrain|>json<|message|>" '
+            'call-json\n%s' % (names_, text))
+
+
+###############################################################################
 # Node: model resolution and generation #######################################
 ###############################################################################
 
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None, on_prompt=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None, on_generation=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
+        # Called with each chat Generation before it starts: tests force an answer's text with
+        # a grammar, so a random-weight model writes a reasoning format's markers.
+        self.on_generation = on_generation
         self.store = Store(settings.models_dir)
         self.client = RegistryClient(settings.registry_url, settings.insecure_registries,
                                      session=session, credentials=settings.registry_credentials,
@@ -1630,10 +1981,13 @@ class Node:
         started = time.monotonic()
         entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
         try:
-            prompt, stop, gram, mode = self._chat_prompt(entry, req)
+            prompt, stop, gram, mode, reasoning = self._chat_prompt(entry, req)
             gen = self._generation(entry, req, prompt, gram, stop, CHAT_DEFAULTS,
                                    logprobs=req.get("top_logprobs") or 0 if req.get("logprobs") else -1,
                                    hold=mode is not None)
+            gen.reasoning = reasoning
+            if self.on_generation is not None:
+                self.on_generation(gen)
             run = self._start(entry, [gen])
         except BaseException:
             entry.release()
@@ -1642,10 +1996,18 @@ class Node:
         return Answer(run, req["tools"], mode)
 
     def _chat_prompt(self, entry, req):
-        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native" or
-        "generic") of a chat, as the model's own template renders it."""
+        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native",
+        "harmony" or "generic", `Reasoning` or None) of a chat, as the model's own template
+        renders it."""
         messages, tools, gram, mode = req["messages"], None, None, None
-        if req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
+        fmt = reasoning_format(getattr(entry.formatter, "template", None))
+        if req["tools"] and req["tool_choice"] != "none" and fmt is not None and fmt.kind == "harmony":
+            messages, mode = req["native_messages"], "harmony"  # the template renders the tools
+            tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                        "parameters": t["parameters"]}} for t in req["tools"]]
+            if req["tool_choice"] != "auto":
+                gram = harmony_tool_grammar(req["tools"], req["tool_choice"])
+        elif req["tools"] and req["tool_choice"] != "none" and renders_tools(entry.formatter):
             messages, mode = req["native_messages"], "native"
             tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
                                                         "parameters": t["parameters"]}} for t in req["tools"]]
@@ -1656,10 +2018,41 @@ class Node:
             messages, gram, mode = with_tools(messages, req["tools"], schema), grammar(schema), "generic"
         elif req["format"] is not None:
             gram = grammar(req["format_schema"])
-        tokens, stop = render_chat(entry.llm, entry.formatter, messages, tools)
+        kwargs = dict(fmt.template_kwargs(req.get("thinking"), req.get("effort")) if fmt else {},
+                      **(req.get("template_kwargs") or {}))
+        tokens, stop, text = render_chat(entry.llm, entry.formatter, messages, tools, kwargs)
+        reasoning = None
+        if fmt is not None:
+            tokens, gram, reasoning = self._reasoning(entry, req, fmt, tokens, text, gram, mode)
         if self.on_prompt is not None:
             self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
-        return tokens, stop, gram, mode
+        return tokens, stop, gram, mode, reasoning
+
+    def _reasoning(self, entry, req, fmt, tokens, text, gram, mode):
+        """(prompt tokens, grammar from the first token, `Reasoning`) of a reasoning model's
+        chat. A grammar (JSON format, tool call) is for the answer: it starts after the thinking,
+        which the node opens in the prompt if the template did not (a harmony tool call's
+        grammar holds the whole answer: the call is the message). The budget is the smaller of
+        the request's and LLM_REASONING_BUDGET; thinking turned off where the template cannot
+        turn it off is a budget of 0."""
+        state = fmt.start(text)
+        if state == "answer":
+            return tokens, gram, None  # the template closed the block: no thinking
+
+        def tokenize(marker):
+            return entry.llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+
+        budgets = [b for b in (req.get("budget"), self.settings.reasoning_budget) if b is not None]
+        budget = 0 if req.get("thinking") is False and fmt.kind == "think" else min(budgets, default=None)
+        answer_grammar = None
+        if gram is not None and mode != "harmony":
+            answer_grammar, gram = gram, None
+            if state == "start":
+                tokens, state = tokens + tokenize(fmt.opening()), "reasoning"
+        if budget == 0 and state == "reasoning":
+            # Closed in the prompt: the answer (and its grammar) from the first token.
+            return tokens + tokenize(fmt.closing()), answer_grammar, None
+        return tokens, gram, Reasoning(fmt, state, budget, tokenize(fmt.closing()), answer_grammar)
 
     def _generation(self, entry, req, prompt, gram, stop, defaults, logprobs=-1, hold=False):
         n_ctx = self.settings.n_ctx
@@ -2174,6 +2567,8 @@ def _history_message(i, m):
             {"id": c.get("id") or "call_%d" % k, "type": "function",
              "function": {"name": r["tool_call"]["name"], "arguments": r["tool_call"]["arguments"]}}
             for k, (c, r) in enumerate(zip(calls, rendered, strict=True))]}
+        if isinstance(m.get("reasoning_content"), str) and m["reasoning_content"]:
+            native.update(reasoning_content=m["reasoning_content"], thinking=m["reasoning_content"])
         return {"role": "assistant", "content": (_content(i, m) + "\n" + text).strip()}, native
     if role == "tool":
         if not isinstance(m.get("tool_call_id"), str):
@@ -2184,6 +2579,12 @@ def _history_message(i, m):
         return {"role": "tool", "content": json.dumps({"tool_response": {
             "tool_call_id": m["tool_call_id"], "content": _content(i, m)}})}, native
     plain = {"role": role, "content": _content(i, m)}
+    if role == "assistant" and m.get("reasoning_content"):
+        # Thinking sent back, under the names the templates read (Qwen3: reasoning_content,
+        # harmony: thinking); each template keeps or drops it as its model expects.
+        if not isinstance(m["reasoning_content"], str):
+            raise InvalidRequest("'messages[%d].reasoning_content' must be a string" % i)
+        plain = dict(plain, reasoning_content=m["reasoning_content"], thinking=m["reasoning_content"])
     return plain, plain
 
 
