@@ -1775,6 +1775,19 @@ class ReasoningParser:
         self.recipient, self._call_text = None, []
 
 
+def reasoning_controls(effort, where):
+    """(thinking: False or None, effort: low/medium/high or None) of an effort field
+    (OpenAI's `reasoning_effort`, `reasoning.effort`, Anthropic's `output_config.effort`):
+    "none" turns thinking off, "minimal" is low, "max"/"xhigh" high."""
+    if effort is None:
+        return None, None
+    levels = {"none": None, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+              "xhigh": "high", "max": "high"}
+    if effort not in levels:
+        raise InvalidRequest("'%s' must be one of %s" % (where, ", ".join(levels)))
+    return (False if effort == "none" else None), levels[effort]
+
+
 def harmony_tool_grammar(tools, choice):
     """A grammar for one harmony tool call, `<|channel|>commentary to=functions.NAME
     <|constrain|>json<|message|>{...}`, of the tool named (its arguments held to its schema)
@@ -2391,7 +2404,7 @@ HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "p
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                "seed", "stop", "stream", "stream_options", "response_format", "tools", "tool_choice",
                "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "n",
-               "logprobs", "top_logprobs") + HARMLESS
+               "logprobs", "top_logprobs", "reasoning_effort", "chat_template_kwargs") + HARMLESS
 
 
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
@@ -2613,9 +2626,15 @@ def validate_chat(req, n_ctx):
         max_tokens = req.get("max_completion_tokens")
     fmt, schema = _response_format(req)
     tools, choice = _tools(req)
+    kwargs = req.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InvalidRequest("'chat_template_kwargs' must be an object")
+    thinking, effort = reasoning_controls(req.get("reasoning_effort"), "reasoning_effort")
+    if isinstance(kwargs.get("enable_thinking"), bool):
+        thinking = kwargs["enable_thinking"]
     return dict(fields, model=model, messages=clean, native_messages=native, format=fmt,
                 format_schema=schema, tools=tools,
-                tool_choice=choice,
+                tool_choice=choice, thinking=thinking, effort=effort, template_kwargs=kwargs,
                 max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx))
 
 
@@ -2701,7 +2720,9 @@ def function_tool(where, name, description, parameters):
 def openai_chat_result(answer, req):
     """A finished answer as a chat.completion."""
     ended, logprobs = answer.collect()
-    choices = [{"index": i, "message": ended[i].message, "finish_reason": ended[i].reason,
+    choices = [{"index": i, "message": dict(ended[i].message, **(
+                    {"reasoning_content": ended[i].reasoning} if ended[i].reasoning else {})),
+                "finish_reason": ended[i].reason,
                 "logprobs": chat_logprobs(logprobs.get(i, [])) if req.get("logprobs") else None}
                for i in sorted(ended)]
     return {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion",
@@ -2717,6 +2738,10 @@ def openai_chat_chunks(answer, req):
         yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}])
     for event in answer:
+        if isinstance(event, Piece) and event.kind == "reasoning":
+            yield dict(head, choices=[{"index": event.index, "delta": {"reasoning_content": event.text},
+                                       "logprobs": None, "finish_reason": None}])
+            continue
         if isinstance(event, Piece):
             lp = chat_logprobs(event.logprobs) if req.get("logprobs") else None
             yield dict(head, choices=[{"index": event.index, "delta": {"content": event.text},
@@ -3561,9 +3586,11 @@ def ollama_messages(messages):
             raise InvalidRequest("'messages[%d].role' must be one of system, user, assistant, tool" % i)
         if m.get("images"):
             raise UnsupportedParameter("'messages[%d].images' is not supported: no vision models" % i)
-        if m.get("thinking"):
-            raise UnsupportedParameter("'messages[%d].thinking' is not supported" % i)
         clean = {k: v for k, v in m.items() if k in ("role", "content")}
+        if m.get("thinking"):
+            if not isinstance(m["thinking"], str):
+                raise InvalidRequest("'messages[%d].thinking' must be a string" % i)
+            clean["reasoning_content"] = m["thinking"]
         if m.get("tool_calls"):
             if not isinstance(m["tool_calls"], list):
                 raise InvalidRequest("'messages[%d].tool_calls' must be an array" % i)
@@ -3654,7 +3681,17 @@ def ollama_request(node, body, messages, raw_prompt=None):
     if extras.get("system") and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": extras["system"]}] + messages
     tools, choice = _tools({"tools": body.get("tools") or None})  # the ollama client sends [] for none
-    return dialect_request(model, messages, tools=tools, tool_choice=choice, **fields)
+    return dialect_request(model, messages, tools=tools, tool_choice=choice, **ollama_think(body), **fields)
+
+
+def ollama_think(body):
+    """Ollama's `think`: true/false, or an effort (low, medium, high)."""
+    think = body.get("think")
+    if think is None or isinstance(think, bool):
+        return {"thinking": think}
+    if think not in EFFORTS:
+        raise InvalidRequest("'think' must be true, false, or one of low, medium, high")
+    return {"thinking": True, "effort": think}
 
 
 def ollama_generation(node, body, messages, key, raw_prompt=None):
@@ -3667,7 +3704,12 @@ def ollama_generation(node, body, messages, key, raw_prompt=None):
         return ndjson(_ollama_chunks(answer, req["model"], key, started), bottle.request.path, answer)
     ended = answer.collect()[0][0]
     said = ollama_message(ended.message) if key == "message" else ended.message["content"]
-    return ollama_final(req["model"], answer, started, ollama_reason(ended), **{key: said})
+    extra = {}
+    if ended.reasoning and key == "message":
+        said["thinking"] = ended.reasoning
+    elif ended.reasoning:
+        extra["thinking"] = ended.reasoning
+    return ollama_final(req["model"], answer, started, ollama_reason(ended), **{key: said}, **extra)
 
 
 def ollama_reason(ended):
@@ -3755,7 +3797,6 @@ def ollama_ps(node):
 @route("POST", "/api/chat")
 def ollama_chat(node):
     body = ollama_body(node, OLLAMA_CHAT_FIELDS)
-    refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
     messages = ollama_messages(body.get("messages") or [])
     if not messages:
         return ollama_load_only(node, body, "message")
@@ -3765,7 +3806,6 @@ def ollama_chat(node):
 @route("POST", "/api/generate")
 def ollama_generate(node):
     body = ollama_body(node, OLLAMA_GENERATE_FIELDS)
-    refuse(body, "think", lambda v: v is False, "this node runs no thinking models")
     refuse(body, "images", lambda v: not v, "no vision models")
     refuse(body, "suffix", lambda v: v == "", "this node does not do fill-in-the-middle")
     refuse(body, "context", lambda v: not v, "pass the conversation as /api/chat messages")
@@ -3852,6 +3892,13 @@ def _ollama_chunks(answer, model, key, started):
     """An answer as Ollama's NDJSON objects, ending in the final one."""
     reason = "stop"
     for ev in answer:
+        if isinstance(ev, Piece) and ev.kind == "reasoning":
+            if key == "message":
+                said = {key: {"role": "assistant", "content": "", "thinking": ev.text}}
+            else:
+                said = {key: "", "thinking": ev.text}
+            yield dict({"model": model, "created_at": rfc3339(time.time()), "done": False}, **said)
+            continue
         if isinstance(ev, Piece):
             if ev.text:
                 part = {"role": "assistant", "content": ev.text} if key == "message" else ev.text

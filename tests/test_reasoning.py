@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import requests
 
 import llmnode
 from tests.conftest import Served, settings_for
@@ -90,7 +89,7 @@ def forced(node):
 
 
 def chat(node, model, stream=False, **fields):
-    body = dict({"model": model + ":1", "messages": ASK, "max_tokens": 60, "temperature": 0}, **fields)
+    body = dict({"model": model + ":1", "messages": ASK, "max_tokens": 120, "temperature": 0}, **fields)
     r = node.post("/v1/chat/completions", dict(body, stream=stream))
     assert r.status_code == 200, r.text
     if not stream:
@@ -98,8 +97,217 @@ def chat(node, model, stream=False, **fields):
     return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
 
 
-def test_probe(node, forced):
-    for name in MODELS:
-        forced(name)
-        body = chat(node, name)
-        print(name, json.dumps(body, indent=1))
+def no_markers(*texts):
+    for text in texts:
+        assert not any(m in text for m in MARKERS), text
+
+
+# -- the parser, on text cut at every place -------------------------------------------------------
+
+@pytest.mark.parametrize("kind, text, state", [
+    ("think", "<think>\nI think\n</think>\n\nThe answer.", "start"),
+    ("think", "I think\n</think>\n\nThe answer.", "reasoning"),
+    ("harmony", "<|channel|>analysis<|message|>I think<|end|><|start|>assistant<|channel|>final"
+                "<|message|>The answer.", "start"),
+])
+def test_the_parser_splits_wherever_the_text_is_cut(kind, text, state):
+    for cut in range(1, len(text)):
+        parser = llmnode.ReasoningParser(kind, state)
+        segments = parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish()
+        got = {k: "".join(t for kk, t in segments if kk == k) for k in ("reasoning", "answer")}
+        assert got == {"reasoning": "I think", "answer": "The answer."}, (cut, segments)
+
+
+def test_a_model_with_no_markers_in_its_answer_has_it_all_as_answer():
+    for kind in ("think", "harmony"):
+        parser = llmnode.ReasoningParser(kind)
+        segments = parser.feed("Just ") + parser.feed("an answer.") + parser.finish()
+        assert {k for k, _ in segments} == {"answer"}, segments
+        assert "".join(t for _, t in segments) == "Just an answer."
+
+
+def test_formats_are_recognised_from_the_templates():
+    kinds = {name: llmnode.reasoning_format(open(os.path.join(TEMPLATES, t)).read())
+             for name, (t, _) in MODELS.items()}
+    assert kinds["qwen3"].kind == "think" and kinds["qwen3"].thinking_switch
+    assert kinds["r1"].kind == "think"
+    assert kinds["gptoss"].kind == "harmony" and kinds["gptoss"].effort_switch
+    assert llmnode.reasoning_format("{% for m in messages %}{{ m.content }}{% endfor %}") is None
+
+
+# -- OpenAI chat ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat_carries_reasoning_apart(node, forced, name, stream):
+    forced(name)
+    out = chat(node, name, stream=stream, stop=["STOP"],
+               stream_options={"include_usage": True} if stream else None)
+    if stream:
+        deltas = [c["choices"][0]["delta"] for c in out if c["choices"]]
+        reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.get("content") or "" for d in deltas)
+        usage = out[-1]["usage"]
+        finish = [c["choices"][0]["finish_reason"] for c in out if c["choices"]][-1]
+    else:
+        message = out["choices"][0]["message"]
+        reasoning, content, usage = message["reasoning_content"], message["content"], out["usage"]
+        finish = out["choices"][0]["finish_reason"]
+    # A stop string inside the thinking did not stop the answer.
+    assert (reasoning, content, finish) == ("I think STOP here", "The answer is four.", "stop")
+    no_markers(reasoning, content)
+    assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] < usage["completion_tokens"]
+
+
+def test_the_real_openai_client_reads_reasoning_content(node, forced):
+    import openai
+
+    forced("qwen3")
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key="x")
+    out = client.chat.completions.create(model="qwen3:1", messages=ASK, max_tokens=120)
+    assert out.choices[0].message.reasoning_content == "I think STOP here"
+    assert out.choices[0].message.content == "The answer is four."
+    assert out.usage.completion_tokens_details.reasoning_tokens > 0
+    streamed = client.chat.completions.create(model="qwen3:1", messages=ASK, max_tokens=120, stream=True)
+    deltas = [c.choices[0].delta for c in streamed if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "I think STOP here"
+
+
+def test_a_marker_split_across_tokens_does_not_leak(node, forced):
+    """The `</think>` token barred, the model spells it in pieces ("</", "think", ">")."""
+    forced("r1")
+    close = node.node.load("r1:1")
+    try:
+        [token] = close.llm.tokenize(b"</think>", add_bos=False, special=True)
+    finally:
+        close.release()
+    out = chat(node, "r1", logit_bias={str(token): -100})
+    message = out["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("I think STOP here", "The answer is four.")
+
+
+def test_max_tokens_inside_the_reasoning_leaves_no_answer(node, forced):
+    forced("qwen3")
+    out = chat(node, "qwen3", max_tokens=4)
+    message = out["choices"][0]["message"]
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert message["content"] == "" and "STOP" not in message["reasoning_content"]
+    assert out["usage"]["completion_tokens"] == 4
+    assert out["usage"]["completion_tokens_details"]["reasoning_tokens"] == 4
+
+
+def test_enable_thinking_reaches_the_template(node):
+    chat(node, "qwen3", max_tokens=1)
+    assert node.prompts[-1].endswith("assistant\n")
+    chat(node, "qwen3", max_tokens=1, chat_template_kwargs={"enable_thinking": False})
+    assert node.prompts[-1].endswith("assistant\n<think>\n\n</think>\n\n")
+    chat(node, "qwen3", max_tokens=1, reasoning_effort="none")
+    assert node.prompts[-1].endswith("<think>\n\n</think>\n\n")
+
+
+def test_reasoning_effort_reaches_the_harmony_template(node):
+    for effort in ("low", "high"):
+        chat(node, "gptoss", max_tokens=1, reasoning_effort=effort)
+        assert "Reasoning: %s" % effort in node.prompts[-1]
+
+
+def test_the_budget_closes_the_block_and_the_answer_follows(node):
+    # No grammar: the random model thinks (inside the block R1's template opened) until the
+    # budget is spent; the node closes the block and the model answers after it.
+    node.node.settings.reasoning_budget = 5
+    try:
+        out = chat(node, "r1", max_tokens=12, temperature=1, seed=3)
+    finally:
+        node.node.settings.reasoning_budget = None
+    message = out["choices"][0]["message"]
+    assert message["reasoning_content"] and message["content"], out
+    no_markers(message["content"])
+    # 5 thinking tokens, then the closing marker's tokens (counted as thinking), then the answer.
+    assert out["usage"]["completion_tokens_details"]["reasoning_tokens"] >= 5
+    assert out["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("name", ["qwen3", "r1"])
+def test_a_json_schema_answer_after_thinking_is_valid_json(node, name):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    node.node.settings.reasoning_budget = 4
+    try:
+        out = chat(node, name, max_tokens=60, temperature=1, seed=1, response_format={
+            "type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    finally:
+        node.node.settings.reasoning_budget = None
+    message = out["choices"][0]["message"]
+    assert message["reasoning_content"], out
+    assert set(json.loads(message["content"])) == {"n"}, out
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_harmony_commentary_tool_call_is_a_tool_call(node, stream):
+    out = chat(node, "gptoss", stream=stream, tools=[WEATHER],
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    if stream:
+        calls = [c for ch in out for d in ch["choices"] for c in d["delta"].get("tool_calls") or []]
+        finish = [d["finish_reason"] for ch in out for d in ch["choices"] if d["finish_reason"]]
+    else:
+        calls, finish = out["choices"][0]["message"]["tool_calls"], [out["choices"][0]["finish_reason"]]
+    assert finish == ["tool_calls"] and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert set(json.loads(calls[0]["function"]["arguments"])) == {"city"}
+    # The template rendered the tool in harmony's own namespace.
+    assert "namespace functions" in node.prompts[-1]
+
+
+def test_reasoning_sent_back_is_rendered_as_the_template_expects(node):
+    history = ASK + [{"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."},
+                     {"role": "user", "content": "And 3+3?"}]
+    chat(node, "qwen3", max_tokens=1, messages=history)
+    # Qwen3 drops the thinking of turns before the last question.
+    assert "Two and two." not in node.prompts[-1] and "Four." in node.prompts[-1]
+    calls = ASK + [{"role": "assistant", "content": "", "reasoning_content": "Need the weather.",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {
+                        "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    chat(node, "gptoss", max_tokens=1, messages=calls, tools=[WEATHER])
+    # harmony keeps the analysis of a turn that made tool calls.
+    assert "Need the weather." in node.prompts[-1] and "sunny" in node.prompts[-1]
+
+
+# -- Ollama ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_chat_carries_thinking_apart(node, forced, name, stream):
+    forced(name)
+    r = node.post("/api/chat", {"model": name + ":1", "messages": ASK, "stream": stream, "think": True,
+                                "options": {"num_predict": 120, "temperature": 0, "stop": ["STOP"]}})
+    assert r.status_code == 200, r.text
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    thinking = "".join(x["message"].get("thinking") or "" for x in lines)
+    content = "".join(x["message"]["content"] for x in lines)
+    assert (thinking, content) == ("I think STOP here", "The answer is four.")
+    assert lines[-1]["done_reason"] == "stop"
+
+
+def test_the_real_ollama_client_reads_thinking(node, forced):
+    import ollama
+
+    forced("gptoss")
+    client = ollama.Client(host=node.url)
+    out = client.chat(model="gptoss:1", messages=ASK, think="high", options={"num_predict": 120})
+    assert out.message.thinking == "I think STOP here" and out.message.content == "The answer is four."
+    assert "Reasoning: high" in node.prompts[-1]
+    forced("qwen3")
+    out = client.generate(model="qwen3:1", prompt="2+2?", think=True, options={"num_predict": 120})
+    assert out.thinking == "I think STOP here" and out.response == "The answer is four."
+
+
+def test_ollama_think_false_reaches_the_template(node):
+    r = node.post("/api/chat", {"model": "qwen3:1", "messages": ASK, "stream": False, "think": False,
+                                "options": {"num_predict": 1}})
+    assert r.status_code == 200, r.text
+    assert node.prompts[-1].endswith("<think>\n\n</think>\n\n")
