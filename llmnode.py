@@ -3192,6 +3192,8 @@ ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthoriz
 
 
 _BLOCK_KEYS = {"text": ("type", "text", "cache_control", "citations"),
+               "thinking": ("type", "thinking", "signature", "cache_control"),
+               "redacted_thinking": ("type", "data", "cache_control"),
                "tool_use": ("type", "id", "name", "input", "cache_control"),
                "tool_result": ("type", "tool_use_id", "content", "is_error", "cache_control")}
 
@@ -3208,17 +3210,18 @@ def _anthropic_blocks(where, content, role):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise InvalidRequest("'%s' must be a string or an array of content blocks" % where)
-    allowed = ("text", "tool_use") if role == "assistant" else ("text", "tool_result")
+    allowed = ("text", "tool_use", "thinking", "redacted_thinking") if role == "assistant" else \
+        ("text", "tool_result")
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         at = "%s[%d]" % (where, j)
         if kind in ("image", "document", "search_result", "container_upload"):
             raise UnsupportedParameter("'%s.type' %s is not supported: this node reads text only"
                                        % (at, kind))
-        if kind in ("thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result",
+        if kind in ("server_tool_use", "web_search_tool_result",
                     "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"):
-            raise UnsupportedParameter("'%s.type' %s is not supported: no thinking models or server "
-                                       "tools run on this node" % (at, kind))
+            raise UnsupportedParameter("'%s.type' %s is not supported: no server tools run on this "
+                                       "node" % (at, kind))
         if kind not in allowed:
             raise InvalidRequest("'%s.type' must be one of %s in a %s message"
                                  % (at, ", ".join(allowed), role))
@@ -3227,6 +3230,9 @@ def _anthropic_blocks(where, content, role):
                 raise UnsupportedParameter("'%s.%s' is not supported by this node" % (at, key))
         if kind == "text" and (not isinstance(block.get("text"), str) or block.get("citations")):
             raise InvalidRequest("'%s.text' must be a string (citations are not supported)" % at)
+        if kind == "thinking" and not (isinstance(block.get("thinking"), str)
+                                       and isinstance(block.get("signature", ""), str)):
+            raise InvalidRequest("'%s' needs a string 'thinking' and 'signature'" % at)
         if kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
                                        and isinstance(block.get("input"), dict)):
             raise InvalidRequest("'%s' needs a string 'id' and 'name' and an object 'input'" % at)
@@ -3275,7 +3281,12 @@ def anthropic_messages(body):
             calls = [{"id": b["id"], "type": "function",
                       "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
                      for b in blocks if b["type"] == "tool_use"]
-            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+            # The node's own thinking comes back to the model; another's (or redacted) is left out.
+            thought = "".join(b["thinking"] for b in blocks if b["type"] == "thinking"
+                              and hmac.compare_digest(thinking_signature(b["thinking"]).encode(),
+                                                      b.get("signature", "").encode("utf-8")))
+            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {}),
+                        **({"reasoning_content": thought} if thought else {})})
             continue
         for b in blocks:  # results answer the calls of the turn before: they come first
             if b["type"] == "tool_result":
@@ -3320,12 +3331,34 @@ def anthropic_tools(body):
     return clean, {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))
 
 
+def thinking_signature(text):
+    """The `signature` of a thinking block the node wrote: a fixed, documented scheme (HMAC-SHA256
+    of the text under the key "llmnode thinking v1", base64), by which the node knows its own
+    thinking when a client sends it back. It proves no secret: any block may carry it."""
+    digest = hmac.new(b"llmnode thinking v1", text.encode("utf-8"), hashlib.sha256).digest()
+    return "llmnode1." + base64.b64encode(digest).decode("ascii")
+
+
+def anthropic_thinking(body):
+    """(thinking: True/False/None, budget or None) of Anthropic's `thinking`: enabled (with
+    `budget_tokens`), disabled, or adaptive (the model's own)."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return None, None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise InvalidRequest("'thinking.type' must be enabled, disabled or adaptive")
+    if kind == "disabled":
+        return False, None
+    budget = _integer(thinking, "budget_tokens", 0, 2 ** 31 - 1, "thinking.budget_tokens")
+    return True, budget if kind == "enabled" else None
+
+
 def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
     """Check a Messages API body; return the internal request."""
     model = _model(body)
     refuse_unknown(body, fields)
-    refuse(body, "thinking", lambda v: isinstance(v, dict) and v.get("type") == "disabled",
-           "this node runs no thinking models")
+    thinking, budget = anthropic_thinking(body)
     refuse(body, "mcp_servers", lambda v: v == [], "MCP servers are not called from this node")
     refuse(body, "container", lambda v: False, "no code runs on this node")
     messages = anthropic_messages(body)
@@ -3341,8 +3374,10 @@ def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
         raise InvalidRequest("'max_tokens' is required")
     stream = _bool(body, "stream")
     fmt, schema = anthropic_format(body)
+    off, effort = reasoning_controls((body.get("output_config") or {}).get("effort"), "output_config.effort")
     return dialect_request(model, messages, tools=tools, tool_choice=choice, stop=stop or None,
-                           format=fmt, format_schema=schema,
+                           format=fmt, format_schema=schema, thinking=False if off is False else thinking,
+                           effort=effort, budget=budget,
                            stream=stream, include_usage=stream,
                            max_tokens=_integer(body, "max_tokens", 1, 2 ** 31 - 1),
                            temperature=_number(body, "temperature", 0, 1), top_p=_number(body, "top_p", 0, 1),
@@ -3359,9 +3394,6 @@ def anthropic_format(body):
     for key in config:
         if key not in ("format", "effort"):
             raise UnsupportedParameter("'output_config.%s' is not supported by this node" % key)
-    if config.get("effort") is not None:
-        raise UnsupportedParameter("'output_config.effort' is not supported: this node runs no "
-                                   "thinking models")
     fmt = config.get("format")
     if fmt is None:
         return None, None
@@ -3401,6 +3433,9 @@ def anthropic_message(answer, model):
     calls = ended.message.get("tool_calls") or []
     text = ended.message.get("content") or ""
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+    if ended.reasoning:
+        content.insert(0, {"type": "thinking", "thinking": ended.reasoning,
+                           "signature": thinking_signature(ended.reasoning)})
     reason, sequence = anthropic_stop(ended)
     return {"id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
@@ -3413,8 +3448,22 @@ def _anthropic_events(answer, model):
         "id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
         "content": [], "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(Usage())}}
     yield {"type": "ping"}
-    index, text_open, stop = 0, False, ("end_turn", None)
+    index, text_open, stop, thought = 0, False, ("end_turn", None), None
     for ev in answer:
+        if isinstance(ev, Piece) and ev.kind == "reasoning":
+            if thought is None:
+                thought = []
+                yield {"type": "content_block_start", "index": index,
+                       "content_block": {"type": "thinking", "thinking": "", "signature": ""}}
+            thought.append(ev.text)
+            yield {"type": "content_block_delta", "index": index,
+                   "delta": {"type": "thinking_delta", "thinking": ev.text}}
+            continue
+        if thought is not None:  # the thinking has ended: signed, closed
+            yield {"type": "content_block_delta", "index": index,
+                   "delta": {"type": "signature_delta", "signature": thinking_signature("".join(thought))}}
+            yield {"type": "content_block_stop", "index": index}
+            index, thought = index + 1, None
         text = ev.text if isinstance(ev, Piece) else ev.message.get("content") if answer.held else None
         if text:
             if not text_open:

@@ -311,3 +311,69 @@ def test_ollama_think_false_reaches_the_template(node):
                                 "options": {"num_predict": 1}})
     assert r.status_code == 200, r.text
     assert node.prompts[-1].endswith("<think>\n\n</think>\n\n")
+
+
+# -- Anthropic ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_anthropic_thinking_blocks_through_the_real_client(node, forced, name):
+    import anthropic
+
+    forced(name)
+    client = anthropic.Anthropic(base_url=node.url, api_key="x")
+    m = client.messages.create(model=name + ":1", max_tokens=120, messages=ASK, stop_sequences=["STOP"],
+                               thinking={"type": "adaptive"}, extra_body={"temperature": 0})
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert (m.content[0].thinking, m.content[1].text) == ("I think STOP here", "The answer is four.")
+    assert m.content[0].signature == llmnode.thinking_signature("I think STOP here")
+    assert m.stop_reason == "end_turn"
+    with client.messages.stream(model=name + ":1", max_tokens=120, messages=ASK,
+                                thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "I think STOP here" and final.content[1].text == "The answer is four."
+    assert final.content[0].signature == m.content[0].signature and "signature" in kinds
+
+
+def test_anthropic_thinking_sent_back_is_the_models_if_signed_by_the_node(node):
+    said = "Need the weather."
+    for signature, kept in ((llmnode.thinking_signature(said), True), ("EqQBCgIYAhIM...", False)):
+        body = {"model": "gptoss:1", "max_tokens": 1, "tools": [{
+            "name": "get_weather", "description": "Weather", "input_schema": WEATHER["function"]["parameters"]}],
+            "messages": ASK + [
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": said, "signature": signature},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                              "content": "sunny"}]}]}
+        r = node.post("/v1/messages", body)
+        assert r.status_code == 200, r.text
+        assert (said in node.prompts[-1]) is kept and "opaque" not in node.prompts[-1]
+
+
+def test_anthropic_thinking_disabled_and_effort_reach_the_templates(node):
+    base = {"max_tokens": 1, "messages": ASK}
+    assert node.post("/v1/messages", dict(base, model="qwen3:1", thinking={"type": "disabled"})).ok
+    assert node.prompts[-1].endswith("<think>\n\n</think>\n\n")
+    assert node.post("/v1/messages", dict(base, model="gptoss:1", output_config={"effort": "high"})).ok
+    assert "Reasoning: high" in node.prompts[-1]
+
+
+def test_anthropic_budget_tokens_closes_the_block(node):
+    r = node.post("/v1/messages", {"model": "r1:1", "max_tokens": 12, "messages": ASK, "temperature": 0,
+                                   "thinking": {"type": "enabled", "budget_tokens": 3}})
+    assert r.status_code == 200, r.text
+    content = r.json()["content"]
+    assert [b["type"] for b in content] == ["thinking", "text"] and content[1]["text"], content
+
+
+def test_anthropic_harmony_tool_call_is_a_tool_use_block(node):
+    r = node.post("/v1/messages", {"model": "gptoss:1", "max_tokens": 120, "messages": ASK, "tools": [{
+        "name": "get_weather", "description": "Weather", "input_schema": WEATHER["function"]["parameters"]}],
+        "tool_choice": {"type": "tool", "name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    [block] = [b for b in r.json()["content"] if b["type"] == "tool_use"]
+    assert block["name"] == "get_weather" and set(block["input"]) == {"city"}
+    assert r.json()["stop_reason"] == "tool_use"
