@@ -315,6 +315,9 @@ def test_ollama_think_false_reaches_the_template(node):
 
 # -- Anthropic ------------------------------------------------------------------------------------
 
+ANTHROPIC_WEATHER = {"name": "get_weather", "description": "Weather",
+                     "input_schema": WEATHER["function"]["parameters"]}
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_anthropic_thinking_blocks_through_the_real_client(node, forced, name):
     import anthropic
@@ -339,13 +342,12 @@ def test_anthropic_thinking_blocks_through_the_real_client(node, forced, name):
 def test_anthropic_thinking_sent_back_is_the_models_if_signed_by_the_node(node):
     said = "Need the weather."
     for signature, kept in ((llmnode.thinking_signature(said), True), ("EqQBCgIYAhIM...", False)):
-        body = {"model": "gptoss:1", "max_tokens": 1, "tools": [{
-            "name": "get_weather", "description": "Weather", "input_schema": WEATHER["function"]["parameters"]}],
-            "messages": ASK + [
+        body = {"model": "gptoss:1", "max_tokens": 1, "tools": [ANTHROPIC_WEATHER], "messages": ASK + [
                 {"role": "assistant", "content": [
                     {"type": "thinking", "thinking": said, "signature": signature},
                     {"type": "redacted_thinking", "data": "opaque"},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                     "input": {"city": "Paris"}}]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                               "content": "sunny"}]}]}
         r = node.post("/v1/messages", body)
@@ -370,9 +372,8 @@ def test_anthropic_budget_tokens_closes_the_block(node):
 
 
 def test_anthropic_harmony_tool_call_is_a_tool_use_block(node):
-    r = node.post("/v1/messages", {"model": "gptoss:1", "max_tokens": 120, "messages": ASK, "tools": [{
-        "name": "get_weather", "description": "Weather", "input_schema": WEATHER["function"]["parameters"]}],
-        "tool_choice": {"type": "tool", "name": "get_weather"}})
+    r = node.post("/v1/messages", {"model": "gptoss:1", "max_tokens": 120, "messages": ASK,
+                                   "tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}})
     assert r.status_code == 200, r.text
     [block] = [b for b in r.json()["content"] if b["type"] == "tool_use"]
     assert block["name"] == "get_weather" and set(block["input"]) == {"city"}
