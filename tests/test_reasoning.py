@@ -373,7 +373,8 @@ def test_anthropic_budget_tokens_closes_the_block(node):
 
 def test_anthropic_harmony_tool_call_is_a_tool_use_block(node):
     r = node.post("/v1/messages", {"model": "gptoss:1", "max_tokens": 120, "messages": ASK,
-                                   "tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}})
+                                   "tools": [ANTHROPIC_WEATHER],
+                                   "tool_choice": {"type": "tool", "name": "get_weather"}})
     assert r.status_code == 200, r.text
     [block] = [b for b in r.json()["content"] if b["type"] == "tool_use"]
     assert block["name"] == "get_weather" and set(block["input"]) == {"city"}
