@@ -2869,7 +2869,8 @@ BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interp
 
 _RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
                        "function_call": ("type", "call_id", "name", "arguments", "id", "status"),
-                       "function_call_output": ("type", "call_id", "output", "id", "status")}
+                       "function_call_output": ("type", "call_id", "output", "id", "status"),
+                       "reasoning": ("type", "id", "summary", "content", "encrypted_content", "status")}
 
 
 def _text_parts(where, content, kinds):
@@ -2896,6 +2897,7 @@ def responses_messages(body):
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequest("'instructions' must be a string")
     messages = [{"role": "system", "content": instructions}] if instructions else []
+    thought = []  # reasoning items' text, for the next assistant turn
     if isinstance(items, str):
         items = [{"type": "message", "role": "user", "content": items}]
     if not isinstance(items, list) or not items:
@@ -2903,7 +2905,7 @@ def responses_messages(body):
     for i, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind not in _RESPONSE_ITEM_KEYS:
-            if kind in ("reasoning", "item_reference", "image_generation_call", "web_search_call",
+            if kind in ("item_reference", "image_generation_call", "web_search_call",
                         "file_search_call", "computer_call", "code_interpreter_call", "mcp_call"):
                 raise UnsupportedParameter("'input[%d].type' %s is not supported: no state is kept "
                                            "and no built-in tools run here" % (i, kind))
@@ -2912,11 +2914,20 @@ def responses_messages(body):
         for key in item:
             if key not in _RESPONSE_ITEM_KEYS[kind]:
                 raise UnsupportedParameter("'input[%d].%s' is not supported by this node" % (i, key))
+        if kind == "reasoning":
+            # Its text goes back with the assistant turn that follows (summaries and encrypted
+            # content are another model's: nothing to render).
+            thought.append(_text_parts("input[%d].content" % i, item.get("content") or [],
+                                       ("reasoning_text",)))
+            continue
         if kind == "message":
             if item.get("role") not in ("user", "assistant", "system", "developer"):
                 raise InvalidRequest("'input[%d].role' must be user, assistant, system or developer" % i)
             messages.append({"role": item["role"], "content": _text_parts(
                 "input[%d].content" % i, item.get("content"), ("input_text", "output_text"))})
+            if item["role"] == "assistant" and "".join(thought):
+                messages[-1]["reasoning_content"] = "".join(thought)
+            thought = [] if item["role"] == "assistant" else thought
             continue
         if not isinstance(item.get("call_id"), str) or not item["call_id"]:
             raise InvalidRequest("'input[%d].call_id' must be a string" % i)
@@ -2937,6 +2948,9 @@ def responses_messages(body):
             last["tool_calls"].append(call)  # parallel calls: one assistant turn
         else:
             messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            if "".join(thought):
+                messages[-1]["reasoning_content"] = "".join(thought)
+            thought = []
     return messages
 
 
@@ -3004,6 +3018,19 @@ def responses_format(body):
     return "schema", fmt["schema"]
 
 
+def responses_reasoning(body):
+    """(thinking, effort) of the Responses API's `reasoning`: `effort` honoured, `summary`
+    accepted (no summaries are made: the reasoning items carry the thinking's own text)."""
+    reasoning = body.get("reasoning")
+    if reasoning is None:
+        return None, None
+    if not isinstance(reasoning, dict) or set(reasoning) - {"effort", "summary", "generate_summary"}:
+        raise InvalidRequest("'reasoning' must be an object of 'effort' and 'summary'")
+    if reasoning.get("summary") not in (None, "auto", "concise", "detailed"):
+        raise InvalidRequest("'reasoning.summary' must be auto, concise or detailed")
+    return reasoning_controls(reasoning.get("effort"), "reasoning.effort")
+
+
 def validate_responses(body, n_ctx):
     """Check a Responses API body; return the internal request."""
     model = _model(body)
@@ -3013,8 +3040,10 @@ def validate_responses(body, n_ctx):
     refuse(body, "conversation", lambda v: False, stateful)
     refuse(body, "prompt", lambda v: False, "stored prompts need state: send 'instructions'")
     refuse(body, "background", lambda v: v is False, "answers are given in the request")
-    refuse(body, "reasoning", lambda v: False, "this node runs no reasoning models")
-    refuse(body, "include", lambda v: v == [], "no extra output is produced")
+    # No encrypted reasoning is made: reasoning items carry their text (nothing is kept here).
+    refuse(body, "include", lambda v: isinstance(v, list) and set(v) <= {"reasoning.encrypted_content"},
+           "no extra output is produced")
+    thinking, effort = responses_reasoning(body)
     refuse(body, "top_logprobs", lambda v: v == 0, "token log probabilities are not produced")
     refuse(body, "truncation", lambda v: v == "disabled", "an input too long for the context is "
            "refused, not truncated")
@@ -3033,6 +3062,7 @@ def validate_responses(body, n_ctx):
         raise InvalidRequest("'metadata' must be an object")
     return dialect_request(model, messages, format=fmt, format_schema=schema, tools=tools,
                            tool_choice=choice, stream=stream, include_usage=stream,
+                           thinking=thinking, effort=effort,
                            max_tokens=_integer(body, "max_output_tokens", 1, 2 ** 31 - 1),
                            temperature=_number(body, "temperature", 0, 2),
                            top_p=_number(body, "top_p", 0, 1))
@@ -3047,7 +3077,8 @@ def response_head(rid, body, req, created):
             "background": False, "error": None, "incomplete_details": None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "model": req["model"], "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": None, "reasoning": None, "store": False,  # nothing is kept
+            "previous_response_id": None, "store": False,  # nothing is kept
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"), "tools": tools,
             "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
@@ -3057,7 +3088,8 @@ def response_head(rid, body, req, created):
 def response_usage(usage):
     return {"input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
@@ -3081,10 +3113,17 @@ def _call_item(call):
             "arguments": call["function"]["arguments"]}
 
 
-def response_output(message, finish):
-    """An ended answer's message as Responses output items."""
-    output = [] if message.get("tool_calls") and not message.get("content") else \
-        [_message_item(message.get("content") or "", finish)]
+def _reasoning_item(text, status="completed"):
+    """A reasoning model's thinking as a Responses `reasoning` item (no summary is made)."""
+    return {"id": "rs_%s" % os.urandom(12).hex(), "type": "reasoning", "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if text else []}
+
+
+def response_output(message, finish, reasoning=""):
+    """An ended answer's thinking and message as Responses output items."""
+    output = [_reasoning_item(reasoning)] if reasoning else []
+    if not (message.get("tool_calls") and not message.get("content")):
+        output.append(_message_item(message.get("content") or "", finish))
     return output + [_call_item(c) for c in message.get("tool_calls") or []]
 
 
@@ -3113,9 +3152,31 @@ def _response_events(answer, head):
         yield event("response.output_item.done", output_index=len(output), item=item)
         output.append(item)
 
+    def close_reasoning(item, thought):
+        item = dict(item, status="completed", content=[{"type": "reasoning_text", "text": thought}])
+        at = dict(item_id=item["id"], output_index=len(output))
+        yield event("response.reasoning_text.done", content_index=0, text=thought, **at)
+        yield event("response.content_part.done", content_index=0, part=item["content"][0], **at)
+        yield event("response.output_item.done", output_index=len(output), item=item)
+        output.append(item)
+
     yield event("response.created", response=head)
     yield event("response.in_progress", response=head)
+    thinking, thought = None, ""
     for ev in answer:
+        if isinstance(ev, Piece) and ev.kind == "reasoning":
+            if thinking is None:
+                thinking = dict(_reasoning_item("", "in_progress"))
+                yield event("response.output_item.added", output_index=len(output), item=thinking)
+                yield event("response.content_part.added", item_id=thinking["id"], output_index=len(output),
+                            content_index=0, part={"type": "reasoning_text", "text": ""})
+            thought += ev.text
+            yield event("response.reasoning_text.delta", item_id=thinking["id"], output_index=len(output),
+                        content_index=0, delta=ev.text)
+            continue
+        if thinking is not None:
+            yield from close_reasoning(thinking, thought)
+            thinking = None
         piece = ev.text if isinstance(ev, Piece) else ev.message.get("content") if answer.held else None
         calls = [] if isinstance(ev, Piece) else ev.message.get("tool_calls") or []
         if not isinstance(ev, Piece):
@@ -3155,8 +3216,8 @@ def responses_create(node):
     answer = node.chat(req)
     if not req["stream"]:
         ended = answer.collect()[0][0]
-        return response_finished(head, response_output(ended.message, ended.reason), answer.usage,
-                                 ended.reason)
+        return response_finished(head, response_output(ended.message, ended.reason, ended.reasoning),
+                                 answer.usage, ended.reason)
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
     return named_events(_response_events(answer, head), lambda e: {

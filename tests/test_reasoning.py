@@ -379,3 +379,52 @@ def test_anthropic_harmony_tool_call_is_a_tool_use_block(node):
     [block] = [b for b in r.json()["content"] if b["type"] == "tool_use"]
     assert block["name"] == "get_weather" and set(block["input"]) == {"city"}
     assert r.json()["stop_reason"] == "tool_use"
+
+
+# -- Responses ------------------------------------------------------------------------------------
+
+RESPONSES_WEATHER = dict(WEATHER["function"], type="function")
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_responses_reasoning_items_through_the_real_client(node, forced, name):
+    import openai
+
+    forced(name)
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key="x")
+    r = client.responses.create(model=name + ":1", input="What is 2+2?", max_output_tokens=120,
+                                reasoning={"effort": "high", "summary": "auto"}, temperature=0)
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].type == "reasoning_text"
+    assert (r.output[0].content[0].text, r.output_text) == ("I think STOP here", "The answer is four.")
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    with client.responses.stream(model=name + ":1", input="What is 2+2?", max_output_tokens=120) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    [done] = [e.text for e in events if e.type == "response.reasoning_text.done"]
+    assert deltas == done == "I think STOP here"
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output_text == "The answer is four."
+    no_markers(final.output_text, deltas)
+
+
+def test_responses_reasoning_sent_back_and_effort_reach_the_template(node):
+    items = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "reasoning", "id": "rs_1", "summary": [], "content": [
+                 {"type": "reasoning_text", "text": "Need the weather."}]},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather",
+              "arguments": "{\"city\": \"Paris\"}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    r = node.post("/v1/responses", {"model": "gptoss:1", "max_output_tokens": 1, "reasoning": {"effort": "low"},
+                                    "tools": [RESPONSES_WEATHER], "input": items})
+    assert r.status_code == 200, r.text
+    assert "Reasoning: low" in node.prompts[-1] and "Need the weather." in node.prompts[-1]
+
+
+def test_responses_harmony_tool_call_is_a_function_call_item(node):
+    r = node.post("/v1/responses", {"model": "gptoss:1", "max_output_tokens": 120,
+                                    "input": "Weather in Paris?", "tools": [RESPONSES_WEATHER],
+                                    "tool_choice": {"type": "function", "name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    [call] = [item for item in r.json()["output"] if item["type"] == "function_call"]
+    assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
