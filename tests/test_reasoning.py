@@ -415,8 +415,8 @@ def test_responses_reasoning_sent_back_and_effort_reach_the_template(node):
              {"type": "function_call", "call_id": "c1", "name": "get_weather",
               "arguments": "{\"city\": \"Paris\"}"},
              {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
-    r = node.post("/v1/responses", {"model": "gptoss:1", "max_output_tokens": 1, "reasoning": {"effort": "low"},
-                                    "tools": [RESPONSES_WEATHER], "input": items})
+    r = node.post("/v1/responses", {"model": "gptoss:1", "max_output_tokens": 1, "input": items,
+                                    "reasoning": {"effort": "low"}, "tools": [RESPONSES_WEATHER]})
     assert r.status_code == 200, r.text
     assert "Reasoning: low" in node.prompts[-1] and "Need the weather." in node.prompts[-1]
 
