@@ -364,7 +364,7 @@ def test_anthropic_thinking_disabled_and_effort_reach_the_templates(node):
 
 
 def test_anthropic_budget_tokens_closes_the_block(node):
-    r = node.post("/v1/messages", {"model": "r1:1", "max_tokens": 12, "messages": ASK, "temperature": 0,
+    r = node.post("/v1/messages", {"model": "r1:1", "max_tokens": 40, "messages": ASK, "temperature": 1,
                                    "thinking": {"type": "enabled", "budget_tokens": 3}})
     assert r.status_code == 200, r.text
     content = r.json()["content"]
