@@ -3874,7 +3874,8 @@ def ollama_show(node):
         modelfile += 'SYSTEM """%s"""\n' % extras["system"]
     modelfile += "".join("PARAMETER %s\n" % line for line in parameters.splitlines())
     answer = {"modelfile": modelfile, "parameters": parameters, "template": template,
-              "details": details, "model_info": meta, "capabilities": ["completion", "tools"],
+              "details": details, "model_info": meta, "capabilities": ["completion", "tools"] + (
+                  ["thinking"] if reasoning_format(meta.get("tokenizer.chat_template")) else []),
               "modified_at": rfc3339(os.stat(node.store.manifest_path(ref)).st_mtime)}
     if extras.get("license") or meta.get("general.license"):
         answer["license"] = extras.get("license") or meta["general.license"]

@@ -193,7 +193,6 @@ def test_model_by_id(client):
 REFUSED = [
     ("/v1/chat/completions", {"n": 9}, "'n'"),  # above LLM_PARALLEL
     ("/v1/chat/completions", {"functions": []}, "functions"),
-    ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
     ("/v1/chat/completions", {"modalities": ["audio"]}, "modalities"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
@@ -401,6 +400,16 @@ def test_invalid_fields_are_400(serve, models_dir, change, code):
     r = s.post("/v1/chat/completions", dict(CHAT, **change))
     assert_error(r, 400, "invalid_request_error", code)
     assert tree(models_dir) == before
+
+
+def test_reasoning_fields_are_accepted_on_a_model_that_does_not_think(client):
+    """SmolLM2 has no reasoning format: the answer simply has no reasoning_content."""
+    history = ASK + [{"role": "assistant", "content": "Hi", "reasoning_content": "x"},
+                     {"role": "user", "content": "Again"}]
+    out = client.chat.completions.create(model=SMOL, max_tokens=2, reasoning_effort="high", messages=history,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert getattr(out.choices[0].message, "reasoning_content", None) is None
+    assert out.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_content_parts_and_developer_role_are_accepted(serve):

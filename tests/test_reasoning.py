@@ -44,9 +44,12 @@ def models(tmp_path_factory):
     if not os.path.exists(SOURCE):
         pytest.skip("SmolLM2's GGUF (the tokenizer source) is not in the cache")
     root = tmp_path_factory.mktemp("reasoning-models")
-    return {name: open(write_tiny_bpe_gguf(root / (name + ".gguf"), SOURCE, chat_template=open(
+    made = {name: open(write_tiny_bpe_gguf(root / (name + ".gguf"), SOURCE, chat_template=open(
         os.path.join(TEMPLATES, template)).read(), added_tokens=added), "rb").read()
         for name, (template, added) in MODELS.items()}
+    # SmolLM2's own template: a model with no reasoning format.
+    made["plain"] = open(write_tiny_bpe_gguf(root / "plain.gguf", SOURCE), "rb").read()
+    return made
 
 
 class Forcing:
@@ -428,3 +431,22 @@ def test_responses_harmony_tool_call_is_a_function_call_item(node):
     assert r.status_code == 200, r.text
     [call] = [item for item in r.json()["output"] if item["type"] == "function_call"]
     assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
+
+
+def test_ollama_show_names_the_thinking_capability(node):
+    for name, thinks in (("qwen3", True), ("gptoss", True), ("plain", False)):
+        r = node.post("/api/show", {"model": name + ":1"})
+        assert r.status_code == 200, r.text
+        assert ("thinking" in r.json()["capabilities"]) is thinks
+
+
+def test_a_model_with_no_reasoning_format_takes_the_fields_and_answers_without_reasoning(node, forced):
+    forced('"<think>\\nI think\\n</think>\\n\\nThe answer is four."')
+    out = chat(node, "plain", reasoning_effort="high", chat_template_kwargs={"enable_thinking": True})
+    # No format: what the model writes is all answer (the markers included), as it always was.
+    assert "reasoning_content" not in out["choices"][0]["message"]
+    assert out["choices"][0]["message"]["content"].endswith("The answer is four.")
+    assert out["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    r = node.post("/v1/messages", {"model": "plain:1", "max_tokens": 60, "messages": ASK,
+                                   "thinking": {"type": "enabled", "budget_tokens": 1024}})
+    assert [b["type"] for b in r.json()["content"]] == ["text"], r.text
