@@ -1738,10 +1738,11 @@ class ReasoningParser:
 
     def _header(self, text):
         """A message's header: `<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json`."""
-        m = re.search(r"<\|channel\|>\s*(\w+)", text)
-        self.channel = m.group(1) if m else "final"
-        m = re.search(r"to=([^\s<]+)", text)
-        self.recipient = m.group(1) if m else None
+        # The last of each: a header the budget cut short is followed by the node's own.
+        channels = re.findall(r"<\|channel\|>\s*(\w+)", text)
+        self.channel = channels[-1] if channels else "final"
+        recipients = re.findall(r"to=([^\s<]+)", text.split("<|start|>")[-1])
+        self.recipient = recipients[-1] if recipients else None
         self._call_text = []
 
     def _emit(self, out, text):
@@ -1766,12 +1767,11 @@ class ReasoningParser:
             return
         name = self.recipient.split(".", 1)[1] if self.recipient.startswith("functions.") else self.recipient
         try:
-            arguments = json.loads("".join(self._call_text), strict=False)
+            arguments = json.loads("".join(self._call_text) or "{}", strict=False)
         except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            arguments = {}
-        self.calls.append({"name": name, "arguments": arguments})
+            arguments = None  # a call cut short (max_tokens) is no call
+        if isinstance(arguments, dict):
+            self.calls.append({"name": name, "arguments": arguments})
         self.recipient, self._call_text = None, []
 
 

@@ -121,6 +121,23 @@ def test_the_parser_splits_wherever_the_text_is_cut(kind, text, state):
         assert got == {"reasoning": "I think", "answer": "The answer."}, (cut, segments)
 
 
+def test_harmony_calls_and_a_header_cut_by_the_budget():
+    parser = llmnode.ReasoningParser("harmony")
+    text = ("<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary "
+            "to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}")
+    segments = [s for ch in text for s in parser.feed(ch)] + parser.finish()
+    assert segments and {k for k, _ in segments} == {"reasoning"}
+    assert parser.calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    cut = llmnode.ReasoningParser("harmony")  # arguments cut short: no call
+    cut.feed(text[:-4])
+    cut.finish()
+    assert cut.calls == []
+    # The budget's closing marker after a header begun: the answer is the final channel's.
+    parser = llmnode.ReasoningParser("harmony")
+    segments = parser.feed("<|channel|>analysis" + llmnode.HARMONY_TO_FINAL + "Four.") + parser.finish()
+    assert segments == [("answer", "Four.")]
+
+
 def test_a_model_with_no_markers_in_its_answer_has_it_all_as_answer():
     for kind in ("think", "harmony"):
         parser = llmnode.ReasoningParser(kind)
