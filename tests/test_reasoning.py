@@ -467,3 +467,35 @@ def test_a_model_with_no_reasoning_format_takes_the_fields_and_answers_without_r
     r = node.post("/v1/messages", {"model": "plain:1", "max_tokens": 60, "messages": ASK,
                                    "thinking": {"type": "enabled", "budget_tokens": 1024}})
     assert [b["type"] for b in r.json()["content"]] == ["text"], r.text
+
+
+def test_a_forced_tool_call_after_thinking_is_constrained_after_the_block(node):
+    """Qwen3 renders tools itself: the node opens the thinking in the prompt, the budget closes it,
+    then the `<tool_call>` grammar holds the answer."""
+    node.node.settings.reasoning_budget = 3
+    try:
+        out = chat(node, "qwen3", temperature=1, seed=2, tools=[WEATHER], tool_choice="required")
+    finally:
+        node.node.settings.reasoning_budget = None
+    message = out["choices"][0]["message"]
+    assert out["choices"][0]["finish_reason"] == "tool_calls", out
+    assert message["reasoning_content"] and node.prompts[-1].endswith("<think>\n")
+    assert set(json.loads(message["tool_calls"][0]["function"]["arguments"])) == {"city"}
+
+
+def test_ollama_harmony_tool_call(node):
+    r = node.post("/api/chat", {"model": "gptoss:1", "messages": ASK, "stream": False, "tools": [WEATHER],
+                                "options": {"num_predict": 120}})
+    assert r.status_code == 200, r.text  # auto: the random model may or may not call
+    gen = node.forcing
+    gen.grammar = llmnode.harmony_tool_grammar([dict(WEATHER["function"])], "get_weather")
+    try:
+        r = node.post("/api/chat", {"model": "gptoss:1", "messages": ASK, "stream": True, "tools": [WEATHER],
+                                    "options": {"num_predict": 120}})
+    finally:
+        gen.grammar = None
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    calls = [c for x in lines for c in x["message"].get("tool_calls") or []]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"], lines
+    assert set(calls[0]["function"]["arguments"]) == {"city"}
+    assert "".join(x["message"]["content"] for x in lines) == ""
