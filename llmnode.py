@@ -1518,8 +1518,9 @@ def completion_logprobs(items):
 # A reasoning model writes its thinking before its answer, between markers its chat template
 # knows: `<think>…</think>` (Qwen3, DeepSeek-R1 and its distills, SmolLM3; some templates open the
 # block themselves, so the answer starts inside it) or harmony's channels (gpt-oss: `analysis`,
-# `commentary` with `to=functions.NAME` tool calls, `final`). The format is recognised once per
-# model from its template, as llama.cpp's chat parsers do; a `ReasoningParser` per answer splits
+# `commentary` with `to=functions.NAME` tool calls, `final`). The format is recognised from the
+# model's template (a few substring tests per chat), as llama.cpp's chat parsers do; the prompt as
+# rendered says where the answer begins. A `ReasoningParser` per answer splits
 # the generated text at the markers as it comes (a marker may span tokens), in the engine's one
 # place where tokens become pieces, so no marker text reaches a client.
 
