@@ -601,11 +601,11 @@ class BatchedContext:
     def clear(self):
         self.C.llama_memory_clear(self.mem, True)
 
-    def piece(self, token):
-        n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+    def piece(self, token, special=False):
+        n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
         if n < 0:
             self._buf = ctypes.create_string_buffer(-n)
-            n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+            n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
         return self._buf.raw[:n]
 
     def is_eog(self, token):
@@ -806,6 +806,10 @@ class Task:
         self.first_token_at = None
         self.restore = None  # (tokens, state bytes) of a saved prefix read from disk, checked
         self.computed = 0  # prompt tokens it read (not kept, copied or restored)
+        # A reasoning model's answer: its parser, thinking so far, the tokens to feed instead of
+        # sampling (the block closed by the budget), whether the answer grammar has started.
+        self.parser = gen.reasoning.parser() if gen.reasoning is not None else None
+        self.reasoning, self.reasoning_tokens, self.forced, self.answer_sampler = [], 0, [], False
 
 
 # The callable saying whether the client of the request this thread serves has gone (waitress's
@@ -849,6 +853,7 @@ class Run:
             if isinstance(event, Finish):
                 self._open -= 1
                 self.usage.completion_tokens += event.tokens
+                self.usage.reasoning_tokens += event.reasoning_tokens
             yield event
         self.close()
 
@@ -1156,7 +1161,11 @@ class Slots:
             task.run.events.put(error)
 
     def _sample(self, task, i):
-        token = self.ctx.sample(task.sampler, i)
+        if task.forced:  # the budget's closing marker, fed as if sampled
+            token = task.forced.pop(0)
+            self.ctx.accept((task.sampler[0], None), token)
+        else:
+            token = self.ctx.sample(task.sampler, i)
         if task.first_token_at is None:
             task.first_token_at = time.monotonic()
         if self.ctx.is_eog(token):
@@ -1168,7 +1177,10 @@ class Slots:
         if task.gen.logprobs >= 0:
             task.logprobs.append(self._logprobs(i, token, task.gen.logprobs))
         task.tokens.append(token)
-        self._text(task, task.decoder.decode(self.ctx.piece(token)))
+        if task.parser is None:
+            self._text(task, task.decoder.decode(self.ctx.piece(token)))
+        else:  # markers are special tokens: their text is kept for the parser
+            self._reasoned(task, task.decoder.decode(self.ctx.piece(token, special=True)))
         if task.state is TaskState.GENERATING and (task.generated >= task.gen.max_tokens
                                                    or task.n_past + 1 >= self.n_ctx):
             self._end(task, "length")
@@ -1209,10 +1221,50 @@ class Slots:
             task.run.events.put(Piece(task.index, text, task.tokens, task.logprobs))
             task.tokens, task.logprobs = [], []
 
+    def _reasoned(self, task, text):
+        """A reasoning model's text: the thinking handed out as it comes (stop strings and
+        tool parsing are for the answer), the answer through `_text`; the answer grammar starts
+        once the thinking has ended; the budget spent, the block is closed."""
+        parser, reasoning = task.parser, task.gen.reasoning
+        thinking = parser.thinking
+        segments = parser.feed(text)
+        if thinking or parser.thinking:
+            task.reasoning_tokens += 1
+        self._segments(task, segments)
+        if self.busy[task.seq] is not task:
+            return
+        if reasoning.answer_grammar and not task.answer_sampler and parser.answering:
+            task.answer_sampler = True
+            self.ctx.free_sampler(task.sampler)
+            task.sampler = self.ctx.sampler(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
+                                            self.cache[task.seq])
+        if (reasoning.budget is not None and parser.thinking and not task.forced
+                and task.reasoning_tokens >= reasoning.budget):
+            task.forced = list(reasoning.close_tokens)
+
+    def _segments(self, task, segments):
+        for kind, text in segments:
+            if self.busy[task.seq] is not task:
+                return  # a stop string ended it
+            if kind == "answer":
+                self._text(task, text)
+                continue
+            task.reasoning.append(text)
+            task.run.events.put(Piece(task.index, text, [], [], kind="reasoning"))
+
     def _end(self, task, reason, stop_sequence=None):
         """An answer is over: its sequence is free (keeping its tokens as a prompt cache)."""
         if reason != "stop" or stop_sequence is None:
-            task.pending += task.decoder.decode(b"", final=True)
+            tail = task.decoder.decode(b"", final=True)
+            if task.parser is None:
+                task.pending += tail
+            else:
+                for kind, text in task.parser.feed(tail) + task.parser.finish():
+                    if kind == "answer":
+                        task.pending += text
+                    elif reason != "cancelled":
+                        task.reasoning.append(text)
+                        task.run.events.put(Piece(task.index, text, [], [], kind="reasoning"))
         if reason != "cancelled":
             self._hand_out(task, task.pending)
         task.pending = ""
@@ -1227,7 +1279,9 @@ class Slots:
             run.timings["queue"] = task.admitted_at - run.started
             run.timings["prompt_eval"] = task.first_token_at - task.admitted_at
             run.timings["eval"] = time.monotonic() - task.first_token_at
-        run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence))
+        run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence,
+                              "".join(task.reasoning), task.reasoning_tokens,
+                              task.parser.calls if task.parser is not None else None))
 
 
 def common_prefix(a, b):
@@ -1540,6 +1594,7 @@ class Message:
     tool_calls: list = field(default_factory=list)  # [ToolCall]
     tool_call_id: str = None
     name: str = None  # a tool result's function name, when the dialect says it
+    reasoning: str = ""  # an assistant's thinking, sent back (rendered as its template expects)
 
 
 @dataclass
@@ -1584,6 +1639,10 @@ class ChatRequest:
     keep_alive: object = KEEP_DEFAULT
     ctx_limit: int = None  # Ollama's options.num_ctx
     cache_key: str = None  # prompt_cache_key: keep the conversation on the sequence with its prefix
+    thinking: bool = None  # a reasoning model's thinking asked on or off (None: the template's default)
+    effort: str = None  # reasoning effort: low, medium or high (harmony's reasoning_effort)
+    budget: int = None  # thinking tokens at most (with LLM_REASONING_BUDGET, the smaller)
+    template_kwargs: dict = field(default_factory=dict)  # more variables for the chat template
     ignored: list = field(default_factory=list)  # fields no real API has: named in a header and the log
 
 
@@ -1648,6 +1707,7 @@ class Generation:
     # The client's name for the conversation (OpenAI's `prompt_cache_key`): among free sequences
     # sharing as long a prefix, the one its last answer used is taken.
     cache_key: str = None
+    reasoning: "Reasoning" = None  # a reasoning model's thinking, split from the answer
 
 
 @dataclass
@@ -1658,17 +1718,22 @@ class Piece:
     text: str
     tokens: list
     logprobs: list  # [(token text, logprob, [(alternative text, logprob)])] or []
+    kind: str = "answer"  # or "reasoning": a reasoning model's thinking (sent even when held)
 
 
 @dataclass
 class Finish:
-    """Answer `index` has ended: why (stop, length), its whole text, the stop string met."""
+    """Answer `index` has ended: why (stop, length), its whole text, the stop string met; a
+    reasoning model's thinking, its tokens, and the tool calls its format carried (harmony)."""
 
     index: int
     reason: str
     text: str
     tokens: int
     stop_sequence: str = None
+    reasoning: str = ""
+    reasoning_tokens: int = 0
+    calls: list = None
 
 
 @dataclass
@@ -1676,11 +1741,13 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in a sequence's KV cache, not evaluated again
+    reasoning_tokens: int = 0  # of the completion tokens, those of the thinking
 
     def openai(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
 
 
 @dataclass
@@ -1694,6 +1761,7 @@ class Ended:
     reason: str
     stop_sequence: str = None
     text: str = ""
+    reasoning: str = ""  # a reasoning model's thinking (streamed as Pieces of kind "reasoning")
 
 
 class Answer:
@@ -1715,7 +1783,7 @@ class Answer:
                     yield event
                     continue
                 message, reason = chat_message(event, self._tools, self._mode)
-                yield Ended(event.index, message, reason, event.stop_sequence, event.text)
+                yield Ended(event.index, message, reason, event.stop_sequence, event.text, event.reasoning)
         finally:
             self._run.close()
 
@@ -2020,6 +2088,12 @@ def with_system(req, system):
     return req
 
 
+def _thought(m):
+    """An assistant message's thinking under the names the templates read (Qwen3:
+    `reasoning_content`, harmony: `thinking`); each template keeps or drops it as its model expects."""
+    return {"reasoning_content": m.reasoning, "thinking": m.reasoning} if m.reasoning else {}
+
+
 def template_messages(messages, native):
     """`Message`s as a chat template takes them: for a template that renders tools itself
     (`native`), structured as Hugging Face's templates take them; else tool calls and results as
@@ -2028,9 +2102,9 @@ def template_messages(messages, native):
     for m in messages:
         if m.role == "assistant" and m.tool_calls:
             if native:
-                out.append({"role": "assistant", "content": m.content, "tool_calls": [
+                out.append(dict({"role": "assistant", "content": m.content, "tool_calls": [
                     {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in m.tool_calls]})
+                    for c in m.tool_calls]}, **_thought(m)))
             else:
                 text = "\n".join(json.dumps({"tool_call": {"name": c.name, "arguments": c.arguments}})
                                  for c in m.tool_calls)
@@ -2043,7 +2117,7 @@ def template_messages(messages, native):
                 out.append({"role": "tool", "content": json.dumps({"tool_response": {
                     "tool_call_id": m.tool_call_id, "content": m.content}})})
         else:
-            out.append({"role": m.role, "content": m.content})
+            out.append(dict({"role": m.role, "content": m.content}, **_thought(m)))
     return out
 
 
@@ -2184,15 +2258,20 @@ def parse_native_calls(text, tools):
     return calls, re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text, flags=re.S).strip()
 
 
-def render_chat(llm, formatter, messages, tools=None):
-    """(prompt tokens, the template's stop strings) of a chat."""
+def render_chat(llm, formatter, messages, tools=None, template_kwargs=None):
+    """(prompt tokens, the template's stop strings, the prompt's text) of a chat;
+    `template_kwargs` are more variables for the template (`enable_thinking`, ...)."""
     if formatter is None:
         text = "".join("%s: %s\n" % (m["role"], m["content"]) for m in messages) + "assistant:"
-        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
-    rendered = formatter(messages=messages, tools=tools) if tools else formatter(messages=messages)
+        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), [], text
+    extra = dict(template_kwargs or {}, **({"tools": tools} if tools else {}))
+    try:
+        rendered = formatter(messages=messages, **extra)
+    except ValueError as e:  # the template's raise_exception: what it refuses, in its words
+        raise InvalidRequest("The model's chat template refused the messages: %s" % e) from e
     tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
     stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
-    return tokens, stop
+    return tokens, stop, rendered.prompt
 
 
 def chat_message(finish, tools, mode):
@@ -2201,7 +2280,9 @@ def chat_message(finish, tools, mode):
     text, reason = finish.text, finish.reason
     if mode is None:
         return Message("assistant", text), reason
-    if mode == "native":
+    if mode == "harmony":
+        calls, plain = finish.calls or [], text
+    elif mode == "native":
         calls, plain = parse_native_calls(text, tools)
     else:
         call, plain = parse_tool_answer(text)
@@ -2234,15 +2315,311 @@ def completion_logprobs(items):
 
 
 ###############################################################################
+# Reasoning formats ###########################################################
+###############################################################################
+# A reasoning model writes its thinking before its answer, between markers its chat template
+# knows: `<think>…</think>` (Qwen3, DeepSeek-R1 and its distills, SmolLM3; some templates open the
+# block themselves, so the answer starts inside it) or harmony's channels (gpt-oss: `analysis`,
+# `commentary` with `to=functions.NAME` tool calls, `final`). The format is recognised from the
+# model's template (a few substring tests per chat), as llama.cpp's chat parsers do; the prompt as
+# rendered says where the answer begins. A `ReasoningParser` per answer splits
+# the generated text at the markers as it comes (a marker may span tokens), in the engine's one
+# place where tokens become pieces, so no marker text reaches a client.
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+HARMONY_MESSAGE, HARMONY_END = "<|message|>", "<|end|>"
+# What the node writes to end a reasoning it has to cut (the budget), and to open one itself
+# (a grammar-constrained answer must come after the thinking, so the thinking is begun in the prompt).
+HARMONY_TO_FINAL = "<|end|><|start|>assistant<|channel|>final<|message|>"
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
+EFFORTS = ("low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How a model's template marks its thinking, and the template variables that control it."""
+
+    kind: str  # "think" or "harmony"
+    thinking_switch: bool = False  # the template reads `enable_thinking`
+    effort_switch: bool = False  # the template reads `reasoning_effort`
+
+    def template_kwargs(self, thinking=None, effort=None):
+        """The template variables for a request's controls: `enable_thinking` (on unless turned
+        off: templates such as R1's close the block when it is not set), `reasoning_effort`
+        (harmony cannot turn thinking off: `think: false` asks for the least)."""
+        kwargs = {}
+        if self.thinking_switch:
+            kwargs["enable_thinking"] = thinking is not False
+        if self.effort_switch:
+            kwargs["reasoning_effort"] = effort or ("low" if thinking is False else "medium")
+        return kwargs
+
+    def opening(self):
+        return THINK_OPEN + "\n" if self.kind == "think" else HARMONY_ANALYSIS
+
+    def closing(self):
+        return "\n" + THINK_CLOSE + "\n\n" if self.kind == "think" else HARMONY_TO_FINAL
+
+    def start(self, prompt):
+        """Where an answer to `prompt` (the rendered text) begins: "answer" after a block the
+        template closed (thinking off), "reasoning" inside one it opened, else "start"."""
+        tail = prompt.rstrip()
+        if self.kind == "harmony":
+            return "reasoning" if tail.endswith(HARMONY_ANALYSIS) else "start"
+        if tail.endswith(THINK_CLOSE):
+            return "answer"
+        return "reasoning" if tail.endswith(THINK_OPEN) else "start"
+
+
+def reasoning_format(template):
+    """A model's reasoning format from its chat template, or None (no reasoning)."""
+    if not template:
+        return None
+    if "<|channel|>" in template and HARMONY_MESSAGE in template:
+        return ReasoningFormat("harmony", "enable_thinking" in template, "reasoning_effort" in template)
+    if THINK_CLOSE in template or THINK_OPEN in template:
+        return ReasoningFormat("think", "enable_thinking" in template, "reasoning_effort" in template)
+    return None
+
+
+@dataclass
+class Reasoning:
+    """The reasoning part of one Generation: its format, where the answer begins, the tokens
+    that close the block (fed when `budget` reasoning tokens are spent; None: no limit), and a
+    grammar the answer after the thinking must follow."""
+
+    format: ReasoningFormat
+    state: str = "start"
+    budget: int = None
+    close_tokens: list = field(default_factory=list)
+    answer_grammar: str = None
+
+    def parser(self):
+        return ReasoningParser(self.format.kind, self.state)
+
+
+def _partial_suffix(text, marker):
+    """How many characters at the end of `text` could begin `marker`."""
+    for k in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+_HARMONY_HEADER_START = ("<|", "to=", " to=")
+
+
+class ReasoningParser:
+    """Splits one answer's text, as it is generated, into ("reasoning" | "answer", text)
+    segments; harmony tool calls (`commentary to=functions.NAME`) are kept in `calls`. Text
+    that may be the start of a marker is held until the next text decides it."""
+
+    def __init__(self, kind, state="start"):
+        self.kind = kind
+        self.state = "header" if kind == "harmony" and state == "start" else state
+        self.channel = "analysis" if kind == "harmony" and state == "reasoning" else None
+        self.recipient = None
+        self.fresh = True  # leading whitespace of a block or an answer is dropped
+        self.buf = ""
+        self.calls = []  # [{"name", "arguments": dict}]
+        self._call_text = []
+        self.answered = False  # some of the answer has been seen
+
+    @property
+    def thinking(self):
+        """Whether the text now generated belongs to the reasoning."""
+        if self.kind == "think":
+            return self.state == "reasoning"
+        if self.state == "header":
+            return not self.answered and not self.calls
+        return self.state == "message" and self.channel == "analysis"
+
+    @property
+    def answering(self):
+        """Whether the answer itself has begun (where an answer grammar starts)."""
+        if self.kind == "think":
+            return self.state == "answer"
+        return self.state == "raw" or (self.state == "message" and self.channel == "final")
+
+    def feed(self, text):
+        self.buf += text
+        out = []
+        step = self._think if self.kind == "think" else self._harmony
+        while step(out):
+            pass
+        return [(k, t) for k, t in out if t]
+
+    def finish(self):
+        """The segments held back, at the end of the answer."""
+        out, rest, self.buf = [], self.buf, ""
+        if self.kind == "think":
+            kind = "reasoning" if self.state == "reasoning" else "answer"
+            text = rest.rstrip() if kind == "reasoning" else rest.strip() if self.fresh else rest
+            out.append((kind, text))
+        elif self.state == "message":
+            self._emit(out, rest)
+            self._end_message()
+        elif self.state == "raw" or (rest.strip() and not rest.lstrip().startswith(_HARMONY_HEADER_START)):
+            out.append(("answer", rest))  # a header cut short is no answer
+        return [(k, t) for k, t in out if t]
+
+    # -- <think>…</think> --
+
+    def _think(self, out):
+        """One step of the `<think>` parser; False when it waits for more text."""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if not head:
+                return False
+            if head.startswith(THINK_OPEN):
+                self.buf, self.state, self.fresh = head[len(THINK_OPEN):], "reasoning", True
+                return True
+            if THINK_OPEN.startswith(head):
+                return False
+            self.state = "answer"
+            return True
+        if self.fresh:
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return False
+            self.fresh = False
+        if self.state == "answer":
+            self.answered = True
+            out.append(("answer", self.buf))
+            self.buf = ""
+            return False
+        at = self.buf.find(THINK_CLOSE)
+        if at >= 0:
+            out.append(("reasoning", self.buf[:at].rstrip()))
+            self.buf, self.state, self.fresh = self.buf[at + len(THINK_CLOSE):], "answer", True
+            return True
+        self._hand_out(out, "reasoning", THINK_CLOSE)
+        return False
+
+    def _hand_out(self, out, kind, marker):
+        """Hand out the text but what may begin `marker` (and reasoning's trailing whitespace,
+        dropped if the marker follows)."""
+        keep = _partial_suffix(self.buf, marker)
+        ready = self.buf[:len(self.buf) - keep]
+        if kind == "reasoning":
+            keep += len(ready) - len(ready.rstrip())
+            ready = ready.rstrip()
+        out.append((kind, ready))
+        self.buf = self.buf[len(self.buf) - keep:]
+
+    # -- harmony --
+
+    def _harmony(self, out):
+        """One step of the harmony parser; False when it waits for more text."""
+        if self.state == "raw":
+            self.answered = True
+            out.append(("answer", self.buf))
+            self.buf = ""
+            return False
+        if self.state == "header":
+            at = self.buf.find(HARMONY_MESSAGE)
+            if at >= 0:
+                self._header(self.buf[:at])
+                self.buf, self.state, self.fresh = self.buf[at + len(HARMONY_MESSAGE):], "message", True
+                return True
+            head = self.buf.lstrip()
+            if head and (len(self.buf) > 256 or not any(
+                    head.startswith(p) or p.startswith(head) for p in _HARMONY_HEADER_START)):
+                self.state = "raw"  # no channels: the text is all answer
+                return True
+            return False
+        at = self.buf.find(HARMONY_END)
+        if at >= 0:
+            self._emit(out, self.buf[:at])
+            self._end_message()
+            self.buf, self.state = self.buf[at + len(HARMONY_END):], "header"
+            return True
+        keep = _partial_suffix(self.buf, HARMONY_END)
+        self._emit(out, self.buf[:len(self.buf) - keep])
+        self.buf = self.buf[len(self.buf) - keep:]
+        return False
+
+    def _header(self, text):
+        """A message's header: `<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json`."""
+        # The last of each: a header the budget cut short is followed by the node's own.
+        channels = re.findall(r"<\|channel\|>\s*(\w+)", text)
+        self.channel = channels[-1] if channels else "final"
+        recipients = re.findall(r"to=([^\s<]+)", text.split("<|start|>")[-1])
+        self.recipient = recipients[-1] if recipients else None
+        self._call_text = []
+
+    def _emit(self, out, text):
+        if not text:
+            return
+        if self.recipient is not None:
+            self._call_text.append(text)
+        elif self.channel == "analysis":
+            if self.fresh:
+                text = text.lstrip()
+                self.fresh = not text
+            out.append(("reasoning", text))
+        else:
+            if self.fresh and not self.answered:
+                text = text.lstrip()
+                self.fresh = not text
+            self.answered = self.answered or bool(text)
+            out.append(("answer", text))
+
+    def _end_message(self):
+        if self.recipient is None:
+            return
+        name = self.recipient.split(".", 1)[1] if self.recipient.startswith("functions.") else self.recipient
+        try:
+            arguments = json.loads("".join(self._call_text) or "{}", strict=False)
+        except ValueError:
+            arguments = None  # a call cut short (max_tokens) is no call
+        if isinstance(arguments, dict):
+            self.calls.append({"name": name, "arguments": arguments})
+        self.recipient, self._call_text = None, []
+
+
+def reasoning_controls(effort, where):
+    """(thinking: False or None, effort: low/medium/high or None) of an effort field
+    (OpenAI's `reasoning_effort`, `reasoning.effort`, Anthropic's `output_config.effort`):
+    "none" turns thinking off, "minimal" is low, "max"/"xhigh" high."""
+    if effort is None:
+        return None, None
+    levels = {"none": None, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+              "xhigh": "high", "max": "high"}
+    if effort not in levels:
+        raise InvalidRequest("'%s' must be one of %s" % (where, ", ".join(levels)))
+    return (False if effort == "none" else None), levels[effort]
+
+
+def harmony_tool_grammar(tools, choice):
+    """A grammar for one harmony tool call, `<|channel|>commentary to=functions.NAME
+    <|constrain|>json<|message|>{...}`, of the tool named (its arguments held to its schema)
+    or of any tool (any JSON arguments)."""
+    chosen = [t for t in tools if choice == "required" or t.name == choice]
+    if len(chosen) == 1:
+        return grammar(chosen[0].parameters, wrap=(
+            "<|channel|>commentary to=functions.%s <|constrain|>json<|message|>" % chosen[0].name, ""))
+    text = grammar(None)
+    text = re.sub(r"^root ::=", "call-json ::=", text, flags=re.M)
+    names_ = " | ".join(json.dumps(t.name) for t in chosen)
+    return ('root ::= "<|channel|>commentary to=functions." ( %s ) " <|constrain|>json<|message|>" '
+            'call-json\n%s' % (names_, text))
+
+
+###############################################################################
 # Node: model resolution and generation #######################################
 ###############################################################################
 
 class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
-    def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None, step_hook=None):
+    def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None, step_hook=None,
+                 on_generation=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
+        # Called with each chat Generation before it starts: tests force an answer's text with
+        # a grammar, so a random-weight model writes a reasoning format's markers.
+        self.on_generation = on_generation
         self.store = Store(settings.models_dir)
         self.client = RegistryClient(settings.registry_url, settings.insecure_registries,
                                      session=session, credentials=settings.registry_credentials,
@@ -2436,10 +2813,14 @@ class Node:
         modes = []  # the tool mode the prompt was rendered in
 
         def generations(entry):
-            prompt, stop, gram, mode = self.chat_prompt(entry, req)
+            prompt, stop, gram, mode, reasoning = self.chat_prompt(entry, req)
             modes.append(mode)
-            return [self._generation(entry, req, params, prompt, gram, stop, hold=mode is not None,
-                                     logprobs=(req.top_logprobs or 0) if req.logprobs else -1)]
+            gen = self._generation(entry, req, params, prompt, gram, stop, hold=mode is not None,
+                                   logprobs=(req.top_logprobs or 0) if req.logprobs else -1)
+            gen.reasoning = reasoning
+            if self.on_generation is not None:
+                self.on_generation(gen)
+            return [gen]
 
         return self._run(req, generations, lambda run: Answer(run, req.tools, modes[0]))
 
@@ -2479,27 +2860,65 @@ class Node:
         return answer(run)
 
     def chat_prompt(self, entry, req):
-        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native" or
-        "generic") of a chat, as the model's own template renders it."""
-        tools, gram, mode, native = None, None, None, False
-        if req.tools and req.tool_choice != "none" and renders_tools(entry.formatter):
-            mode, native = "native", True
-            tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                        "parameters": t.parameters}} for t in req.tools]
+        """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native",
+        "harmony" or "generic", `Reasoning` or None) of a chat, as the model's own template
+        renders it."""
+        tools, gram, mode = None, None, None
+        fmt = reasoning_format(getattr(entry.formatter, "template", None))
+        offered = bool(req.tools) and req.tool_choice != "none"
+        if offered and fmt is not None and fmt.kind == "harmony":
+            mode = "harmony"  # the template renders the tools
+            if req.tool_choice != "auto":
+                gram = harmony_tool_grammar(req.tools, req.tool_choice)
+        elif offered and renders_tools(entry.formatter):
+            mode = "native"
             if req.tool_choice != "auto":
                 gram = native_tool_grammar(req.tools, req.tool_choice)
-        elif req.tools and req.tool_choice != "none":
+        elif offered:
             schema = tool_call_schema(req.tools, req.tool_choice, req.format_schema)
             gram, mode = grammar(schema), "generic"
         elif req.format is not None:
             gram = grammar(req.format_schema)
-        messages = template_messages(req.messages, native)
+        if mode in ("native", "harmony"):
+            tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                        "parameters": t.parameters}} for t in req.tools]
+        messages = template_messages(req.messages, native=mode in ("native", "harmony"))
         if mode == "generic":
             messages = with_tools(messages, req.tools, schema)
-        tokens, stop = render_chat(entry.llm, entry.formatter, messages, tools)
+        kwargs = dict(fmt.template_kwargs(req.thinking, req.effort) if fmt else {}, **req.template_kwargs)
+        tokens, stop, text = render_chat(entry.llm, entry.formatter, messages, tools, kwargs)
+        reasoning = None
+        if fmt is not None:
+            tokens, gram, reasoning = self._reasoning(entry, req, fmt, tokens, text, gram, mode)
         if self.on_prompt is not None:
             self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
-        return tokens, stop, gram, mode
+        return tokens, stop, gram, mode, reasoning
+
+    def _reasoning(self, entry, req, fmt, tokens, text, gram, mode):
+        """(prompt tokens, grammar from the first token, `Reasoning`) of a reasoning model's
+        chat. A grammar (JSON format, tool call) is for the answer: it starts after the thinking,
+        which the node opens in the prompt if the template did not (a harmony tool call's
+        grammar holds the whole answer: the call is the message). The budget is the smaller of
+        the request's and LLM_REASONING_BUDGET; thinking turned off where the template cannot
+        turn it off is a budget of 0."""
+        state = fmt.start(text)
+        if state == "answer":
+            return tokens, gram, None  # the template closed the block: no thinking
+
+        def tokenize(marker):
+            return entry.llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+
+        budgets = [b for b in (req.budget, self.settings.reasoning_budget) if b is not None]
+        budget = 0 if req.thinking is False and fmt.kind == "think" else min(budgets, default=None)
+        answer_grammar = None
+        if gram is not None and mode != "harmony":
+            answer_grammar, gram = gram, None
+            if state == "start":
+                tokens, state = tokens + tokenize(fmt.opening()), "reasoning"
+        if budget == 0 and state == "reasoning":
+            # Closed in the prompt: the answer (and its grammar) from the first token.
+            return tokens + tokenize(fmt.closing()), answer_grammar, None
+        return tokens, gram, Reasoning(fmt, state, budget, tokenize(fmt.closing()), answer_grammar)
 
     def _generation(self, entry, req, params, prompt, gram, stop, logprobs=-1, hold=False):
         """The engine's `Generation` of a prompt: the request's fields over the model's params
@@ -2905,13 +3324,14 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 # Fields that change nothing in the answer here: accepted and left alone (README's tables).
 OPENAI_ACCEPTED = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_retention",
                    "parallel_tool_calls", "prediction", "verbosity", "web_search_options", "modalities",
-                   "reasoning_effort", "chat_template_kwargs")
+                   )
 
 
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                "seed", "stop", "stream", "stream_options", "response_format", "tools", "tool_choice",
                "presence_penalty", "frequency_penalty", "logit_bias", "n", "logprobs", "top_logprobs",
-               "prompt_cache_key", "audio", "functions", "function_call",
+               "prompt_cache_key", "audio", "functions", "function_call", "reasoning_effort",
+               "chat_template_kwargs",
                # llama.cpp's server's own sampling fields, honoured as it does
                "top_k", "min_p", "repeat_penalty") + OPENAI_ACCEPTED
 
@@ -3022,13 +3442,22 @@ def _openai_message(i, m, ignored):
             raise InvalidRequest("'messages[%d].tool_calls' must be a list of function calls" % i)
         return Message("assistant", _content(i, m, ignored), [
             ToolCall(c.get("id") or "call_%d" % k, c["function"]["name"], _arguments(i, c))
-            for k, c in enumerate(calls)])
+            for k, c in enumerate(calls)], reasoning=_reasoning_content(i, m))
     if role == "tool":
         if not isinstance(m.get("tool_call_id"), str):
             raise InvalidRequest("'messages[%d].tool_call_id' is required for a tool message" % i)
         return Message("tool", _content(i, m, ignored), tool_call_id=m["tool_call_id"],
                        name=m["name"] if isinstance(m.get("name"), str) else None)
-    return Message(role, _content(i, m, ignored))
+    return Message(role, _content(i, m, ignored),
+                   reasoning=_reasoning_content(i, m) if role == "assistant" else "")
+
+
+def _reasoning_content(i, m):
+    """An assistant message's thinking sent back (llama.cpp's `reasoning_content`), or ""."""
+    thought = m.get("reasoning_content") or ""
+    if not isinstance(thought, str):
+        raise InvalidRequest("'messages[%d].reasoning_content' must be a string" % i)
+    return thought
 
 
 def validate_chat(req, n_ctx):
@@ -3062,9 +3491,16 @@ def validate_chat(req, n_ctx):
     key = req.get("prompt_cache_key")
     if key is not None and not isinstance(key, str):
         raise InvalidRequest("'prompt_cache_key' must be a string")
+    kwargs = req.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InvalidRequest("'chat_template_kwargs' must be an object")
+    thinking, effort = reasoning_controls(req.get("reasoning_effort"), "reasoning_effort")
+    if isinstance(kwargs.get("enable_thinking"), bool):
+        thinking = kwargs["enable_thinking"]
     return ChatRequest(model=model, messages=clean, tools=tools, tool_choice=choice, format=fmt,
                        format_schema=schema, strict_format=strict, logprobs=logprobs,
-                       top_logprobs=top_logprobs, cache_key=key, ignored=ignored,
+                       top_logprobs=top_logprobs, cache_key=key, ignored=ignored, thinking=thinking,
+                       effort=effort, template_kwargs=kwargs,
                        max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx), **fields)
 
 
@@ -3126,9 +3562,12 @@ def openai_tool_calls(message):
              "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in message.tool_calls]
 
 
-def openai_message(message):
-    """An answer's `Message` as OpenAI's assistant message (content null beside tool calls alone)."""
+def openai_message(message, reasoning=""):
+    """An answer's `Message` as OpenAI's assistant message (content null beside tool calls alone),
+    a reasoning model's thinking in `reasoning_content` (llama.cpp's name)."""
     out = {"role": "assistant", "content": message.content or (None if message.tool_calls else "")}
+    if reasoning:
+        out["reasoning_content"] = reasoning
     if message.tool_calls:
         out["tool_calls"] = openai_tool_calls(message)
     return out
@@ -3137,7 +3576,8 @@ def openai_message(message):
 def openai_chat_result(answer, req):
     """A finished answer as a chat.completion."""
     ended, logprobs = answer.collect()
-    choices = [{"index": i, "message": openai_message(ended[i].message), "finish_reason": ended[i].reason,
+    choices = [{"index": i, "message": openai_message(ended[i].message, ended[i].reasoning),
+                "finish_reason": ended[i].reason,
                 "logprobs": chat_logprobs(logprobs.get(i, [])) if req.logprobs else None}
                for i in sorted(ended)]
     return {"id": "chatcmpl-%s" % os.urandom(12).hex(), "object": "chat.completion",
@@ -3153,6 +3593,10 @@ def openai_chat_chunks(answer, req):
         yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}])
     for event in answer:
+        if isinstance(event, Piece) and event.kind == "reasoning":
+            yield dict(head, choices=[{"index": event.index, "delta": {"reasoning_content": event.text},
+                                       "logprobs": None, "finish_reason": None}])
+            continue
         if isinstance(event, Piece):
             lp = chat_logprobs(event.logprobs) if req.logprobs else None
             yield dict(head, choices=[{"index": event.index, "delta": {"content": event.text},
@@ -3271,13 +3715,13 @@ def encode_vector(vector, encoding):
 # Fields that change nothing in the answer here: accepted and left alone (README's tables).
 RESPONSES_ACCEPTED = ("store", "metadata", "user", "include", "truncation", "service_tier",
                       "safety_identifier", "prompt_cache_retention", "client_metadata", "parallel_tool_calls",
-                      "max_tool_calls", "reasoning")
+                      "max_tool_calls")
 
 
 RESPONSES_FIELDS = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
                     "tools", "tool_choice", "text", "stream", "stream_options", "top_logprobs",
                     "previous_response_id", "conversation", "background", "prompt",
-                    "prompt_cache_key") + RESPONSES_ACCEPTED
+                    "prompt_cache_key", "reasoning") + RESPONSES_ACCEPTED
 
 
 # Tools the Responses API runs itself: accepted, and not offered to the model (none runs here).
@@ -3286,9 +3730,9 @@ BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interp
                  "tool_search")
 
 
-# Items of earlier turns that need no rendering: reasoning (its text is not kept here) and the
-# calls of built-in tools, which did not run on this node.
-_SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "image_generation_call",
+# Items of earlier turns that need no rendering: the calls of built-in tools, which did not run
+# on this node.
+_SKIPPED_ITEMS = ("web_search_call", "file_search_call", "image_generation_call",
                   "code_interpreter_call", "computer_call", "computer_call_output", "local_shell_call",
                   "local_shell_call_output", "shell_call", "shell_call_output", "apply_patch_call",
                   "apply_patch_call_output", "mcp_call", "mcp_list_tools", "mcp_approval_request",
@@ -3299,7 +3743,8 @@ _RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
                        "function_call": ("type", "call_id", "name", "arguments", "id", "status", "namespace"),
                        "function_call_output": ("type", "call_id", "output", "id", "status"),
                        "custom_tool_call": ("type", "call_id", "name", "input", "id", "status"),
-                       "custom_tool_call_output": ("type", "call_id", "output", "id", "status")}
+                       "custom_tool_call_output": ("type", "call_id", "output", "id", "status"),
+                       "reasoning": ("type", "id", "summary", "content", "encrypted_content", "status")}
 
 
 def _text_parts(where, content, kinds, ignored):
@@ -3324,12 +3769,15 @@ def _text_parts(where, content, kinds, ignored):
     return "".join(texts)
 
 
-def _append_call(messages, call):
+def _append_call(messages, call, reasoning=""):
+    """A call of the conversation, in the assistant turn before it if that made calls too (with
+    the thinking before it)."""
     last = messages[-1] if messages else None
     if last is not None and last.role == "assistant" and last.tool_calls:
         last.tool_calls.append(call)  # parallel calls: one assistant turn
+        last.reasoning += reasoning
     else:
-        messages.append(Message("assistant", "", [call]))
+        messages.append(Message("assistant", "", [call], reasoning=reasoning))
 
 
 def responses_messages(body, ignored):
@@ -3338,6 +3786,7 @@ def responses_messages(body, ignored):
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequest("'instructions' must be a string")
     messages = [Message("system", instructions)] if instructions else []
+    thought = []  # reasoning items' text, for the next assistant turn
     if isinstance(items, str):
         items = [{"type": "message", "role": "user", "content": items}]
     if not isinstance(items, list) or not items:
@@ -3354,12 +3803,20 @@ def responses_messages(body, ignored):
             raise InvalidRequest("'input[%d]' must be a message, function_call, function_call_output, "
                                  "custom_tool_call or custom_tool_call_output" % i)
         unknown_fields(item, _RESPONSE_ITEM_KEYS[kind], "input[%d]" % i, ignored)
+        if kind == "reasoning":
+            # Its text goes back with the assistant turn that follows (summaries and encrypted
+            # content are another model's: nothing to render).
+            thought.append(_text_parts("input[%d].content" % i, item.get("content") or [],
+                                       ("reasoning_text",), ignored))
+            continue
         if kind == "message":
             if item.get("role") not in ("user", "assistant", "system", "developer"):
                 raise InvalidRequest("'input[%d].role' must be user, assistant, system or developer" % i)
             role = "system" if item["role"] == "developer" else item["role"]
             messages.append(Message(role, _text_parts("input[%d].content" % i, item.get("content"), parts,
-                                                      ignored)))
+                                                      ignored),
+                                    reasoning="".join(thought) if role == "assistant" else ""))
+            thought = [] if role == "assistant" else thought
             continue
         if not isinstance(item.get("call_id"), str) or not item["call_id"]:
             raise InvalidRequest("'input[%d].call_id' must be a string" % i)
@@ -3372,7 +3829,9 @@ def responses_messages(body, ignored):
         if kind == "custom_tool_call":
             if not isinstance(item.get("input"), str):
                 raise InvalidRequest("'input[%d].input' must be a string" % i)
-            _append_call(messages, ToolCall(item["call_id"], item["name"], {"input": item["input"]}))
+            _append_call(messages, ToolCall(item["call_id"], item["name"], {"input": item["input"]}),
+                         "".join(thought))
+            thought = []
             continue
         if not isinstance(item.get("arguments"), str):
             raise InvalidRequest("'input[%d].arguments' must be a JSON string" % i)
@@ -3381,7 +3840,9 @@ def responses_messages(body, ignored):
         except ValueError:
             raise InvalidRequest("'input[%d].arguments' must be JSON" % i) from None
         _append_call(messages, ToolCall(item["call_id"], item["name"],
-                                        args if isinstance(args, dict) else {"input": args}))
+                                        args if isinstance(args, dict) else {"input": args}),
+                     "".join(thought))
+        thought = []
     return messages
 
 
@@ -3453,6 +3914,20 @@ def responses_format(body, ignored):
     return kind, schema, strict
 
 
+def responses_reasoning(body, ignored):
+    """(thinking, effort) of the Responses API's `reasoning`: `effort` honoured, `summary`
+    accepted (no summaries are made: the reasoning items carry the thinking's own text)."""
+    reasoning = body.get("reasoning")
+    if reasoning is None:
+        return None, None
+    if not isinstance(reasoning, dict):
+        raise InvalidRequest("'reasoning' must be an object")
+    unknown_fields(reasoning, ("effort", "summary", "generate_summary"), "reasoning", ignored)
+    if reasoning.get("summary") not in (None, "auto", "concise", "detailed"):
+        raise InvalidRequest("'reasoning.summary' must be auto, concise or detailed")
+    return reasoning_controls(reasoning.get("effort"), "reasoning.effort")
+
+
 def validate_responses(body, n_ctx):
     """Check a Responses API body into a `ChatRequest`."""
     model = _model(body)
@@ -3463,6 +3938,7 @@ def validate_responses(body, n_ctx):
     refuse(body, "conversation", lambda v: False, stateful)
     refuse(body, "prompt", lambda v: False, "stored prompts need state: send 'instructions'")
     refuse(body, "background", lambda v: v is False, "answers are given in the request")
+    thinking, effort = responses_reasoning(body, ignored)
     refuse(body, "top_logprobs", lambda v: v == 0, "token log probabilities are not produced")
     messages = responses_messages(body, ignored)
     tools, choice = responses_tools(body, ignored)
@@ -3481,7 +3957,7 @@ def validate_responses(body, n_ctx):
                        tools=tools, tool_choice=choice, stream=stream, include_usage=stream, cache_key=key,
                        max_tokens=_integer(body, "max_output_tokens", 1, 2 ** 31 - 1),
                        temperature=_number(body, "temperature", 0, 2), top_p=_number(body, "top_p", 0, 1),
-                       ignored=ignored)
+                       thinking=thinking, effort=effort, ignored=ignored)
 
 
 def response_head(rid, body, req, created):
@@ -3494,7 +3970,8 @@ def response_head(rid, body, req, created):
             "background": False, "error": None, "incomplete_details": None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "model": req.model, "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": None, "reasoning": None, "store": False,  # nothing is kept
+            "previous_response_id": None, "store": False,  # nothing is kept
+            "reasoning": {"effort": req.effort, "summary": None},
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"), "tools": tools,
             "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
@@ -3504,7 +3981,8 @@ def response_head(rid, body, req, created):
 def response_usage(usage):
     return {"input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
@@ -3540,9 +4018,17 @@ def tools_by_name(req):
     return {t.name: t for t in req.tools}
 
 
-def response_output(message, finish, tools):
-    """An ended answer's message as Responses output items."""
-    output = [] if message.tool_calls and not message.content else [_message_item(message.content, finish)]
+def _reasoning_item(text, status="completed"):
+    """A reasoning model's thinking as a Responses `reasoning` item (no summary is made)."""
+    return {"id": "rs_%s" % os.urandom(12).hex(), "type": "reasoning", "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if text else []}
+
+
+def response_output(message, finish, tools, reasoning=""):
+    """An ended answer's thinking and message as Responses output items."""
+    output = [_reasoning_item(reasoning)] if reasoning else []
+    if not (message.tool_calls and not message.content):
+        output.append(_message_item(message.content, finish))
     return output + [_call_item(c, tools) for c in message.tool_calls]
 
 
@@ -3571,9 +4057,31 @@ def _response_events(answer, head, tools):
         yield event("response.output_item.done", output_index=len(output), item=item)
         output.append(item)
 
+    def close_reasoning(item, thought):
+        item = dict(item, status="completed", content=[{"type": "reasoning_text", "text": thought}])
+        at = dict(item_id=item["id"], output_index=len(output))
+        yield event("response.reasoning_text.done", content_index=0, text=thought, **at)
+        yield event("response.content_part.done", content_index=0, part=item["content"][0], **at)
+        yield event("response.output_item.done", output_index=len(output), item=item)
+        output.append(item)
+
     yield event("response.created", response=head)
     yield event("response.in_progress", response=head)
+    thinking, thought = None, ""
     for ev in answer:
+        if isinstance(ev, Piece) and ev.kind == "reasoning":
+            if thinking is None:
+                thinking = dict(_reasoning_item("", "in_progress"))
+                yield event("response.output_item.added", output_index=len(output), item=thinking)
+                yield event("response.content_part.added", item_id=thinking["id"], output_index=len(output),
+                            content_index=0, part={"type": "reasoning_text", "text": ""})
+            thought += ev.text
+            yield event("response.reasoning_text.delta", item_id=thinking["id"], output_index=len(output),
+                        content_index=0, delta=ev.text)
+            continue
+        if thinking is not None:
+            yield from close_reasoning(thinking, thought)
+            thinking = None
         piece = ev.text if isinstance(ev, Piece) else ev.message.content if answer.held else None
         calls = [] if isinstance(ev, Piece) else ev.message.tool_calls
         if not isinstance(ev, Piece):
@@ -3620,8 +4128,8 @@ def responses_create(node):
     answer = node.chat(req)
     if not req.stream:
         ended = answer.collect()[0][0]
-        return response_finished(head, response_output(ended.message, ended.reason, tools_by_name(req)),
-                                 answer.usage, ended.reason)
+        return response_finished(head, response_output(ended.message, ended.reason, tools_by_name(req),
+                                                       ended.reasoning), answer.usage, ended.reason)
     return stream(RESPONSES, _response_events(answer, head, tools_by_name(req)), answer)
 
 
@@ -3635,12 +4143,12 @@ def responses_create(node):
 
 # Fields that change nothing in the answer here: accepted and left alone (README's tables).
 ANTHROPIC_ACCEPTED = ("metadata", "service_tier", "cache_control", "context_management", "inference_geo",
-                      "container", "thinking", "speed")
+                      "container", "speed")
 
 
 ANTHROPIC_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
                     "top_k", "stream", "tools", "tool_choice", "output_config", "output_format",
-                    "mcp_servers") + ANTHROPIC_ACCEPTED
+                    "mcp_servers", "thinking") + ANTHROPIC_ACCEPTED
 
 
 ANTHROPIC_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "output_config",
@@ -3654,13 +4162,15 @@ ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthoriz
 
 
 _BLOCK_KEYS = {"text": ("type", "text", "cache_control", "citations"),
+               "thinking": ("type", "thinking", "signature", "cache_control"),
+               "redacted_thinking": ("type", "data", "cache_control"),
                "tool_use": ("type", "id", "name", "input", "cache_control", "caller"),
                "tool_result": ("type", "tool_use_id", "content", "is_error", "cache_control")}
 
 
-# Blocks of earlier turns that need no rendering: thinking (its text is not kept here) and the
-# server tools' calls and results, which did not run on this node.
-_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result",
+# Blocks of earlier turns that need no rendering: the server tools' calls and results, which did
+# not run on this node.
+_SKIPPED_BLOCKS = ("server_tool_use", "web_search_tool_result",
                    "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
                    "text_editor_code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
                    "tool_search_tool_result", "container_upload", "tool_reference")
@@ -3679,7 +4189,8 @@ def _anthropic_blocks(where, content, role, ignored):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise InvalidRequest("'%s' must be a string or an array of content blocks" % where)
-    allowed = {"assistant": ("text", "tool_use"), "user": ("text", "tool_result"), "system": ("text",)}[role]
+    allowed = {"assistant": ("text", "tool_use", "thinking", "redacted_thinking"),
+               "user": ("text", "tool_result"), "system": ("text",)}[role]
     blocks = []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
@@ -3695,6 +4206,9 @@ def _anthropic_blocks(where, content, role, ignored):
         unknown_fields(block, _BLOCK_KEYS[kind], at, ignored)
         if kind == "text" and not isinstance(block.get("text"), str):
             raise InvalidRequest("'%s.text' must be a string" % at)
+        if kind == "thinking" and not (isinstance(block.get("thinking"), str)
+                                       and isinstance(block.get("signature", ""), str)):
+            raise InvalidRequest("'%s' needs a string 'thinking' and 'signature'" % at)
         if kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
                                        and isinstance(block.get("input"), dict)):
             raise InvalidRequest("'%s' needs a string 'id' and 'name' and an object 'input'" % at)
@@ -3748,8 +4262,13 @@ def anthropic_messages(body, ignored):
         if m["role"] == "system":
             out.append(Message("system", text))
         elif m["role"] == "assistant":
+            # The node's own thinking comes back to the model; another's (or redacted) is left out.
+            thought = "".join(b["thinking"] for b in blocks if b["type"] == "thinking"
+                              and hmac.compare_digest(thinking_signature(b["thinking"]).encode(),
+                                                      b.get("signature", "").encode("utf-8")))
             out.append(Message("assistant", text, [ToolCall(b["id"], b["name"], b["input"])
-                                                   for b in blocks if b["type"] == "tool_use"]))
+                                                   for b in blocks if b["type"] == "tool_use"],
+                               reasoning=thought))
         else:
             for b in blocks:  # results answer the calls of the turn before: they come first
                 if b["type"] == "tool_result":
@@ -3794,11 +4313,35 @@ def anthropic_tools(body, ignored):
     return clean, {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))
 
 
+def thinking_signature(text):
+    """The `signature` of a thinking block the node wrote: a fixed, documented scheme (HMAC-SHA256
+    of the text under the key "llmnode thinking v1", base64), by which the node knows its own
+    thinking when a client sends it back. It proves no secret: any block may carry it."""
+    digest = hmac.new(b"llmnode thinking v1", text.encode("utf-8"), hashlib.sha256).digest()
+    return "llmnode1." + base64.b64encode(digest).decode("ascii")
+
+
+def anthropic_thinking(body):
+    """(thinking: True/False/None, budget or None) of Anthropic's `thinking`: enabled (with
+    `budget_tokens`), disabled, or adaptive (the model's own)."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return None, None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise InvalidRequest("'thinking.type' must be enabled, disabled or adaptive")
+    if kind == "disabled":
+        return False, None
+    budget = _integer(thinking, "budget_tokens", 0, 2 ** 31 - 1, "thinking.budget_tokens")
+    return True, budget if kind == "enabled" else None
+
+
 def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
     """Check a Messages API body into a `ChatRequest`."""
     model = _model(body)
     ignored = []
     unknown_fields(body, fields, "", ignored)
+    thinking, budget = anthropic_thinking(body)
     refuse(body, "mcp_servers", lambda v: v == [], "MCP servers are not called from this node")
     messages = anthropic_messages(body, ignored)
     tools, choice = anthropic_tools(body, ignored)
@@ -3812,8 +4355,10 @@ def validate_anthropic(body, n_ctx, fields=ANTHROPIC_FIELDS):
         raise InvalidRequest("'max_tokens' is required")
     stream = _bool(body, "stream")
     fmt, schema = anthropic_format(body, ignored)
+    off, effort = reasoning_controls((body.get("output_config") or {}).get("effort"), "output_config.effort")
     return ChatRequest(model=model, messages=messages, tools=tools, tool_choice=choice, stop=stop or None,
                        format=fmt, format_schema=schema, stream=stream, include_usage=stream,
+                       thinking=False if off is False else thinking, effort=effort, budget=budget,
                        max_tokens=_integer(body, "max_tokens", 1, 2 ** 31 - 1),
                        temperature=_number(body, "temperature", 0, 1), top_p=_number(body, "top_p", 0, 1),
                        top_k=_integer(body, "top_k", 0, 2 ** 31 - 1), ignored=ignored)
@@ -3862,6 +4407,9 @@ def anthropic_message(answer, model):
     ended = answer.collect()[0][0]
     calls, text = ended.message.tool_calls, ended.message.content
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+    if ended.reasoning:
+        content.insert(0, {"type": "thinking", "thinking": ended.reasoning,
+                           "signature": thinking_signature(ended.reasoning)})
     reason, sequence = anthropic_stop(ended)
     return {"id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
@@ -3874,8 +4422,22 @@ def _anthropic_events(answer, model):
         "id": "msg_%s" % os.urandom(12).hex(), "type": "message", "role": "assistant", "model": model,
         "content": [], "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(Usage())}}
     yield {"type": "ping"}
-    index, text_open, stop = 0, False, ("end_turn", None)
+    index, text_open, stop, thought = 0, False, ("end_turn", None), None
     for ev in answer:
+        if isinstance(ev, Piece) and ev.kind == "reasoning":
+            if thought is None:
+                thought = []
+                yield {"type": "content_block_start", "index": index,
+                       "content_block": {"type": "thinking", "thinking": "", "signature": ""}}
+            thought.append(ev.text)
+            yield {"type": "content_block_delta", "index": index,
+                   "delta": {"type": "thinking_delta", "thinking": ev.text}}
+            continue
+        if thought is not None:  # the thinking has ended: signed, closed
+            yield {"type": "content_block_delta", "index": index,
+                   "delta": {"type": "signature_delta", "signature": thinking_signature("".join(thought))}}
+            yield {"type": "content_block_stop", "index": index}
+            index, thought = index + 1, None
         text = ev.text if isinstance(ev, Piece) else ev.message.content if answer.held else None
         if text:
             if not text_open:
@@ -4047,7 +4609,11 @@ def ollama_messages(messages, ignored):
                 and isinstance(c["function"].get("name"), str)
                 and isinstance(c["function"].get("arguments", {}), dict) for c in calls):
             raise InvalidRequest("'messages[%d].tool_calls' must be an array of function calls" % i)
-        message = Message(m["role"], content, [
+        thought = m.get("thinking") or ""
+        if not isinstance(thought, str):
+            raise InvalidRequest("'messages[%d].thinking' must be a string" % i)
+        message = Message(m["role"], content, reasoning=thought if m["role"] == "assistant" else "",
+                          tool_calls=[
             ToolCall(c.get("id") or "call_%d_%d" % (i, k), c["function"]["name"],
                      c["function"].get("arguments", {})) for k, c in enumerate(calls)])
         if m["role"] == "tool":
@@ -4121,7 +4687,18 @@ def ollama_request(node, body, messages, ignored, raw_prompt=None):
         return CompletionRequest(prompts=[raw_prompt], **fields)
     # The ollama client sends [] for no tools.
     tools, choice = function_tools({"tools": body.get("tools") or None}, ignored)
-    return ChatRequest(messages=messages, tools=tools, tool_choice=choice, **fields)
+    return ChatRequest(messages=messages, tools=tools, tool_choice=choice, **ollama_think(body),
+                       **fields)
+
+
+def ollama_think(body):
+    """Ollama's `think`: true/false, or an effort (low, medium, high)."""
+    think = body.get("think")
+    if think is None or isinstance(think, bool):
+        return {"thinking": think}
+    if think not in EFFORTS:
+        raise InvalidRequest("'think' must be true, false, or one of low, medium, high")
+    return {"thinking": True, "effort": think}
 
 
 def ollama_generation(node, body, messages, key, ignored, raw_prompt=None):
@@ -4134,7 +4711,12 @@ def ollama_generation(node, body, messages, key, ignored, raw_prompt=None):
         return stream(OLLAMA, _ollama_chunks(answer, req.model, key, started), answer)
     ended = answer.collect()[0][0]
     said = ollama_message(ended.message) if key == "message" else ended.message.content
-    return ollama_final(req.model, answer, started, ollama_reason(ended), **{key: said})
+    extra = {}
+    if ended.reasoning and key == "message":
+        said["thinking"] = ended.reasoning
+    elif ended.reasoning:
+        extra["thinking"] = ended.reasoning
+    return ollama_final(req.model, answer, started, ollama_reason(ended), **{key: said}, **extra)
 
 
 def ollama_reason(ended):
@@ -4192,7 +4774,8 @@ def ollama_show(node):
         modelfile += 'SYSTEM """%s"""\n' % extras["system"]
     modelfile += "".join("PARAMETER %s\n" % line for line in parameters.splitlines())
     answer = {"modelfile": modelfile, "parameters": parameters, "template": template,
-              "details": details, "model_info": meta, "capabilities": ["completion", "tools"],
+              "details": details, "model_info": meta, "capabilities": ["completion", "tools"] + (
+                  ["thinking"] if reasoning_format(meta.get("tokenizer.chat_template")) else []),
               "modified_at": rfc3339(os.stat(node.store.manifest_path(ref)).st_mtime)}
     if extras.get("license") or meta.get("general.license"):
         answer["license"] = extras.get("license") or meta["general.license"]
@@ -4350,6 +4933,13 @@ def _ollama_chunks(answer, model, key, started):
     """An answer as Ollama's NDJSON objects, ending in the final one."""
     reason = "stop"
     for ev in answer:
+        if isinstance(ev, Piece) and ev.kind == "reasoning":
+            if key == "message":
+                said = {key: {"role": "assistant", "content": "", "thinking": ev.text}}
+            else:
+                said = {key: "", "thinking": ev.text}
+            yield dict({"model": model, "created_at": rfc3339(time.time()), "done": False}, **said)
+            continue
         if isinstance(ev, Piece):
             if ev.text:
                 part = {"role": "assistant", "content": ev.text} if key == "message" else ev.text

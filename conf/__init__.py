@@ -102,6 +102,13 @@ def as_choice(*choices):
     return convert
 
 
+def as_reasoning_budget(text):
+    value = int(text.strip())
+    if value < -1:
+        raise ValueError("expected -1 (unlimited), 0 (no thinking) or a number of tokens")
+    return None if value == -1 else value
+
+
 def as_optional_secret(text):
     return text.strip() or None
 
@@ -250,6 +257,9 @@ SETTINGS = (
     Setting("parallel", "LLM_PARALLEL", as_positive_int, "4",
             "sequences each loaded model decodes at once (continuous batching); each keeps its "
             "tokens as a prompt cache"),
+    Setting("reasoning_budget", "LLM_REASONING_BUDGET", as_reasoning_budget, "-1",
+            "tokens a reasoning model may think before the node closes its thinking block "
+            "(-1: unlimited; a request's own budget is capped by it)"),
     Setting("use_mmap", "LLM_USE_MMAP", as_bool, "false",
             "map model files instead of reading them in (faster loads, but a file "
             "truncated under a running generation can crash the node)"),

@@ -191,6 +191,17 @@ def test_fields_that_change_nothing_are_accepted(client):
     assert m.content
 
 
+def test_thinking_fields_are_accepted_on_a_model_that_does_not_think(client):
+    """SmolLM2 has no reasoning format: the answer simply has no thinking block."""
+    m = client.messages.create(model=SMOL, max_tokens=2, messages=ASK + [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": "s"},
+                                          {"type": "redacted_thinking", "data": "abc"},
+                                          {"type": "text", "text": "Hi"}]},
+        {"role": "user", "content": "Again"}],
+        thinking={"type": "enabled", "budget_tokens": 1024}, extra_body={"output_config": {"effort": "high"}})
+    assert [b.type for b in m.content] == ["text"]
+
+
 def test_output_config_format_gives_json_matching_the_schema(client):
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
               "required": ["city", "country"], "additionalProperties": False}

@@ -404,6 +404,16 @@ def test_invalid_fields_are_400(serve, models_dir, change, code):
     assert tree(models_dir) == before
 
 
+def test_reasoning_fields_are_accepted_on_a_model_that_does_not_think(client):
+    """SmolLM2 has no reasoning format: the answer simply has no reasoning_content."""
+    history = ASK + [{"role": "assistant", "content": "Hi", "reasoning_content": "x"},
+                     {"role": "user", "content": "Again"}]
+    out = client.chat.completions.create(model=SMOL, max_tokens=2, reasoning_effort="high", messages=history,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert getattr(out.choices[0].message, "reasoning_content", None) is None
+    assert out.usage.completion_tokens_details.reasoning_tokens == 0
+
+
 def test_content_parts_and_developer_role_are_accepted(serve):
     req = dict(CHAT, messages=[{"role": "developer", "content": "Be brief."},
                                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])

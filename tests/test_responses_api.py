@@ -200,6 +200,17 @@ def test_a_field_not_honoured_is_refused_by_name(node, change, name):
     assert tree(node.models_dir) == before
 
 
+def test_reasoning_fields_are_accepted_on_a_model_that_does_not_think(client):
+    """SmolLM2 has no reasoning format: the answer simply has no reasoning item."""
+    r = client.responses.create(model=SMOL, max_output_tokens=2,
+                                reasoning={"effort": "high", "summary": "auto"},
+                                include=["reasoning.encrypted_content"], input=[
+                                    {"type": "reasoning", "id": "rs_1", "summary": [],
+                                     "encrypted_content": "opaque"},
+                                    {"role": "user", "content": "x"}])
+    assert [item.type for item in r.output] == ["message"]
+
+
 def test_fields_that_change_nothing_are_accepted(client):
     r = client.responses.create(model=SMOL, input="x", max_output_tokens=2, store=True, metadata={"k": "v"},
                                 user="u1", parallel_tool_calls=False, background=False, truncation="disabled",
