@@ -10,6 +10,7 @@ import os
 import pytest
 
 import llmnode
+from repair import operations
 from tests.conftest import Served, settings_for
 from tests.fakeregistry import FakeRegistry
 from tests.tinymodel import CONTROL, USER_DEFINED, write_tiny_bpe_gguf
@@ -74,7 +75,7 @@ def node(models, tmp_path_factory):
     prompts, forcing = [], Forcing()
     n = llmnode.Node(settings, on_prompt=prompts.append, on_generation=forcing)
     for name in models:
-        n.repairs.pull(llmnode.names.parse(name + ":1"))
+        operations.pull(n.repairs, llmnode.names.parse(name + ":1"))
     served = Served(n)
     served.prompts, served.forcing = prompts, forcing
     yield served
