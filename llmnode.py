@@ -1163,7 +1163,7 @@ class Slots:
     def _sample(self, task, i):
         if task.forced:  # the budget's closing marker, fed as if sampled
             token = task.forced.pop(0)
-            self.ctx.accept((task.sampler[0], None), token)
+            self.ctx.accept(Sampler(task.sampler.chain), token)  # the chain only: no grammar yet
         else:
             token = self.ctx.sample(task.sampler, i)
         if task.first_token_at is None:

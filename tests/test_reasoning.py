@@ -489,7 +489,7 @@ def test_ollama_harmony_tool_call(node):
                                 "options": {"num_predict": 120}})
     assert r.status_code == 200, r.text  # auto: the random model may or may not call
     gen = node.forcing
-    gen.grammar = llmnode.harmony_tool_grammar([dict(WEATHER["function"])], "get_weather")
+    gen.grammar = llmnode.harmony_tool_grammar([llmnode.Tool(**WEATHER["function"])], "get_weather")
     try:
         r = node.post("/api/chat", {"model": "gptoss:1", "messages": ASK, "stream": True, "tools": [WEATHER],
                                     "options": {"num_predict": 120}})
