@@ -34,10 +34,15 @@ def test_a_node_killed_mid_repair_resumes_after_restart(pulled, registry, start_
     env = node_env(pulled, registry.url)
     node = start_node(env)
     registry.faults = [("stall", cut, 60)]
+    sent_before = registry.bytes_served[layer["digest"]]
     threading.Thread(target=lambda: _post_ignoring_errors(node.url), daemon=True).start()
     received = cut // NET_CHUNK * NET_CHUNK
 
     def download_reached_cut():
+        # The registry has counted the bytes up to the cut (it stalls there), so none it sends
+        # this node is counted after the restart; and the node has written `received` of them.
+        if registry.bytes_served[layer["digest"]] - sent_before < cut:
+            return False
         repairs = requests.get(node.url + "/health", timeout=5).json()["repairs"]
         return repairs and repairs[0]["bytes_done"] >= received
 
