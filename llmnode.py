@@ -4964,8 +4964,10 @@ def ollama_pull_status(event):
 
 def _pull_events(node, call, events):
     """The pull's steps as they happen, in Ollama's words, with byte progress of the blob
-    being fetched."""
+    being fetched; a pull that outlives the non-streamed pull's deadline ends the stream with
+    the repair timeout (the pull itself goes on, as a repair does)."""
     current = None
+    deadline = time.monotonic() + node.settings.repair_timeout_secs * 4
     while True:
         try:
             event = events.get(timeout=0.25)
@@ -4973,6 +4975,8 @@ def _pull_events(node, call, events):
             if call.done():
                 call.result()  # raises the pull's error, if any
                 return
+            if time.monotonic() > deadline:
+                raise RepairTimeout()
             if current is not None:
                 done = node.repairs.progress_of(current.digest)
                 if done is not None:
