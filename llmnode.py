@@ -4976,7 +4976,7 @@ def _pull_events(node, call, events):
                 call.result()  # raises the pull's error, if any
                 return
             if time.monotonic() > deadline:
-                raise RepairTimeout()
+                raise RepairTimeout() from None
             if current is not None:
                 done = node.repairs.progress_of(current.digest)
                 if done is not None:
