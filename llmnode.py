@@ -68,7 +68,7 @@ from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtim
 from repair.guard import IntegrityGuard
 from repair.kvcache import PromptCache, Saver
 from repair.metrics import Metrics
-from repair.progress import progress_for
+from repair.progress import LoggingProgress, progress_for
 from repair.registry import RegistryClient
 from repair.scrub import Scrubber
 from repair.store import Store, model_layer, stat_stamp
@@ -2614,7 +2614,7 @@ class Node:
     """Resolves model names to verified blobs (repairing them) and runs chat completions."""
 
     def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None, step_hook=None,
-                 on_generation=None):
+                 on_generation=None, progress=LoggingProgress, auto_repair=None):
         self.settings = settings
         self.on_prompt = on_prompt  # called with each chat prompt's text, as the model reads it
         # Called with each chat Generation before it starts: tests force an answer's text with
@@ -2627,7 +2627,8 @@ class Node:
         self.metrics = Metrics()
         self.guard = IntegrityGuard(self.store, metrics=self.metrics)
         self.repairs = RepairCoordinator(self.store, self.client, self.guard,
-                                         auto_repair=settings.auto_repair,
+                                         auto_repair=settings.auto_repair if auto_repair is None
+                                         else auto_repair, progress=progress,
                                          timeout_secs=settings.repair_timeout_secs,
                                          max_waiters=settings.max_repair_waiters,
                                          connections=settings.download_connections,
@@ -5282,8 +5283,7 @@ def start_demo_node(settings):
 
 
 def cmd_pull(settings, name):
-    node = Node(settings)
-    node.repairs.progress = progress_for
+    node = Node(settings, progress=progress_for)
     ref = names.parse(name)
     log.info("pulling %s", ref)
     _manifest, fetched, moved = operations.pull(node.repairs, ref)
@@ -5316,9 +5316,7 @@ def cmd_verify(settings, name):
 def cmd_repair(settings, name):
     """Fetch the manifest again if it is missing or unusable, then every bad blob: the same
     coordinator as the server (range repair, the cross-process lock, the log lines)."""
-    node = Node(settings)
-    node.repairs.progress = progress_for
-    node.repairs.auto_repair = True
+    node = Node(settings, progress=progress_for, auto_repair=True)  # `repair` repairs, whatever the setting
     ref = names.parse(name)
     fetched = node.repairs.check_model(ref)
     print("%s: %s" % (ref, "%d blob(s) repaired" % len(fetched) if fetched else "intact"))
