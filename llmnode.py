@@ -2912,6 +2912,8 @@ class Node:
         budgets = [b for b in (req.budget, self.settings.reasoning_budget) if b is not None]
         budget = 0 if req.thinking is False and fmt.kind == "think" else min(budgets, default=None)
         answer_grammar = None
+        if gram is not None and mode == "harmony":
+            budget = None  # a forced call: the grammar holds the whole answer, with no thinking to end
         if gram is not None and mode != "harmony":
             answer_grammar, gram = gram, None
             if state == "start":
