@@ -35,9 +35,10 @@ def _kv(key, vtype, value):
 
 def tiny_gguf(seed=0, n_embd=64, n_ff=128, n_head=4, n_layer=2, chat_template=CHAT_TEMPLATE,
               context_length=512, reranker=False):
-    """A llama-architecture GGUF with a byte vocabulary and random weights (about 460 KB). With
-    `reranker`, a Qwen3-Reranker-shaped one instead: the qwen3 architecture, rank pooling and a
-    two-label classification head (`cls.output`), whose first label's softmax is the score."""
+    """A llama-architecture GGUF with a byte vocabulary and random weights (about 460 KB), saying
+    it was trained on `context_length` tokens. With `reranker`, a Qwen3-Reranker-shaped one
+    instead: the qwen3 architecture, rank pooling and a two-label classification head
+    (`cls.output`), whose first label's softmax is the score."""
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)]
     n_vocab = len(tokens)
