@@ -13,7 +13,8 @@ from tests.conftest import start_agents_node
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents")
 # Each recorded request: NAME.json its body, NAME.request.json the path (with its query) and the
 # headers the agent sent.
-REQUESTS = ["claude_code_messages", "claude_code_messages_tool_result", "codex_responses"]
+REQUESTS = ["claude_code_messages", "claude_code_messages_tool_result", "codex_responses",
+            "codex_responses_tool_outputs"]
 
 
 def recorded(name):
