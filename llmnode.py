@@ -3744,7 +3744,8 @@ _SKIPPED_ITEMS = ("web_search_call", "file_search_call", "image_generation_call"
 
 _RESPONSE_ITEM_KEYS = {"message": ("type", "role", "content", "id", "status"),
                        "function_call": ("type", "call_id", "name", "arguments", "id", "status", "namespace"),
-                       "function_call_output": ("type", "call_id", "output", "id", "status"),
+                       "function_call_output": ("type", "call_id", "output", "id", "status", "name",
+                                                "namespace"),
                        "custom_tool_call": ("type", "call_id", "name", "input", "id", "status"),
                        "custom_tool_call_output": ("type", "call_id", "output", "id", "status"),
                        "reasoning": ("type", "id", "summary", "content", "encrypted_content", "status")}
@@ -3821,12 +3822,17 @@ def responses_messages(body, ignored):
                                     reasoning="".join(thought) if role == "assistant" else ""))
             thought = [] if role == "assistant" else thought
             continue
+        if kind in ("function_call_output", "custom_tool_call_output"):
+            # Codex also sends outputs that answer no call (a tool of its own, named): by name.
+            call_id = item.get("call_id") or item.get("name")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequest("'input[%d].call_id' must be a string" % i)
+            messages.append(Message("tool", _text_parts("input[%d].output" % i, item.get("output"), parts,
+                                                        ignored), tool_call_id=call_id,
+                                    name=item.get("name") if isinstance(item.get("name"), str) else None))
+            continue
         if not isinstance(item.get("call_id"), str) or not item["call_id"]:
             raise InvalidRequest("'input[%d].call_id' must be a string" % i)
-        if kind in ("function_call_output", "custom_tool_call_output"):
-            messages.append(Message("tool", _text_parts("input[%d].output" % i, item.get("output"), parts,
-                                                        ignored), tool_call_id=item["call_id"]))
-            continue
         if not isinstance(item.get("name"), str):
             raise InvalidRequest("'input[%d].name' must be a string" % i)
         if kind == "custom_tool_call":

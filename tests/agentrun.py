@@ -75,10 +75,24 @@ wire_api = "responses"
 """
 
 
-def run_codex(base_url, model, root, task, timeout=TIMEOUT):
-    """`codex exec --skip-git-repo-check TASK` with a provider entry for the node in ~/.codex."""
+def run_codex(base_url, model, root, task, timeout=TIMEOUT, args=()):
+    """`codex exec --skip-git-repo-check [ARGS] TASK` with a provider entry for the node in ~/.codex."""
     codex_home = os.path.join(root, "home", ".codex")
     os.makedirs(codex_home, exist_ok=True)
     with open(os.path.join(codex_home, "config.toml"), "w") as f:
         f.write(CODEX_CONFIG.format(model=model, base_url=base_url))
-    return _run([binary("codex"), "exec", "--skip-git-repo-check", task], root, {}, timeout)
+    return _run([binary("codex"), "exec", "--skip-git-repo-check", *args, task], root, {}, timeout)
+
+
+def codex_usage(run):
+    """Token usage summed over the `turn.completed` events of `codex exec --json`."""
+    total = {}
+    for line in run.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("type") == "turn.completed":
+            for key, value in (event.get("usage") or {}).items():
+                total[key] = total.get(key, 0) + value
+    return total

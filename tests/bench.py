@@ -901,6 +901,74 @@ def bench_retrieval(work, rounds, threads=2):
         ours.close()
 
 
+AGENT_TASK = "List the files in this directory."
+
+
+def report_alone(name, value, unit, aim):
+    """A figure with no reference side: printed, and listed in the summary as it is."""
+    ROWS.append((name, value, value, unit, value, aim))
+    print("%-58s ours %9.3f %-4s (aim %s)" % (name, value, unit, aim), flush=True)
+
+
+def bench_agents(work, tiny=False, n_ctx=32768, threads=2):
+    """Claude Code and Codex (`tox -e agents` installs them), one task each on a fresh node serving
+    SmolLM2 with a context for their 8-15k-token prompts: the task's wall time, and the share of
+    the prompt tokens the node read from its prompt cache (its own usage, as the agent reports
+    it) in the task's turns after the first and in a second task. `tiny`: the tests' brief
+    random model instead, a smoke check of this code in a minute."""
+    from tests.agentrun import claude_result, codex_usage, run_claude, run_codex
+    from tests.conftest import smollm2_path
+    from tests.fakeregistry import FakeRegistry
+    from tests.tinymodel import BRIEF, write_tiny_bpe_gguf
+
+    gguf = smollm2_path()
+    if tiny:
+        gguf = write_tiny_bpe_gguf(work / "tiny-bpe.gguf", source=gguf, favoured=BRIEF)
+    print("\n== h. coding agents on %s: %r, LLM_CTX_SIZE=%d, LLM_PARALLEL=1, %d threads"
+          % ("the tiny model (smoke)" if tiny else "SmolLM2", AGENT_TASK, n_ctx, threads))
+
+    def claude(url, root):
+        run = run_claude(url, ENGINE_MODEL, root, AGENT_TASK, timeout=1800)
+        usage = claude_result(run)["usage"]
+        return run, usage["cache_read_input_tokens"], usage["input_tokens"] + usage["cache_read_input_tokens"]
+
+    def codex(url, root):
+        run = run_codex(url, ENGINE_MODEL, root, AGENT_TASK, timeout=1800, args=("--json",))
+        usage = codex_usage(run)
+        return run, usage.get("cached_input_tokens", 0), usage.get("input_tokens", 0)
+
+    reg = FakeRegistry().start()
+    try:
+        reg.add_model("library/smollm2", "135m", Path(gguf).read_bytes())
+        env = {"LLM_MODELS_DIR": str(work / "agents-models"), "LLM_REGISTRY_URL": reg.url,
+               "LLM_CTX_SIZE": str(n_ctx), "LLM_PARALLEL": "1", "LLM_CPU_THREADS": str(threads)}
+        subprocess.run([sys.executable, str(ROOT / "llmnode.py"), "pull", ENGINE_MODEL],
+                       env=dict(os.environ, **env), check=True, capture_output=True)
+        for agent, task in (("Claude Code", claude), ("Codex", codex)):
+            server = Served(env)  # a fresh node: the first task starts with an empty cache
+            try:
+                if not wait_until_up(server.url, server.proc):
+                    print("the node did not start: agents not run")
+                    return
+                # Both tasks in one working directory and HOME, as a user's next task runs.
+                first, cached, prompt = task(server.url, str(work / agent))
+                if first.returncode != 0:
+                    print("%s failed: %r" % (agent, first))
+                    return
+                second, cached2, prompt2 = task(server.url, str(work / agent))
+            finally:
+                server.close()
+            report_alone("h. %s: one task, wall time" % agent, first.seconds, "s", "-")
+            # On a cold node the first request reads nothing from the cache: what the task read
+            # came in its later turns.
+            report_alone("h. %s: cached share of prompt tokens, one task" % agent,
+                         100 * cached / max(prompt, 1), "%", "-")
+            report_alone("h. %s: cached share of prompt tokens, 2nd task" % agent,
+                         100 * cached2 / max(prompt2, 1), "%", ">= 50")
+    finally:
+        reg.stop()
+
+
 def human(n):
     return "%.0f MiB" % (n / (1 << 20)) if n < 1 << 30 else "%.1f GiB" % (n / (1 << 30))
 
@@ -909,8 +977,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
-    parts = ["verify", "repair", "serving", "load", "api", "engine", "retrieval"]
+    parts = ["verify", "repair", "serving", "load", "api", "engine", "retrieval", "agents"]
     parser.add_argument("--only", choices=parts, action="append", help="run only these parts (repeatable)")
+    parser.add_argument("--agents-tiny", action="store_true",
+                        help="agents on the tests' tiny model instead of SmolLM2 (a smoke check)")
     args = parser.parse_args(argv)
     only = set(args.only or parts)
     work = Path(tempfile.mkdtemp(prefix="llmnode-bench-", dir=os.environ.get("BENCH_DIR")))
@@ -934,6 +1004,8 @@ def main(argv=None):
             bench_engine(work, args.rounds)
         if "retrieval" in only:
             bench_retrieval(work, args.rounds)
+        if "agents" in only:
+            bench_agents(work, tiny=args.agents_tiny)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n== summary (ratio: ours / reference unless noted)")

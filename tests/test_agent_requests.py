@@ -11,8 +11,10 @@ import requests
 from tests.conftest import start_agents_node
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents")
-# (fixture, what the agent sent besides the body: the path with its query, and headers)
-REQUESTS = ["claude_code_messages", "claude_code_messages_tool_result", "codex_responses"]
+# Each recorded request: NAME.json its body, NAME.request.json the path (with its query) and the
+# headers the agent sent.
+REQUESTS = ["claude_code_messages", "claude_code_messages_tool_result", "codex_responses",
+            "codex_responses_tool_outputs"]
 
 
 def recorded(name):
@@ -54,7 +56,11 @@ def assert_answered(status, text, node):
 @pytest.mark.parametrize("name", REQUESTS)
 def test_the_recorded_request_is_answered(node, name):
     body, path, headers = recorded(name)
-    assert_answered(*post(node, path, body, headers), node)
+    assert body["stream"] is True  # as both agents send every request
+    status, text = post(node, path, body, headers)
+    assert_answered(status, text, node)
+    last = "message_stop" if path.startswith("/v1/messages") else "response.completed"
+    assert last in text.strip().split("\n\n")[-1], text
 
 
 def anthropic_tool_names():
