@@ -5,6 +5,14 @@ Three uses, one pipeline: a plain download is one range (resumed from the partia
 prefix), a parallel download is N ranges over N connections (resumed from the parts record),
 and a range repair is the damaged chunks (each checked against the chunk table). The deadline
 and the byte counts wrap the chunk iterator; ENOSPC becomes InsufficientStorage in one place.
+
+Hashing: a plain download hashes exactly the bytes it writes, from the iterator; a parallel
+download's parts arrive out of order, so one thread hashes the contiguous prefix as it grows
+(from the page cache, once); a range repair ends with the whole-file sha256, the authority, over
+the patched file. While it is patched the blob sits as the partial file, never under its digest's
+name; anything inconsistent (a chunk that does not match its table entry, a wrong Content-Range,
+a whole digest that still differs) makes the coordinator fall back to a full download, as it
+does at once when every chunk is bad.
 """
 
 import errno

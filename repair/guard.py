@@ -1,4 +1,12 @@
-"""The integrity guard: a stat compared with the last verification, else a full check."""
+"""The integrity guard: a stat compared with the last verification, else a full check.
+
+A blob whose size, mtime and inode are as recorded at its last verification is used as is (the
+weights in memory were verified when they were read); any other is checked in full before use:
+size against the manifest, GGUF header, and sha256 (each 8 MiB chunk against the chunk table on
+all cores when there is one, else the whole file). EIO counts as corrupted. Each success is
+recorded in `.llmnode/verified.json`; blobs installed by a pull or a repair are recorded from the
+hash taken while they were written. Every load from disk is verified beside it by the node, so
+bit rot that leaves size and times untouched is caught there, not here."""
 
 import os
 import time

@@ -1,5 +1,18 @@
 """Parts of a parallel download: how a large blob is split, and the progress record beside its
-partial file (`<partial>.parts`, JSON) that lets every part resume where it stopped."""
+partial file (`<partial>.parts`, JSON) that lets every part resume where it stopped.
+
+A blob of at least two PART_MIN parts is split into parts of size / (4 x connections), kept
+between 64 MiB and 1 GiB, each connection taking the next part in order (`Range: bytes=a-b`);
+CDNs cap each connection's speed, so N connections come close to N times one (4 by default:
+3.6x one connection under a per-connection cap in the bench, nothing lost on a slow shared link).
+Each part is written in place in the partial file while one thread hashes the contiguous written
+prefix (whole-file sha256 and chunk table), so the blob is not read again afterwards. The record
+(each part's start, end and bytes written) is rewritten every second and at each part's end by a
+background thread, after an fdatasync of the data: it never claims bytes the disk lacks, and the
+connections never wait on the disk. After an error, a deadline, a SIGKILL or a power cut each part
+resumes where the record says. A failure in any part stops every connection and the attempt is
+retried, resuming; a whole-file digest that does not match or a wrong Content-Range discards the
+partial file; a registry that answers a part with 200 gets the blob over one connection."""
 
 import itertools
 import json
