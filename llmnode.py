@@ -4317,6 +4317,8 @@ def anthropic_tools(body, ignored):
     _bool(choice, "disable_parallel_tool_use", where="tool_choice.disable_parallel_tool_use")
     if kind == "tool" and choice.get("name") not in [t.name for t in clean]:
         raise InvalidRequest("'tool_choice.name' must name a tool in 'tools'")
+    if kind != "none" and not tools:
+        raise InvalidRequest("'tool_choice' needs 'tools'")
     if kind != "none" and not clean:
         return clean, "none"  # only server tools, which do not run here: the model answers in text
     return clean, {"auto": "auto", "any": "required", "none": "none"}.get(kind, choice.get("name"))

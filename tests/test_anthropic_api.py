@@ -217,7 +217,7 @@ BAD = [
     json.dumps(dict(BASE, max_tokens="2")).encode(),
     json.dumps(dict(BASE, messages=[])).encode(),
     json.dumps(dict(BASE, messages="hi")).encode(),
-    json.dumps(dict(BASE, messages=[{"role": "system", "content": "x"}])).encode(),
+    json.dumps(dict(BASE, messages=[{"role": "tool", "content": "x"}])).encode(),
     json.dumps(dict(BASE, messages=[{"role": "user", "content": 5}])).encode(),
     json.dumps(dict(BASE, messages=[{"role": "user", "content": [{"type": "tool_use", "id": "x",
                                                                   "name": "x", "input": {}}]}])).encode(),
