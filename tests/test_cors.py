@@ -69,7 +69,7 @@ def test_a_streamed_answer_carries_the_allow_header(serve):
 
 def test_every_route_answers_a_preflight(serve):
     s = serve()
-    paths = {re.sub(r"<[^>]+>", "gpt-oss:7b", path) for _method, path, _handler, _plain in llmnode.ROUTES}
+    paths = {re.sub(r"<[^>]+>", "gpt-oss:7b", path) for _method, path, *_rest in llmnode.ROUTES}
     assert {"/v1/rerank", "/tokenize", "/v1/messages", "/api/embed", "/health"} <= paths
     for path in sorted(paths):
         r = preflight(s.url, path, PAGE)
