@@ -300,10 +300,10 @@ def test_a_cache_key_keeps_a_conversation_on_its_own_sequence(served):
     slots_of(served)
 
     def turn(system, question, key):
-        req = llmnode.validate_chat({"model": SMOL, "temperature": 0, "max_tokens": 2, "messages": [
-            {"role": "system", "content": system}, {"role": "user", "content": question}]},
-            served.node.settings.n_ctx)
-        req["prompt_cache_key"] = key  # as the dialects set it from the client's field
+        req = llmnode.validate_chat({"model": SMOL, "temperature": 0, "max_tokens": 2, "prompt_cache_key": key,
+                                     "messages": [{"role": "system", "content": system},
+                                                  {"role": "user", "content": question}]},
+                                    served.node.settings.n_ctx)
         answer = served.node.chat(req)
         answer.collect()
         return answer.usage
