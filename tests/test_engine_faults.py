@@ -300,7 +300,8 @@ def test_a_cache_key_keeps_a_conversation_on_its_own_sequence(served):
     slots_of(served)
 
     def turn(system, question, key):
-        req = llmnode.validate_chat({"model": SMOL, "temperature": 0, "max_tokens": 2, "prompt_cache_key": key,
+        req = llmnode.validate_chat({"model": SMOL, "temperature": 0, "max_tokens": 2,
+                                     "prompt_cache_key": key,
                                      "messages": [{"role": "system", "content": system},
                                                   {"role": "user", "content": question}]},
                                     served.node.settings.n_ctx)
