@@ -92,7 +92,7 @@ def test_the_history_of_calls_and_results_is_rendered_by_the_template(node):
 
 
 def test_native_blocks_are_parsed_and_unknown_or_broken_ones_left_as_text():
-    tools = [{"name": "get_weather", "description": "", "parameters": {}}]
+    tools = [llmnode.Tool("get_weather", "", {})]
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
             '\n<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call><tool_call>{broken')
     calls, rest = llmnode.parse_native_calls(text, tools)

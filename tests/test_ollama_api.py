@@ -235,8 +235,12 @@ def test_an_unknown_model_is_a_404_response_error(client):
 
 def test_a_refused_option_names_itself(client):
     with pytest.raises(ollama.ResponseError) as raised:
-        client.chat(model=TINY, messages=[{"role": "user", "content": "x"}], options={"mirostat": 2})
-    assert raised.value.status_code == 400 and "mirostat" in raised.value.error
+        client.chat(model=TINY, messages=[{"role": "user", "content": "x"}], options={"num_ctx": 10 ** 6})
+    assert raised.value.status_code == 400 and "options.num_ctx" in raised.value.error
+    # A sampler llama.cpp's server no longer runs is accepted (README's table), changing nothing.
+    r = client.chat(model=TINY, messages=[{"role": "user", "content": "x"}],
+                    options={"mirostat": 2, "num_predict": 1})
+    assert r.done
     with pytest.raises(ollama.ResponseError) as raised:
         client.generate(model=TINY, prompt="x", template="{{ .Prompt }}")
     assert "template" in raised.value.error

@@ -70,7 +70,7 @@ def test_a_strict_schema_the_grammar_cannot_hold_is_refused_by_name(client):
 def test_a_schema_the_grammar_cannot_hold_whole_is_held_to_the_rest(client):
     # Not strict: `uniqueItems` is dropped, a property with no type is any JSON value.
     schema = {"type": "object", "required": ["a", "b"], "properties": {
-        "a": {"type": "array", "uniqueItems": True, "items": {"type": "integer"}},
+        "a": {"type": "array", "uniqueItems": True, "maxItems": 3, "items": {"type": "integer"}},
         "b": {"description": "anything"}}}
     r = client.chat.completions.create(model=SMOL, messages=ASK, temperature=0, max_tokens=120,
                                        response_format={"type": "json_schema",
