@@ -63,7 +63,7 @@ def ask(node, messages):
     answer = node.chat(req)
     ended, _ = answer.collect()
     assert node.prompt_cache.flush(60)
-    return ended[0].message["content"], answer.usage
+    return ended[0].message.content, answer.usage
 
 
 def entry_files(models):
