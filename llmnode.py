@@ -842,6 +842,7 @@ class Run:
                 index += 1
             self.groups.append(group)
         self._open = index  # answers not yet finished (read and written by the caller only)
+        self._ask_at = 0.0  # when `gone` is next asked (by the caller only)
         self.cancelled = False  # read by the compute thread at each step
 
     def __iter__(self):
@@ -858,21 +859,27 @@ class Run:
         self.close()
 
     def _next(self):
-        """The next event; ModelBusy past WAIT_SECS without one, ClientGone once the client left."""
+        """The next event; ModelBusy past WAIT_SECS without one, ClientGone once the client left
+        (asked every GONE_POLL_SECS, whether events come or not: an unstreamed answer's pieces
+        come all the time, and nobody reads them)."""
         deadline = time.monotonic() + self.engine.WAIT_SECS
         while True:
-            left = deadline - time.monotonic()
-            try:
-                return self.events.get(timeout=max(0.0, min(left, self.GONE_POLL_SECS) if self._gone
-                                                   else left))
-            except queue.Empty:
-                pass
-            if self._gone is not None and self._gone():
-                self.close()
-                raise ClientGone("The client closed its connection; its answer was stopped")
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self._gone is not None and now >= self._ask_at:
+                self._ask_at = now + self.GONE_POLL_SECS
+                if self._gone():
+                    self.close()
+                    raise ClientGone("The client closed its connection; its answer was stopped")
+            if now >= deadline:
                 self.close()
                 raise ModelBusy("The model did not answer within %ds" % self.engine.WAIT_SECS)
+            wait = deadline - now
+            if self._gone is not None:
+                wait = min(wait, max(0.0, self._ask_at - now))
+            try:
+                return self.events.get(timeout=wait)
+            except queue.Empty:
+                pass
 
     def close(self):
         """Stop any answer still running (its sequence is free at the next step), release the
