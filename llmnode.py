@@ -3905,6 +3905,9 @@ def responses_tools(body, ignored):
             choice = "auto"
     elif choice not in (None, "none", "auto", "required"):
         raise InvalidRequest("'tool_choice' must be none, auto, required or a named function")
+    if not tools and choice not in (None, "none", "auto"):
+        raise InvalidRequest("'tool_choice' needs 'tools'")
+    # Only built-in tools, which do not run here: the model answers in text.
     return clean, tool_choice(choice, clean) if clean else "none"
 
 
@@ -5013,7 +5016,7 @@ def _pull_events(node, call, events):
 # detokenize and apply-template, each on the model the body names, through the same guard,
 # repair and pool as generation. Errors are OpenAI's shape.
 
-RERANK_FIELDS = ("model", "query", "documents", "top_n", "return_documents")
+RERANK_FIELDS = ("model", "query", "documents", "top_n", "return_documents", "rank_fields")
 TOKENIZE_FIELDS = ("model", "content", "add_special", "parse_special", "with_pieces")
 
 
@@ -5021,6 +5024,7 @@ def validate_rerank(req):
     """Check a rerank body: the query, the documents' texts, top_n and return_documents."""
     model = _model(req)
     report_ignored(unknown_fields(req, RERANK_FIELDS, "", []))
+    refuse(req, "rank_fields", lambda v: False, "documents are ranked as text (strings or {\"text\": ...})")
     query = req.get("query")
     if not isinstance(query, str) or not query:
         raise InvalidRequest("'query' is required and must be a non-empty string")

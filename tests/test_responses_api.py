@@ -230,7 +230,8 @@ BAD = [
     dict(BASE, tool_choice="required"),
     dict(BASE, tools=[WEATHER], tool_choice={"type": "function", "name": "x"}),
     dict(BASE, text={"format": {"type": "xml"}}), dict(BASE, text={"format": {"type": "json_schema"}}),
-    dict(BASE, text={"format": {"type": "json_schema", "name": "x", "schema": {"uniqueItems": True}}}),
+    dict(BASE, text={"format": {"type": "json_schema", "name": "x", "strict": True,
+                                "schema": {"uniqueItems": True}}}),
     dict(BASE, stream="yes"), dict(BASE, stream_options={"include_obfuscation": False}),
     dict(BASE, metadata=5), dict(BASE, model="nothing:here"),
 ]
