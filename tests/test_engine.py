@@ -222,7 +222,7 @@ def test_a_streamed_ollama_chat_with_tools_ends_like_the_unstreamed_one(served):
     c = ollama.Client(host=served.url)
     # No num_predict, as langchain-ollama sends it (num_ctx only bounds a rambling answer).
     ask = dict(model=SMOL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-               tools=[WEATHER], options={"temperature": 0, "num_ctx": 1024})
+               tools=[WEATHER], options={"temperature": 0, "num_ctx": 512})
     c.chat(**ask)
     # Both read the prompt from the same cache (llama.cpp's one-token and many-token kernels
     # round differently, so a cold read may say something else): they must say the same thing.
