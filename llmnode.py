@@ -66,7 +66,7 @@ from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtim
     UnsupportedParameter,
 )
 from repair.guard import IntegrityGuard
-from repair.kvcache import PromptCache, Saver
+from repair.kvcache import PromptCache, Saver, common_prefix
 from repair.metrics import Metrics
 from repair.progress import LoggingProgress, progress_for
 from repair.registry import RegistryClient
@@ -1291,14 +1291,6 @@ class Slots:
                               task.parser.calls if task.parser is not None else None))
 
 
-def common_prefix(a, b):
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 ###############################################################################
 # Runtime: the model pool #####################################################
 ###############################################################################
@@ -1615,18 +1607,13 @@ class Tool:
     namespace: str = None  # a Responses `namespace` tool's: its calls are answered with it
 
 
-@dataclass
-class ChatRequest:
-    """A checked chat request of any dialect, as the Node runs it. A sampling field left None is
-    the model's Modelfile `params` layer's, else llama.cpp's server default (`SAMPLING_DEFAULTS`)."""
+@dataclass(kw_only=True)
+class Options:
+    """What a checked request of any dialect asks of its answers beside its prompt. A sampling
+    field left None is the model's Modelfile `params` layer's, else llama.cpp's server default
+    (`SAMPLING_DEFAULTS`)."""
 
     model: str
-    messages: list  # [Message]
-    tools: list = field(default_factory=list)  # [Tool]
-    tool_choice: str = "none"  # none, auto, required, or a tool's name
-    format: str = None  # None, "json" or "schema"
-    format_schema: dict = None
-    strict_format: bool = False  # a `strict` schema: refused if it cannot be constrained whole
     max_tokens: int = None
     temperature: float = None
     top_p: float = None
@@ -1639,48 +1626,39 @@ class ChatRequest:
     logit_bias: dict = None
     stop: list = None
     n: int = 1
-    logprobs: bool = False
-    top_logprobs: int = None
     stream: bool = False
     include_usage: bool = False
     keep_alive: object = KEEP_DEFAULT
     ctx_limit: int = None  # Ollama's options.num_ctx
+    format: str = None  # None, "json" or "schema"
+    format_schema: dict = None
     cache_key: str = None  # prompt_cache_key: keep the conversation on the sequence with its prefix
+    ignored: list = field(default_factory=list)  # fields no real API has: named in a header and the log
+
+
+@dataclass(kw_only=True)
+class ChatRequest(Options):
+    """A checked chat request of any dialect, as the Node runs it."""
+
+    messages: list  # [Message]
+    tools: list = field(default_factory=list)  # [Tool]
+    tool_choice: str = "none"  # none, auto, required, or a tool's name
+    strict_format: bool = False  # a `strict` schema: refused if it cannot be constrained whole
+    logprobs: bool = False
+    top_logprobs: int = None
     thinking: bool = None  # a reasoning model's thinking asked on or off (None: the template's default)
     effort: str = None  # reasoning effort: low, medium or high (harmony's reasoning_effort)
     budget: int = None  # thinking tokens at most (with LLM_REASONING_BUDGET, the smaller)
     template_kwargs: dict = field(default_factory=dict)  # more variables for the chat template
-    ignored: list = field(default_factory=list)  # fields no real API has: named in a header and the log
 
 
-@dataclass
-class CompletionRequest:
+@dataclass(kw_only=True)
+class CompletionRequest(Options):
     """A checked raw-text completion (OpenAI's /v1/completions, Ollama's `raw` generate)."""
 
-    model: str
     prompts: list  # strings or token arrays
     echo: bool = False
-    max_tokens: int = None
-    temperature: float = None
-    top_p: float = None
-    top_k: int = None
-    min_p: float = None
-    seed: int = None
-    repeat_penalty: float = None
-    presence_penalty: float = None
-    frequency_penalty: float = None
-    logit_bias: dict = None
-    stop: list = None
-    n: int = 1
     logprobs: int = None  # completions' logprobs: how many alternatives
-    stream: bool = False
-    include_usage: bool = False
-    keep_alive: object = KEEP_DEFAULT
-    ctx_limit: int = None
-    format: str = None
-    format_schema: dict = None
-    cache_key: str = None
-    ignored: list = field(default_factory=list)
 
 
 @dataclass
