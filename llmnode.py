@@ -2126,6 +2126,9 @@ def grammar(schema=None, wrap=None):
         try:
             # From the schema as given: its property order is the order of the answer's keys.
             text = JSON_GBNF if schema is None else json_schema_to_gbnf(json.dumps(grammar_schema(schema)))
+            # JSON has no raw control characters in a string; the converter's `char` lets them in
+            # (llama.cpp's own converter, and JSON_GBNF, keep them out).
+            text = text.replace(r'char ::= [^"\\] |', r'char ::= [^"\\\x7F\x00-\x1F] |')
         except Exception as e:  # the converter raises bare Exceptions and more for odd schemas
             # A valid schema is never refused: held to any JSON value where it cannot be followed.
             log.warning("the JSON schema could not be turned into a grammar (%s); any JSON value is "

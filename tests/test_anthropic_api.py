@@ -203,7 +203,9 @@ def test_thinking_fields_are_accepted_on_a_model_that_does_not_think(client):
 
 
 def test_output_config_format_gives_json_matching_the_schema(client):
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+    # Bounded strings: a greedy answer may otherwise run on inside one (JSON lets a string be long).
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
               "required": ["city", "country"], "additionalProperties": False}
     m = client.messages.create(model=SMOL, max_tokens=60, extra_body=T0, messages=[
         {"role": "user", "content": "Name a city and its country."}],

@@ -25,10 +25,12 @@ NO_END = {"2": -100}
 # A minimal request per route; the field tables below are laid over it.
 BASE = {"/v1/chat/completions": {"model": TINY, "messages": SAY, "max_tokens": 3, "logit_bias": NO_END},
         "/v1/completions": {"model": TINY, "prompt": "x", "max_tokens": 3, "logit_bias": NO_END},
-        "/v1/responses": {"model": TINY, "input": "x", "max_output_tokens": 3},
-        "/v1/messages": {"model": TINY, "messages": SAY, "max_tokens": 3},
-        "/api/chat": {"model": TINY, "messages": SAY, "stream": False, "options": {"num_predict": 3}},
-        "/api/generate": {"model": TINY, "prompt": "x", "stream": False, "options": {"num_predict": 3}}}
+        "/v1/responses": {"model": TINY, "input": "x", "max_output_tokens": 3, "temperature": 0},
+        "/v1/messages": {"model": TINY, "messages": SAY, "max_tokens": 3, "temperature": 0},
+        "/api/chat": {"model": TINY, "messages": SAY, "stream": False,
+                      "options": {"num_predict": 3, "temperature": 0}},
+        "/api/generate": {"model": TINY, "prompt": "x", "stream": False,
+                          "options": {"num_predict": 3, "temperature": 0}}}
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
@@ -169,7 +171,9 @@ HONOURED = [
 
 @pytest.mark.parametrize("path, change, count", HONOURED, ids=[p for p, _, _ in HONOURED])
 def test_a_honoured_field_changes_the_answer(node, path, change, count):
-    assert count(post(node, path, {}).json()) == 3
+    # Greedy, so each answer is the same every run; the tiny model may end its own turn before
+    # the base budget of 3, never before 2.
+    assert count(post(node, path, {}).json()) in (2, 3)
     assert count(post(node, path, change).json()) == 1
 
 
