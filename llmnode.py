@@ -47,7 +47,7 @@ import bottle
 import numpy as np
 
 import conf
-from repair import names, operations
+from repair import hashing, names, operations
 from repair.coordinator import RepairCoordinator
 from repair.errors import (  # noqa: F401 (ModelBusy, ContextTooLong: the runtime's, from here)
     ClientGone,
@@ -739,6 +739,11 @@ class ComputeThread:
                 return False
             return slots.has_work()
 
+    def busy(self):
+        """Whether answers or jobs wait on this thread: the store's hashing (repair.hashing)
+        holds itself to one core while it is. Read without the lock: a glance, not a decision."""
+        return bool(self._active or self._jobs)
+
     def post(self, fn):
         """Run fn() on the compute thread between decode steps, without waiting for it."""
         with self._cond:
@@ -1093,10 +1098,15 @@ class Slots:
                 items.append((task.last, task.n_past, [task.seq], True))
                 self.cache[task.seq].append(task.last)
                 task.n_past += 1
+        marked = []  # answers whose prompt read so far ends at a client's cache breakpoint
         for task in running:
             if task.state is not TaskState.PROMPT or not task.todo or len(items) >= BATCH_TOKENS:
                 continue
-            chunk = task.todo[:BATCH_TOKENS - len(items)]
+            room = BATCH_TOKENS - len(items)
+            mark = next((m for m in task.gen.save_at if m > task.n_past), None)
+            if mark is not None:  # a chunk ends at a breakpoint: its prefix alone is then saved
+                room = min(room, mark - task.n_past)
+            chunk = task.todo[:room]
             del task.todo[:len(chunk)]
             for k, token in enumerate(chunk):
                 items.append((token, task.n_past + k, [task.seq], not task.todo and k == len(chunk) - 1))
@@ -1104,6 +1114,8 @@ class Slots:
             task.n_past += len(chunk)
             if not task.todo:
                 sampled.append((task, len(items) - 1))
+            elif task.n_past == mark:
+                marked.append(task)
         if not items:
             return self.has_work()
         try:
@@ -1112,9 +1124,11 @@ class Slots:
             log.exception("decode step failed; ending its answers")
             self.fault(e)
             return False
+        for task in marked:
+            self._save(task, task.n_past)
         for task, i in sampled:
             if task.state is TaskState.PROMPT:
-                self._save(task)
+                self._save(task, len(task.gen.prompt))
             for sib in task.siblings:  # the prompt is read once, then copied to each sibling
                 self.ctx.copy(task.seq, sib.seq)
                 self.cache[sib.seq] = list(self.cache[task.seq])
@@ -1124,13 +1138,16 @@ class Slots:
             self._sample_or_fail(task, i)
         return True
 
-    def _save(self, task):
-        """Hand a prompt just read to the prompt cache on disk, if it is long and was read here
-        (not kept, copied or restored) for the most part."""
-        prompt = task.gen.prompt
-        if self.kv is None or len(prompt) < self.cache_min or task.computed < self.cache_min:
+    def _save(self, task, length):
+        """Hand the first `length` tokens of a prompt, just read, to the prompt cache on disk: if
+        they are long, were read here (not kept, copied or restored) for the most part, and are
+        the whole prompt of a request without cache breakpoints, or end at one of its breakpoints."""
+        prompt, kept = task.gen.prompt, len(task.gen.prompt) - task.computed
+        if self.kv is None or length < self.cache_min or length - kept < self.cache_min:
             return
-        self.kv.put(self.key, list(prompt), self.ctx.seq_state(task.seq))
+        if task.gen.save_at and length not in task.gen.save_at:
+            return
+        self.kv.put(self.key, list(prompt[:length]), self.ctx.seq_state(task.seq))
 
     def fault(self, error):
         """A step failed outside one answer's sampling: every answer holding a sequence ends
@@ -1594,6 +1611,9 @@ class Message:
     tool_call_id: str = None
     name: str = None  # a tool result's function name, when the dialect says it
     reasoning: str = ""  # an assistant's thinking, sent back (rendered as its template expects)
+    # A client's cache breakpoint ends here (Anthropic's `cache_control`): the prompt's prefix
+    # up to this message's end is worth keeping in the prompt cache.
+    cache_mark: bool = False
 
 
 @dataclass
@@ -1693,6 +1713,9 @@ class Generation:
     # sharing as long a prefix, the one its last answer used is taken.
     cache_key: str = None
     reasoning: "Reasoning" = None  # a reasoning model's thinking, split from the answer
+    # Prompt lengths (tokens) at the client's cache breakpoints: each prefix is saved to the prompt
+    # cache as it is read (and then not the whole prompt); empty: the whole prompt is the one saved.
+    save_at: list = field(default_factory=list)
 
 
 @dataclass
@@ -2071,6 +2094,24 @@ def with_system(req, system):
     if system and not any(m.role == "system" for m in req.messages):
         return replace(req, messages=[Message("system", system)] + req.messages)
     return req
+
+
+def cache_marks(messages, prompt, render):
+    """The prompt's lengths at the messages a client marked (`Message.cache_mark`): the tokens
+    the conversation up to each marked message renders to (by `render`, the prompt's own
+    renderer) shares with the whole prompt. A part the template will not render alone (some
+    want a user message last) marks nothing."""
+    marks = set()
+    for i, m in enumerate(messages):
+        if not m.cache_mark:
+            continue
+        try:
+            part = render(messages[:i + 1])[0]
+        except Exception as e:
+            log.debug("a cache breakpoint at message %d marks nothing: %s", i, e)
+            continue
+        marks.add(common_prefix(part, prompt))
+    return sorted(n for n in marks if 0 < n < len(prompt))
 
 
 def _thought(m):
@@ -2622,6 +2663,7 @@ class Node:
                                          connections=settings.download_connections,
                                          metrics=self.metrics, retry=retry)
         self.compute = ComputeThread()
+        hashing.register_engine(self.compute)  # verify, scrub and repair yield to its sequences
         # Long prompts' KV states, saved under the store and restored verified (off at 0 bytes).
         self.prompt_cache = (Saver(PromptCache(self.store.root, settings.prompt_cache_bytes))
                              if settings.prompt_cache_bytes else None)
@@ -2802,11 +2844,11 @@ class Node:
         modes = []  # the tool mode the prompt was rendered in
 
         def generations(entry):
-            prompt, stop, gram, mode, reasoning = self.chat_prompt(entry, req)
+            prompt, stop, gram, mode, reasoning, marks = self.chat_prompt(entry, req)
             modes.append(mode)
             gen = self._generation(entry, req, params, prompt, gram, stop, hold=mode is not None,
                                    logprobs=(req.top_logprobs or 0) if req.logprobs else -1)
-            gen.reasoning = reasoning
+            gen.reasoning, gen.save_at = reasoning, marks
             if self.on_generation is not None:
                 self.on_generation(gen)
             return [gen]
@@ -2850,8 +2892,8 @@ class Node:
 
     def chat_prompt(self, entry, req):
         """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native",
-        "harmony" or "generic", `Reasoning` or None) of a chat, as the model's own template
-        renders it."""
+        "harmony" or "generic", `Reasoning` or None, the prompt's lengths at the client's cache
+        breakpoints) of a chat, as the model's own template renders it."""
         tools, gram, mode = None, None, None
         fmt = reasoning_format(getattr(entry.formatter, "template", None))
         offered = bool(req.tools) and req.tool_choice != "none"
@@ -2871,17 +2913,22 @@ class Node:
         if mode in ("native", "harmony"):
             tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                         "parameters": t.parameters}} for t in req.tools]
-        messages = template_messages(req.messages, native=mode in ("native", "harmony"))
-        if mode == "generic":
-            messages = with_tools(messages, req.tools, schema)
         kwargs = dict(fmt.template_kwargs(req.thinking, req.effort) if fmt else {}, **req.template_kwargs)
-        tokens, stop, text = render_chat(entry.llm, entry.formatter, messages, tools, kwargs)
+
+        def render(conversation):
+            messages = template_messages(conversation, native=mode in ("native", "harmony"))
+            if mode == "generic":
+                messages = with_tools(messages, req.tools, schema)
+            return render_chat(entry.llm, entry.formatter, messages, tools, kwargs)
+
+        tokens, stop, text = render(req.messages)
+        marks = cache_marks(req.messages, tokens, render) if self.prompt_cache is not None else []
         reasoning = None
         if fmt is not None:
             tokens, gram, reasoning = self._reasoning(entry, req, fmt, tokens, text, gram, mode)
         if self.on_prompt is not None:
             self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
-        return tokens, stop, gram, mode, reasoning
+        return tokens, stop, gram, mode, reasoning, marks
 
     def _reasoning(self, entry, req, fmt, tokens, text, gram, mode):
         """(prompt tokens, grammar from the first token, `Reasoning`) of a reasoning model's
@@ -4243,13 +4290,29 @@ def _anthropic_text(where, content, ignored):
     return "\n\n".join(texts)
 
 
+def _breakpoint(content):
+    """Where a content's `cache_control` breakpoint falls: "end" (its last block), "inside" (an
+    earlier block: the prefix before this message is the one kept), or None."""
+    if not isinstance(content, list):
+        return None
+    marked = [j for j, block in enumerate(content) if isinstance(block, dict) and block.get("cache_control")]
+    if not marked:
+        return None
+    return "end" if marked[-1] == len(content) - 1 else "inside"
+
+
 def anthropic_messages(body, ignored):
-    """`system` and `messages` as `Message`s; a system message inside `messages` stays at its place."""
+    """`system` and `messages` as `Message`s; a system message inside `messages` stays at its place.
+    A `cache_control` breakpoint marks the message it ends (or, inside a message, the one before;
+    on a tool, the system prompt, which the tools are rendered with) for the prompt cache."""
     out = []
     if body.get("system") is not None:
         system = _anthropic_text("system", body["system"], ignored)
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else []
         if system:
-            out.append(Message("system", system))
+            out.append(Message("system", system, cache_mark=bool(
+                _breakpoint(body["system"]) or any(isinstance(t, dict) and t.get("cache_control")
+                                                   for t in tools))))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array")
@@ -4259,6 +4322,9 @@ def anthropic_messages(body, ignored):
         unknown_fields(m, ("role", "content"), "messages[%d]" % i, ignored)
         blocks = _anthropic_blocks("messages[%d].content" % i, m.get("content"), m["role"], ignored)
         text = "".join(b["text"] for b in blocks if b["type"] == "text")
+        where, start = _breakpoint(m.get("content")), len(out)
+        if where == "inside" and out:
+            out[-1].cache_mark = True
         if m["role"] == "system":
             out.append(Message("system", text))
         elif m["role"] == "assistant":
@@ -4276,6 +4342,8 @@ def anthropic_messages(body, ignored):
                                        tool_call_id=b["tool_use_id"]))
             if text or not any(b["type"] == "tool_result" for b in blocks):
                 out.append(Message("user", text))
+        if where == "end" and len(out) > start:
+            out[-1].cache_mark = True
     return out
 
 

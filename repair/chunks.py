@@ -10,7 +10,8 @@ import hashlib
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+
+from repair import hashing
 
 # 8 MiB: a 64 KiB corruption touches at most 2 chunks, so a range repair moves at most 16 MiB;
 # a 10 GB model has ~1200 chunks (a 38 KiB table); and 8 MiB reads keep hashlib (which drops
@@ -47,11 +48,14 @@ class ChunkHasher:
         self._queue.put(bytes(data))
 
     def _run(self):
+        hashing.lower_priority()
+        cores = hashing.Cores()
         h, filled = hashlib.sha256(), 0
         while True:
             data = self._queue.get()
             if data is None:
                 break
+            cores.check()
             view = memoryview(data)
             while view:
                 take = min(len(view), self.chunk_size - filled)
@@ -78,21 +82,23 @@ class ChunkHasher:
 
 
 def hash_file(path, chunk_size=CHUNK_SIZE):
-    """(whole-file hex digest, raw chunk digests), in one sequential read on two cores."""
-    whole = hashlib.sha256()
-    chunks = ChunkHasher(chunk_size)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            block = f.read(chunk_size)
-            if not block:
-                break
+    """(whole-file hex digest, raw chunk digests), in one sequential read on two hashing threads
+    (the lowest priority, one core while the engine is busy: repair.hashing)."""
+
+    def both():
+        whole = hashlib.sha256()
+        chunks = ChunkHasher(chunk_size)
+        for block in hashing.read_blocks(path, chunk_size):
             chunks.update(block)
             whole.update(block)
-    return whole.hexdigest(), chunks.digests()
+        return whole.hexdigest(), chunks.digests()
+
+    return hashing.run(both)
 
 
 def bad_chunks(path, table, size, chunk_size=CHUNK_SIZE, workers=None):
-    """Indices of the chunks whose sha256 differs from the table, checked on all cores."""
+    """Indices of the chunks whose sha256 differs from the table, checked on all cores (on
+    hashing threads: the lowest priority, one core while the engine is busy)."""
     workers = workers or os.cpu_count() or 1
     local = threading.local()
     fd = os.open(path, os.O_RDONLY)
@@ -101,13 +107,15 @@ def bad_chunks(path, table, size, chunk_size=CHUNK_SIZE, workers=None):
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = bytearray(chunk_size)
+            local.cores = hashing.Cores()
+        local.cores.check()
         offset, length = chunk_range(index, size, chunk_size)
         view = memoryview(buf)[:length]
         got = os.preadv(fd, [view], offset)
         return index if got != length or hashlib.sha256(view).digest() != table[index] else None
 
     try:
-        with ThreadPoolExecutor(workers) as pool:
+        with hashing.pool(workers) as pool:
             return [i for i in pool.map(check, range(len(table))) if i is not None]
     finally:
         os.close(fd)

@@ -4,14 +4,9 @@ import hashlib
 import os
 
 from repair.errors import ModelCorrupted
+from repair.hashing import sha256_file  # noqa: F401 (verify's: the blob hasher)
 
 GGUF_MAGIC = b"GGUF"
-
-
-def sha256_file(path):
-    """Hex sha256 of a file (read into one reused buffer by hashlib.file_digest)."""
-    with open(path, "rb", buffering=0) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_present(path, size, gguf=False):

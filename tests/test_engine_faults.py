@@ -12,9 +12,10 @@ import pytest
 import requests
 
 import llmnode
-from repair import operations
+from repair import hashing, operations
 from tests.conftest import Served, blob_of, settings_for, wait_for
 from tests.fakeregistry import FakeRegistry
+from tests.test_hashing import Engine
 
 SMOL = "smollm2:135m"
 TINY = "gpt-oss:7b"
@@ -133,6 +134,29 @@ def test_an_exception_in_one_step_fails_that_request_alone_and_the_engine_goes_o
         assert finish_of(lines) in ("stop", "length")
     finally:
         stream.close()
+
+
+def test_the_stores_hashing_holds_to_one_core_while_a_stream_runs_and_not_after(served, tmp_path):
+    slots_of(served)
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(2 * hashing.BLOCK))
+    allowed = os.sched_getaffinity(0)
+    observer = Engine()  # never busy itself: it notes what the node's engine made the hashing thread
+    hashing.register_engine(observer)
+    try:
+        stream, lines = open_stream(served, SMOL, "Count to a thousand.", max_tokens=300)
+        try:
+            assert served.node.compute.busy()
+            hashing.sha256_file(blob)
+        finally:
+            stream.close()
+        assert [cores for cores, _nice in observer.seen][1:] == [{max(allowed)}] * 2
+        wait_for(lambda: not served.node.compute.busy(), "the engine to be idle")
+        observer.seen.clear()
+        hashing.sha256_file(blob)
+        assert [cores for cores, _nice in observer.seen] == [allowed] * 3
+    finally:
+        hashing._engines.discard(observer)
 
 
 def test_a_failing_job_on_the_compute_thread_leaves_it_running():

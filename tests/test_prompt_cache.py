@@ -2,6 +2,7 @@
 restart or an unload only once their sha256 checks, dropped when rotten, never restored under
 other weights or settings; on SmolLM2 in nodes of this process sharing one store."""
 
+import json
 import logging
 import os
 import shutil
@@ -192,3 +193,57 @@ def test_list_and_verify_report_the_cache_and_repair_drops_a_bad_entry(nodes, st
     repaired = run_cli("repair", SMOL, env=env)
     assert repaired.returncode == 0 and "prompt cache: 1 bad entries dropped" in repaired.stdout
     assert not os.path.exists(path)
+
+
+def ask_anthropic(node, system, question):
+    """(text, usage) of a temperature-0 Messages request of 12 tokens, its states saved."""
+    req = llmnode.validate_anthropic({"model": SMOL, "system": system, "max_tokens": 12, "temperature": 0,
+                                      "messages": [{"role": "user", "content": question}]},
+                                     node.settings.n_ctx)
+    answer = node.chat(req)
+    ended, _ = answer.collect()
+    assert node.prompt_cache is None or node.prompt_cache.flush(60)
+    return ended[0].message.content, answer.usage
+
+
+def test_a_cache_control_breakpoint_saves_its_prefix_alone_and_a_new_conversation_restores_it(
+        nodes, store):
+    text = conversation()[0]["content"]
+    system = [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+    before = entry_files(store[0])
+    _, usage = ask_anthropic(nodes(), system, "What is bread?")
+    # One entry: the system prompt's prefix (not the whole prompt, which no breakpoint ends).
+    path = saved_entry(store[0], before)
+    with open(path[:-3] + ".json") as f:
+        saved = len(json.load(f)["tokens"])
+    assert MIN <= saved < usage.prompt_tokens - 4
+    # Another conversation with the same instructions, on a restarted node, starts from it.
+    answer, usage = ask_anthropic(nodes(), system, "What is cheese?")
+    assert usage.cached_tokens == saved
+    # Cold: nothing saved or restored (prompts below the minimum), read in the same two chunks
+    # (the breakpoint ends one): llama.cpp rounds a token differently when a prompt's batches
+    # are cut elsewhere, so that is the computation a restore must equal.
+    cold, cold_usage = ask_anthropic(nodes(LLM_PROMPT_CACHE_MIN="100000"), system, "What is cheese?")
+    assert cold_usage.cached_tokens == 0 and answer == cold
+
+
+def test_where_anthropic_cache_breakpoints_mark_the_conversation():
+    def marks(body):
+        req = llmnode.validate_anthropic(dict({"model": SMOL, "max_tokens": 1}, **body), 2048)
+        return [(m.role, m.cache_mark) for m in req.messages]
+
+    mark = {"cache_control": {"type": "ephemeral"}}
+    turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+             {"role": "user", "content": [dict({"type": "text", "text": "three"}, **mark),
+                                          {"type": "text", "text": "four"}]}]
+    # a breakpoint inside a message keeps the prefix before it; on its last block, the message
+    assert marks({"system": "s", "messages": turns}) == [
+        ("system", False), ("user", False), ("assistant", True), ("user", False)]
+    turns[2]["content"].reverse()
+    assert marks({"system": "s", "messages": turns})[-1] == ("user", True)
+    # on a tool: the system prompt the tools are rendered with
+    tool = dict({"name": "f", "input_schema": {"type": "object"}}, **mark)
+    assert marks({"system": "s", "tools": [tool], "messages": turns[:1]}) == [
+        ("system", True), ("user", False)]
+    assert marks({"system": [dict({"type": "text", "text": "s"}, **mark)], "messages": turns[:1]})[0] == (
+        "system", True)
