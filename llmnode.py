@@ -810,6 +810,7 @@ class Task:
         self.admitted_at = None
         self.first_token_at = None
         self.restore = None  # (tokens, state bytes) of a saved prefix read from disk, checked
+        self.read_secs = 0.0  # how long reading and checking it took
         self.computed = 0  # prompt tokens it read (not kept, copied or restored)
         # A reasoning model's answer: its parser, thinking so far, the tokens to feed instead of
         # sampling (the block closed by the budget), whether the answer grammar has started.
@@ -960,9 +961,10 @@ class Slots:
         # The compute thread replaces and grows these lists; a copy of each is a consistent
         # (if already dated) view, which is all a guess at the best source needs.
         in_memory = max(common_prefix(list(cached), prompt) for cached in self.cache)
+        started = time.monotonic()
         found = self.kv.cache.find(self.key, prompt, max(self.cache_min, in_memory + COPY_MIN_TOKENS))
         if found is not None:
-            task.restore = found
+            task.restore, task.read_secs = found, time.monotonic() - started
 
     # -- the compute thread's side --
 
@@ -1065,8 +1067,12 @@ class Slots:
         task.state = TaskState.PROMPT
         task.admitted_at = time.monotonic()
         if isinstance(source, tuple):
+            started = time.monotonic()
             if self.ctx.set_seq_state(seq, source[1]):
                 self.cache[seq] = list(source[0][:keep])
+                log.info("prompt cache: restored %d tokens of a saved prompt (%.1f MiB, read and "
+                         "checked in %.3f s, set in %.3f s)", keep, len(source[1]) / (1 << 20),
+                         task.read_secs, time.monotonic() - started)
             else:
                 log.warning("llama.cpp refused a saved prompt state of %d tokens; reading the "
                             "prompt", len(source[0]))

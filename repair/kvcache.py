@@ -20,6 +20,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from repair.hashing import sha256_file
 from repair.locks import FileLock
 from repair.store import write_atomically
 
@@ -244,15 +245,13 @@ class PromptCache:
         return good, bad
 
     def _intact(self, record):
-        h, size = hashlib.sha256(), 0
+        """Whether an entry's file has its recorded size and sha256 (hashed as verify hashes
+        blobs: on a hashing thread that yields to a running engine)."""
         try:
-            with open(record["path"], "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-                    size += len(block)
+            size = os.path.getsize(record["path"])
+            return size == record.get("size") and sha256_file(record["path"]) == record["sha256"]
         except FileNotFoundError:
             return False
-        return size == record.get("size") and h.hexdigest() == record["sha256"]
 
 
 class Saver:

@@ -13,17 +13,20 @@ spinning). Debian's `sha256sum` runs at about 280 MB/s here, hashlib (OpenSSL, S
 about 1.3 GB/s."""
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -240,16 +243,19 @@ class Served:
     """`python llmnode.py` in its own process, as the reference server runs in its own: the
     load generator's threads must not share a GIL with either side."""
 
-    def __init__(self, env):
+    def __init__(self, env, log=None):
         port = free_port()
         self.url = "http://127.0.0.1:%d" % port
+        self._log = open(log, "a") if log else subprocess.DEVNULL  # the node's log lines, if kept
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "llmnode.py"), "serve"],
                                      env=dict(os.environ, LLM_PORT=str(port), **env),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=self._log)
 
     def close(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
 
 
 def wait_until_up(url, proc, timeout=120, path="/v1/models"):
@@ -854,6 +860,192 @@ def bench_engine(work, rounds, threads=2, n_ctx=2048):
     report("g. peak RSS (VmHWM), LLM_PARALLEL=4 vs -np 4", ours["rss4"], ref["rss4"], "MiB", "<= 1.1")
 
 
+def agent_prompt(tools=24, rules=60):
+    """An agent-sized system prompt (~5.5k SmolLM2 tokens): numbered working rules, then a JSON
+    tool list, as a coding agent's instructions are; the same every call."""
+    rnd = random.Random(7)
+    verbs = ("read", "edit", "run", "search", "list", "check", "write", "move", "format", "explain")
+    things = ("file", "test", "function", "module", "commit", "branch", "command", "log", "diff", "error")
+    text = ["You are a coding agent working in the user's repository. Follow these rules."]
+    for n in range(rules):
+        text.append("Rule %d: before you %s a %s, %s the %s it touches and say why in one sentence." % (
+            n + 1, rnd.choice(verbs), rnd.choice(things), rnd.choice(verbs), rnd.choice(things)))
+    listed = [{"type": "function", "function": {
+        "name": "%s_%s_%d" % (rnd.choice(verbs), rnd.choice(things), n),
+        "description": "%s a %s of the repository, given its path and what to look for." % (
+            rnd.choice(verbs).capitalize(), rnd.choice(things)),
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string", "description": "the path, relative to the repository root"},
+            "pattern": {"type": "string", "description": "what to look for, as a regular expression"},
+            "limit": {"type": "integer", "description": "at most this many results"}},
+            "required": ["path"]}}} for n in range(tools)]
+    return "\n".join(text) + "\n\nTools:\n" + json.dumps(listed, indent=1)
+
+
+def first_token(url, model, system, task, max_tokens=16):
+    """(seconds to the first token, prompt tokens, cached prompt tokens) of one streamed chat."""
+    body = dict(chat_body(model, task, system), max_tokens=max_tokens)
+    started, first, _ended, usage, _text = _stream((url, body))
+    return first - started, usage["prompt_tokens"], (usage.get("prompt_tokens_details") or {}).get(
+        "cached_tokens", 0)
+
+
+def beside_a_running_one(url, model, system):
+    """(first session's first token, second session's first token): the second sent with the same
+    system prompt as soon as the first's first token came, while the first still generates."""
+    body = dict(chat_body(model, "Task A: list the files.", system), max_tokens=200, stream=True)
+    started = time.perf_counter()
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith(b"data: {") and any(
+                    (c.get("delta") or {}).get("content") for c in json.loads(line[6:])["choices"]):
+                break
+        first = time.perf_counter() - started
+        second = first_token(url, model, system, "Task B: run the tests.")
+        for _line in lines:  # the first session runs to its end
+            pass
+    return first, second
+
+
+def restore_times(log_path):
+    """(seconds reading and checking, seconds setting) of each restore the node logged."""
+    found = re.findall(r"read and checked in ([\d.]+) s, set in ([\d.]+) s", Path(log_path).read_text())
+    return [(float(read), float(set_)) for read, set_ in found]
+
+
+def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
+    """Agent-sized prompts on SmolLM2 (2 sequences of 8k) against llama-server (-np 2): the cold
+    first token; a second session with the same system prompt sent while the first generates; the
+    first request after a restart, and after a keep-alive unload (the node: its prompt cache on
+    disk); restoring a saved prefix against computing it; a q8_0 KV cache against f16."""
+    from tests.conftest import smollm2_path
+    from tests.fakeregistry import FakeRegistry
+    from tests.test_engine import kv_bytes
+
+    system = agent_prompt()
+    print("\n== i. agent-sized prompts on SmolLM2: one system prompt, 2 sequences of %d tokens, %d threads"
+          % (n_ctx, threads))
+    binary = llama_server()
+    gguf = smollm2_path()
+    reg = FakeRegistry().start()
+    got = {"ours": {}, "ref": {}}
+
+    def note(side, **figures):
+        print("   %s: %s" % (side, ", ".join("%s %.3g" % item for item in sorted(figures.items()))),
+              flush=True)
+        for key, value in figures.items():
+            got[side].setdefault(key, []).append(value)
+
+    try:
+        reg.add_model("library/smollm2", "135m", Path(gguf).read_bytes())
+        models = work / "cache-models"
+        env = {"LLM_MODELS_DIR": str(models), "LLM_REGISTRY_URL": reg.url, "LLM_CTX_SIZE": str(n_ctx),
+               "LLM_PARALLEL": "2", "LLM_CPU_THREADS": str(threads)}
+        subprocess.run([sys.executable, str(ROOT / "llmnode.py"), "pull", ENGINE_MODEL],
+                       env=dict(os.environ, **env), check=True, capture_output=True)
+        for i in range(rounds):
+            shutil.rmtree(models / ".llmnode" / "kv", ignore_errors=True)  # a cold cache each round
+            # The node: cold, a second session beside the first, then a restart (keep-alive 0:
+            # unloaded after each request), its first request, then one after the unload.
+            log_path = work / ("node-%d.log" % i)
+            server = Served(env, log=log_path)
+            try:
+                if not wait_until_up(server.url, server.proc):
+                    print("the node did not start: prompt cache bench not run")
+                    return
+                _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))  # loaded
+                cold, (second, prompt_tokens, cached2) = beside_a_running_one(server.url, ENGINE_MODEL,
+                                                                              system)
+            finally:
+                server.close()
+            server = Served(dict(env, LLM_KEEP_ALIVE="0"), log=log_path)
+            try:
+                if not wait_until_up(server.url, server.proc):
+                    print("the node did not start again: prompt cache bench not run")
+                    return
+                restart, _, cached_restart = first_token(server.url, ENGINE_MODEL, system, "Task C: fix it.")
+                unload, _, cached_unload = first_token(server.url, ENGINE_MODEL, system, "Task D: test it.")
+            finally:
+                server.close()
+            restores = restore_times(log_path)
+            note("ours", cold=cold, second=second, restart=restart, unload=unload, prompt=prompt_tokens,
+                 cached_second=cached2, cached_restart=cached_restart, cached_unload=cached_unload,
+                 restore=(statistics.median(read + set_ for read, set_ in restores) if restores
+                          else float("nan")))
+            # llama-server: cold, a second session beside the first, a restart.
+            for phase in ("run", "restart"):
+                ref = LlamaServer(binary, gguf, 2, n_ctx, threads)
+                try:
+                    if not wait_until_up(ref.url, ref.proc, path=ref.ready_path):
+                        print("llama-server did not start: prompt cache bench not run")
+                        return
+                    if phase == "run":
+                        _stream((ref.url, chat_body(gguf, "Hello")))
+                        ref_cold, (ref_second, _, _) = beside_a_running_one(ref.url, gguf, system)
+                    else:
+                        ref_restart = first_token(ref.url, gguf, system, "Task C: fix it.")[0]
+                finally:
+                    ref.close()
+            note("ref", cold=ref_cold, second=ref_second, restart=ref_restart)
+        # Tokens/s of one stream with a q8_0 KV cache against f16, and llama.cpp's own KV bytes.
+        for kv in ("f16", "q8_0"):
+            server = Served(dict(env, LLM_KV_CACHE_TYPE=kv, LLM_PROMPT_CACHE_BYTES="0"))
+            try:
+                if not wait_until_up(server.url, server.proc):
+                    print("the node did not start with %s: KV rows not run" % kv)
+                    return
+                _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))
+                note("ours", **{"tps_" + kv: one_stream(server.url, ENGINE_MODEL)})
+                if kv == "f16":  # and beside an operator's verify of the store, run again and again
+                    with verifying(env):
+                        note("ours", tps_verify=one_stream(server.url, ENGINE_MODEL))
+            finally:
+                server.close()
+    finally:
+        reg.stop()
+    llm = llmnode.load_llama(gguf, conf.load(environ={"LLM_CPU_THREADS": str(threads)}))
+    try:
+        kv_ratio = kv_bytes(llm, "q8_0") / kv_bytes(llm, "f16")
+    finally:
+        llm.close()
+    ours, ref = ({key: statistics.median(values) for key, values in got[side].items()} for side in got)
+    print("   prompt: %d tokens; cached: %d beside a running session, %d after a restart, %d after an unload"
+          % (ours["prompt"], ours["cached_second"], ours["cached_restart"], ours["cached_unload"]))
+    report("i. cold first token, agent prompt (2 x 8k)", ours["cold"], ref["cold"], "s", "<= 1.0")
+    for key, what in (("second", "a 2nd session beside the 1st"), ("restart", "1st request after a restart")):
+        report("i. %s, 1st token / cold (ratio: ours)" % what, ours[key] / ours["cold"],
+               ref[key] / ref["cold"], "x", "ours <= 0.1", ratio=ours[key] / ours["cold"])
+    report_alone("i. 1st request after a keep-alive unload, 1st token / cold", ours["unload"] / ours["cold"],
+                 "x", "<= 0.1")
+    report_alone("i. restoring the saved prefix (read + sha256 + set) / cold", ours["restore"] / ours["cold"],
+                 "x", "<= 0.1")
+    report_alone("i. KV bytes q8_0 / f16 (llama.cpp's state size)", kv_ratio, "x", "~ 0.5")
+    report("i. one stream tokens/s, q8_0 KV vs f16", ours["tps_q8_0"], ours["tps_f16"], "tok/s", ">= 0.9")
+    report("i. one stream tokens/s beside `llmnode.py verify` vs idle", ours["tps_verify"], ours["tps_f16"],
+           "tok/s", ">= 0.8")
+
+
+@contextlib.contextmanager
+def verifying(env):
+    """`python llmnode.py verify` of the store, again and again until the block ends."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            subprocess.run([sys.executable, str(ROOT / "llmnode.py"), "verify"], env=dict(os.environ, **env),
+                           capture_output=True)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def bench_retrieval(work, rounds, threads=2):
     """Embeddings of 1k-token inputs on SmolLM2 and a rerank of 32 short documents on the tiny
     reranker, against llama-server (`--embeddings --pooling mean`, the mean over the tokens the
@@ -988,7 +1180,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big blob")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per comparison")
-    parts = ["verify", "repair", "serving", "load", "api", "engine", "retrieval", "agents"]
+    parts = ["verify", "repair", "serving", "load", "api", "engine", "cache", "retrieval", "agents"]
     parser.add_argument("--only", choices=parts, action="append", help="run only these parts (repeatable)")
     parser.add_argument("--agents-tiny", action="store_true",
                         help="agents on the tests' tiny model instead of SmolLM2 (a smoke check)")
@@ -1013,6 +1205,8 @@ def main(argv=None):
             bench_api(work, args.rounds)
         if "engine" in only:
             bench_engine(work, args.rounds)
+        if "cache" in only:
+            bench_prompt_cache(work, args.rounds)
         if "retrieval" in only:
             bench_retrieval(work, args.rounds)
         if "agents" in only:
