@@ -6,7 +6,12 @@ bottom, each depending only on those above it:
 
 - Logging.
 - Runtime: the llama.cpp adapter (every private llama-cpp-python field in one place), the
-  engine and its scheduler (one compute thread, continuous batching), the model pool.
+  engine and its scheduler, the model pool. One compute thread runs llama.cpp's server loop
+  for every loaded model: each step decodes the next token of every running answer, then up to
+  512 prompt tokens in arrival order, so a long prompt never stalls the streams beside it and
+  one model's load or repair never stalls another's. A loaded model is one context of
+  LLM_PARALLEL sequences, each its own KV stream; a new request takes the sequence sharing the
+  longest prefix of its prompt, or starts from a copy of a longer one's cells.
 - The request type and the tool/grammar layer: `ChatRequest` (with `Message`, `ToolCall`,
   `Tool`), `CompletionRequest`, the checks every dialect shares, the field rule (known fields
   honoured or accepted, unknown ones named), grammars from any JSON schema, tool formats.

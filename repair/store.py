@@ -1,4 +1,14 @@
-"""The Ollama-layout store: manifests by name, blobs by digest, written atomically."""
+"""The Ollama-layout store: manifests by name, blobs by digest, written atomically.
+
+Several writers share one store: the serving node, `pull` / `repair` / `verify` run beside it, a
+second node, Ollama. A blob's writer holds an flock on `.llmnode/partial/sha256-<hex>.lock` for its
+whole write and install (the kernel drops it if the writer dies; others wait, within the repair's
+deadline, and then find the blob installed). The records (`.llmnode/verified.json`) change under
+an flock on `.llmnode/verified.lock` (`repair.records`; an unreadable file is moved aside and
+logged). Temporaries `<name>.tmp-<pid>-<random>` are removed at start only for dead processes;
+Ollama's own `-partial` files are never touched; a delete never removes a blob another model or a
+running pull needs (`repair.operations`).
+"""
 
 import json
 import os
