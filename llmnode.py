@@ -430,16 +430,6 @@ def model_pointer(llm):
     return llm._model.model
 
 
-@dataclass
-class Sampler:
-    """One answer's llama.cpp samplers: its chain, its grammar (None without one), and whether
-    the chain is greedy alone (then the grammar is checked on the likeliest tokens first)."""
-
-    chain: object
-    grammar: object = None
-    greedy: bool = False
-
-
 # LLM_KV_CACHE_TYPE and LLM_FLASH_ATTENTION, as llama.cpp's context takes them.
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
 FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
@@ -482,12 +472,6 @@ class BatchedContext:
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.batch = C.llama_batch_init(BATCH_TOKENS, 0, n_seq)
         self._buf = ctypes.create_string_buffer(256)
-        # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
-        self._candidates = (C.llama_token_data * self.n_vocab)()
-        self._ids_logits = np.ctypeslib.as_array(self._candidates)
-        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
-        self._few = (C.llama_token_data * max(1, self.GREEDY_FIRST))()
-        self._greedy = C.llama_sampler_init_greedy()
 
     def decode(self, items):
         """One llama_decode of [(token, position, [sequence ids], wants logits)]."""
@@ -500,65 +484,6 @@ class BatchedContext:
         rc = self.C.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError("llama_decode returned %d" % rc)
-
-    def sample(self, sampler, i):
-        """The token `sampler` picks from the logits at batch index `i`, accepted by its chain
-        (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
-        all the logits, and only a token the grammar refuses makes it pick again from the
-        grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
-        chain, gram, greedy = sampler.chain, sampler.grammar, sampler.greedy
-        if gram is None:
-            return self.C.llama_sampler_sample(chain, self.ctx, i)  # applies and accepts
-        if greedy:
-            token = self._greedy_in_grammar(gram, i)
-        else:
-            token = self._apply(chain, i)
-            if not self._allows(gram, [token]):
-                token = self._apply(chain, i, gram)
-        self.accept(sampler, token)
-        return token
-
-    def accept(self, sampler, token):
-        """Advance a sampler (chain and grammar) past `token`."""
-        for part in (sampler.chain, sampler.grammar):
-            if part is not None:
-                self.C.llama_sampler_accept(part, token)
-
-    # Greedy under a grammar: the likeliest tokens the grammar allows are usually among the
-    # likeliest few, so these are checked before the whole vocabulary.
-    GREEDY_FIRST = 128
-
-    def _greedy_in_grammar(self, gram, i):
-        """The likeliest token `gram` allows at batch index `i`: what greedy after the grammar
-        would pick, exactly."""
-        logits = self.logits(i)
-        top = logits.argpartition(-self.GREEDY_FIRST)[-self.GREEDY_FIRST:]
-        top = top[(-logits[top]).argsort(kind="stable")]
-        allowed = self._allows(gram, top)
-        if allowed:
-            return allowed[0]
-        return self._apply(self._greedy, i, gram)
-
-    def _allows(self, gram, tokens):
-        """Those of `tokens` (in their order) that `gram` allows next."""
-        n = len(tokens)
-        for k, token in enumerate(tokens):
-            self._few[k].id, self._few[k].logit, self._few[k].p = int(token), 0.0, 0.0
-        arr = self.C.llama_token_data_array(self._few, n, -1, False)
-        self.C.llama_sampler_apply(gram, ctypes.byref(arr))
-        return [self._few[k].id for k in range(n) if self._few[k].logit != float("-inf")]
-
-    def _apply(self, chain, i, first=None):
-        """The token `chain` selects from the logits at batch index `i` (after `first`, if
-        given), accepted by neither."""
-        self._ids_logits["id"] = self._all_ids
-        self._ids_logits["logit"] = self.logits(i)
-        self._ids_logits["p"] = 0.0
-        arr = self.C.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
-        if first is not None:
-            self.C.llama_sampler_apply(first, ctypes.byref(arr))
-        self.C.llama_sampler_apply(chain, ctypes.byref(arr))
-        return arr.data[arr.selected].id
 
     def logits(self, i):
         return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
@@ -611,7 +536,42 @@ class BatchedContext:
     def is_eog(self, token):
         return self.C.llama_vocab_is_eog(self.vocab, token)
 
-    def sampler(self, s, history=()):
+    def close(self):
+        if self.ctx:
+            self.C.llama_batch_free(self.batch)
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+
+
+@dataclass
+class Sampler:
+    """One answer's llama.cpp samplers: its chain, its grammar (None without one), and whether
+    the chain is greedy alone (then the grammar is checked on the likeliest tokens first)."""
+
+    chain: object
+    grammar: object = None
+    greedy: bool = False
+
+
+class Samplers:
+    """The answers' samplers on one BatchedContext: built from a `Sampling`, run on the
+    context's logits (a grammar checked as llama.cpp's common sampler checks it), freed."""
+
+    # Greedy under a grammar: the likeliest tokens the grammar allows are usually among the
+    # likeliest few, so these are checked before the whole vocabulary.
+    GREEDY_FIRST = 128
+
+    def __init__(self, context):
+        C = self.C = context.C
+        self.context = context
+        self.vocab, self.n_vocab = context.vocab, context.n_vocab
+        # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
+        self._candidates = (C.llama_token_data * self.n_vocab)()
+        self._ids_logits = np.ctypeslib.as_array(self._candidates)
+        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._few = (C.llama_token_data * max(1, self.GREEDY_FIRST))()
+
+    def build(self, s, history=()):
         """A Sampler for one answer: the chain is logit bias, penalties (fed the prompt's last
         tokens), then greedy at temperature 0 or top-k, top-p, min-p, temperature and a seeded
         draw, as llama.cpp's common sampler orders them; the grammar is applied as `sample`
@@ -650,17 +610,71 @@ class BatchedContext:
             add(C.llama_sampler_init_dist(s.seed))
         return Sampler(chain, gram, greedy)
 
-    def free_sampler(self, sampler):
+    def free(self, sampler):
         for part in (sampler.chain, sampler.grammar):
             if part is not None:
                 self.C.llama_sampler_free(part)
 
-    def close(self):
-        if self.ctx:
-            self.C.llama_sampler_free(self._greedy)
-            self.C.llama_batch_free(self.batch)
-            self.C.llama_free(self.ctx)
-            self.ctx = None
+    def sample(self, sampler, i):
+        """The token `sampler` picks from the logits at batch index `i`, accepted by its chain
+        (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
+        all the logits, and only a token the grammar refuses makes it pick again from the
+        grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
+        chain, gram, greedy = sampler.chain, sampler.grammar, sampler.greedy
+        if gram is None:
+            return self.C.llama_sampler_sample(chain, self.context.ctx, i)  # applies and accepts
+        if greedy:
+            token = self._greedy_in_grammar(sampler, i)
+        else:
+            token = self._apply(chain, i)
+            if not self.allows(sampler, [token]):
+                token = self.pick(sampler, i)
+        self.accept(sampler, token)
+        return token
+
+    def accept(self, sampler, token):
+        """Advance a sampler (chain and grammar) past `token`."""
+        for part in (sampler.chain, sampler.grammar):
+            if part is not None:
+                self.C.llama_sampler_accept(part, token)
+
+    def pick(self, sampler, i):
+        """The token `sampler` selects from the logits at batch index `i` with its grammar (if
+        any) applied to the whole vocabulary first, accepted by neither: what `sample` picks,
+        the long way."""
+        return self._apply(sampler.chain, i, sampler.grammar)
+
+    def allows(self, sampler, tokens):
+        """Those of `tokens` (in their order) that `sampler`'s grammar allows next."""
+        n = len(tokens)
+        for k, token in enumerate(tokens):
+            self._few[k].id, self._few[k].logit, self._few[k].p = int(token), 0.0, 0.0
+        arr = self.C.llama_token_data_array(self._few, n, -1, False)
+        self.C.llama_sampler_apply(sampler.grammar, ctypes.byref(arr))
+        return [self._few[k].id for k in range(n) if self._few[k].logit != float("-inf")]
+
+    def _greedy_in_grammar(self, sampler, i):
+        """The likeliest token the grammar allows at batch index `i`: what greedy after the
+        grammar would pick, exactly."""
+        logits = self.context.logits(i)
+        top = logits.argpartition(-self.GREEDY_FIRST)[-self.GREEDY_FIRST:]
+        top = top[(-logits[top]).argsort(kind="stable")]
+        allowed = self.allows(sampler, top)
+        if allowed:
+            return allowed[0]
+        return self.pick(sampler, i)
+
+    def _apply(self, chain, i, first=None):
+        """The token `chain` selects from the logits at batch index `i` (after `first`, if
+        given), accepted by neither."""
+        self._ids_logits["id"] = self._all_ids
+        self._ids_logits["logit"] = self.context.logits(i)
+        self._ids_logits["p"] = 0.0
+        arr = self.C.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
+        if first is not None:
+            self.C.llama_sampler_apply(first, ctypes.byref(arr))
+        self.C.llama_sampler_apply(chain, ctypes.byref(arr))
+        return arr.data[arr.selected].id
 
 
 def close_model(llm):
@@ -838,7 +852,7 @@ class Run:
                 sampling = gen.sampling
                 if k:
                     sampling = replace(sampling, seed=(sampling.seed + k) % (2 ** 32))
-                group.append(Task(self, index, gen, slots.ctx.sampler(sampling, gen.prompt)))
+                group.append(Task(self, index, gen, slots.samplers.build(sampling, gen.prompt)))
                 index += 1
             self.groups.append(group)
         self._open = index  # answers not yet finished (read and written by the caller only)
@@ -916,6 +930,7 @@ class Slots:
         self.metrics = metrics or Metrics()
         self.step_hook = step_hook
         self.ctx = BatchedContext(llm, n_seq, n_ctx, threads, kv_type, flash_attn)
+        self.samplers = Samplers(self.ctx)
         self.kv, self.cache_min = kv, cache_min
         # What a saved state of this model is bound to: the weights (a blob is named by its
         # digest), the build and the KV settings.
@@ -987,7 +1002,7 @@ class Slots:
                 self._unqueue(group)
                 for task in group:
                     task.state = TaskState.DONE
-                    self.ctx.free_sampler(task.sampler)
+                    self.samplers.free(task.sampler)
                 continue
             free = [s for s, t in enumerate(self.busy) if t is None]
             if len(free) < len(group):
@@ -1164,15 +1179,15 @@ class Slots:
                 self.busy[task.seq] = None
                 self.ctx.forget(task.seq)
                 self.cache[task.seq] = []
-            self.ctx.free_sampler(task.sampler)
+            self.samplers.free(task.sampler)
             task.run.events.put(error)
 
     def _sample(self, task, i):
         if task.forced:  # the budget's closing marker, fed as if sampled
             token = task.forced.pop(0)
-            self.ctx.accept(Sampler(task.sampler.chain), token)  # the chain only: no grammar yet
+            self.samplers.accept(Sampler(task.sampler.chain), token)  # the chain only: no grammar yet
         else:
-            token = self.ctx.sample(task.sampler, i)
+            token = self.samplers.sample(task.sampler, i)
         if task.first_token_at is None:
             task.first_token_at = time.monotonic()
         if self.ctx.is_eog(token):
@@ -1242,9 +1257,9 @@ class Slots:
             return
         if reasoning.answer_grammar and not task.answer_sampler and parser.answering:
             task.answer_sampler = True
-            self.ctx.free_sampler(task.sampler)
-            task.sampler = self.ctx.sampler(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
-                                            self.cache[task.seq])
+            self.samplers.free(task.sampler)
+            task.sampler = self.samplers.build(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
+                                               self.cache[task.seq])
         if (reasoning.budget is not None and parser.thinking and not task.forced
                 and task.reasoning_tokens >= reasoning.budget):
             task.forced = list(reasoning.close_tokens)
@@ -1278,7 +1293,7 @@ class Slots:
         task.state = TaskState.DONE
         self.busy[task.seq] = None
         self.used[task.seq] = next(self._clock)
-        self.ctx.free_sampler(task.sampler)
+        self.samplers.free(task.sampler)
         self.metrics.inc("llmnode_generated_tokens_total", task.generated)
         run = task.run
         if task is run.groups[0][0] and task.first_token_at is not None:

@@ -274,28 +274,29 @@ def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_pass_picks(which
     settings = settings_for(str(tmp_path / "models"), "http://127.0.0.1:9", LLM_CPU_THREADS="2")
     llm = llmnode.load_llama(str(path), settings)
     ctx = llmnode.BatchedContext(llm, 1, 512, 2)
+    samplers = llmnode.Samplers(ctx)
     gram = llmnode.grammar({"type": "object", "properties": {"city": {"type": "string"},
                                                              "rank": {"type": "integer"}}})
-    fast = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
-    whole = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
+    fast = samplers.build(llmnode.Sampling(temperature=0, grammar=gram))
+    whole = samplers.build(llmnode.Sampling(temperature=0, grammar=gram))
     assert fast.greedy and whole.greedy  # greedy alone in the chain: the shortcut applies
     prompt = llm.tokenize(b"Describe Paris as JSON:", add_bos=True, special=False)
     ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
     at, pos, shortcuts = len(prompt) - 1, len(prompt), 0
     for _step in range(40):
-        expected = ctx._apply(ctx._greedy, at, whole.grammar)
-        top = [int(t) for t in ctx.logits(at).argsort()[::-1][:ctx.GREEDY_FIRST]]
-        shortcuts += expected in ctx._allows(fast.grammar, top)  # found among the likeliest
-        got = ctx.sample(fast, at)
+        expected = samplers.pick(whole, at)
+        top = [int(t) for t in ctx.logits(at).argsort()[::-1][:samplers.GREEDY_FIRST]]
+        shortcuts += expected in samplers.allows(fast, top)  # found among the likeliest
+        got = samplers.sample(fast, at)
         assert got == expected
-        ctx.accept(whole, expected)
+        samplers.accept(whole, expected)
         if ctx.is_eog(got):
             break
         ctx.decode([(got, pos, [0], True)])
         at, pos = 0, pos + 1
     assert shortcuts > 0
     for sampler in (fast, whole):
-        ctx.free_sampler(sampler)
+        samplers.free(sampler)
     ctx.close()
     llm.close()
 
@@ -350,7 +351,8 @@ def kv_bytes(llm, kv_type, flash_attn="auto"):
         prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 20, add_bos=True,
                               special=False)
         ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
-        token = ctx.sample(ctx.sampler(llmnode.Sampling(temperature=0)), len(prompt) - 1)
+        samplers = llmnode.Samplers(ctx)
+        token = samplers.sample(samplers.build(llmnode.Sampling(temperature=0)), len(prompt) - 1)
         assert 0 <= token < ctx.n_vocab
         return len(ctx.seq_state(0))
     finally:
