@@ -1561,6 +1561,12 @@ class ModelPool:
                 entry.pinned = True
                 entry.expires = None
 
+    def entry(self, path):
+        """The model for `path` while it is in memory (not leaving it), else None."""
+        with self._cond:
+            entry = self._models.get(path)
+            return entry if entry is not None and entry.llm is not None and not entry.evicted else None
+
     def loaded(self):
         with self._cond:
             return [e.path for e in self._models.values() if e.llm is not None and not e.evicted]

@@ -95,7 +95,7 @@ def test_a_client_that_goes_away_frees_its_sequence_within_one_step(served):
     for line in stream:
         if '"content": "' in line and '"content": ""' not in line:
             break
-    slots = node.pool._models[blob_of(served.models_dir, ("smollm2", "135m"))[1]].llm.slots
+    slots = node.pool.entry(blob_of(served.models_dir, ("smollm2", "135m"))[1]).llm.slots
     task = next(t for t in slots.busy if t is not None)
     at_close = task.generated
     stream.close()  # what waitress does when the client's socket is gone

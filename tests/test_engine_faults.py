@@ -72,7 +72,7 @@ def served(tmp_path_factory, smollm2, tiny_gguf):
 def slots_of(served, model=SMOL):
     """The model's Slots (loaded by a one-token request if it is not in memory)."""
     assert chat(served, model, "Hi", max_tokens=1).status_code == 200
-    return served.node.pool._models[blob_of(served.models_dir, tuple(model.split(":")))[1]].llm.slots
+    return served.node.pool.entry(blob_of(served.models_dir, tuple(model.split(":")))[1]).llm.slots
 
 
 def chat(served, model, content, **kw):
