@@ -355,14 +355,6 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
                  11: "<q", 12: "<d"}
 
 
-# llama.cpp's LLAMA_FTYPE values, as Ollama names quantization levels.
-FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-              17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-              23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-              29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
-
-
 def read_gguf_metadata(path, max_array=5):
     """(key -> value of a GGUF's metadata, parameter count). Arrays longer than `max_array`
     (vocabularies) come back empty, as Ollama's /api/show gives them."""
@@ -412,13 +404,31 @@ def read_gguf_metadata(path, max_array=5):
     return meta, params
 
 
-def human_number(n):
-    """Ollama's parameter_size format: 8B, 7.6B, 134.52M, 500K."""
-    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
-        if n >= size:
-            value = n / size
-            return ("%d%s" % (value, unit)) if value == int(value) else ("%.*f%s" % (digits, value, unit))
-    return str(n)
+class MetadataCache:
+    """The GGUF metadata of weights read after their check, by digest: read again only when
+    the file's stat stamp has changed."""
+
+    def __init__(self):
+        # Guards _read: weights digest -> (stat stamp, metadata, parameter count).
+        self._lock = threading.Lock()
+        self._read = {}
+
+    def read(self, digest, path):
+        """`read_gguf_metadata` of the weights at `path`; ({}, 0) if they cannot be read (removed
+        or replaced since their check: nothing is kept)."""
+        stamp = stat_stamp(path)
+        with self._lock:
+            cached = self._read.get(digest)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        try:
+            meta, params = read_gguf_metadata(path)
+        except (OSError, ValueError):
+            return {}, 0
+        if stamp is not None:
+            with self._lock:
+                self._read[digest] = (stamp, meta, params)
+        return meta, params
 
 
 # Tokens one decode step carries at most (llama.cpp's default n_batch): the running answers'
@@ -2673,10 +2683,7 @@ class Node:
         # says why not, while it is not.
         self.ready = threading.Event()
         self.preload_errors = {}
-        # Guards _described: weights digest -> (stat stamp, GGUF metadata, details) of weights
-        # read after their check; a file with another stamp is read again.
-        self._describe_lock = threading.Lock()
-        self._described = {}
+        self.metadata = MetadataCache()  # of weights read after their check
         if not settings.preload:
             self.ready.set()
 
@@ -2764,41 +2771,6 @@ class Node:
                 log.error("preload of model %s failed: %s", name, e)
         if not self.preload_errors:
             self.ready.set()
-
-    def describe(self, ref, check_weights=True):
-        """What Ollama's API says of a model: (manifest, weights layer, GGUF metadata, details,
-        kind -> text of its template/system/params/license layers). Every layer is checked
-        (and repaired) before it is read: the texts against their digests, the weights by the
-        guard (a full check if they changed since the last one). With `check_weights` false,
-        the metadata of weights that changed since their last check is left out, not read."""
-        manifest = self.repairs.manifest(ref)
-        layer = model_layer(manifest)
-        path = self.store.blob_path(layer["digest"])
-        extras = self.repairs.layer_texts(ref, manifest)
-        meta, params, stamp = {}, 0, None
-        if check_weights:
-            self.repairs.ensure(ref, on_change=self.pool.drop)
-        if check_weights or self.guard.unchanged(layer):
-            stamp = stat_stamp(path)
-            with self._describe_lock:
-                cached = self._described.get(layer["digest"])
-            if stamp is not None and cached is not None and cached[0] == stamp:
-                return manifest, layer, cached[1], cached[2], extras
-            try:
-                meta, params = read_gguf_metadata(path)
-            except (OSError, ValueError):
-                stamp = None  # removed or replaced since its check: not kept
-        arch = meta.get("general.architecture", "")
-        details = {"parent_model": "", "format": "gguf", "family": arch,
-                   "families": [arch] if arch else None,
-                   "parameter_size": (human_number(params) if params
-                                      else meta.get("general.size_label", "")),
-                   "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
-        meta = dict(meta, **{"general.parameter_count": params})
-        if stamp is not None:
-            with self._describe_lock:
-                self._described[layer["digest"]] = (stamp, meta, details)
-        return manifest, layer, meta, details, extras
 
     def models(self):
         data = []
@@ -4756,6 +4728,47 @@ def ollama_message(message):
     return out
 
 
+# llama.cpp's LLAMA_FTYPE values, as Ollama names quantization levels.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+              17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+              23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+              29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
+
+
+def human_number(n):
+    """Ollama's parameter_size format: 8B, 7.6B, 134.52M, 500K."""
+    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= size:
+            value = n / size
+            return ("%d%s" % (value, unit)) if value == int(value) else ("%.*f%s" % (digits, value, unit))
+    return str(n)
+
+
+def ollama_describe(node, ref, check_weights=True):
+    """What Ollama's API says of a model: (manifest, weights layer, GGUF metadata, details,
+    kind -> text of its template/system/params/license layers). Every layer is checked
+    (and repaired) before it is read: the texts against their digests, the weights by the
+    guard (a full check if they changed since the last one). With `check_weights` false,
+    the metadata of weights that changed since their last check is left out, not read."""
+    manifest = node.repairs.manifest(ref)
+    layer = model_layer(manifest)
+    extras = node.repairs.layer_texts(ref, manifest)
+    meta, params = {}, 0
+    if check_weights:
+        node.repairs.ensure(ref, on_change=node.pool.drop)
+    if check_weights or node.guard.unchanged(layer):
+        meta, params = node.metadata.read(layer["digest"], node.store.blob_path(layer["digest"]))
+    arch = meta.get("general.architecture", "")
+    details = {"parent_model": "", "format": "gguf", "family": arch,
+               "families": [arch] if arch else None,
+               "parameter_size": (human_number(params) if params
+                                  else meta.get("general.size_label", "")),
+               "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
+    meta = dict(meta, **{"general.parameter_count": params})
+    return manifest, layer, meta, details, extras
+
+
 @route("GET", "/api/version", OLLAMA)
 def ollama_version(node):
     return {"version": OLLAMA_VERSION}
@@ -4767,7 +4780,7 @@ def ollama_tags(node):
     for ref in node.store.models():
         try:
             # A listing hashes nothing large: details come from weights as last checked.
-            manifest, layer, _meta, details, _extras = node.describe(ref, check_weights=False)
+            manifest, layer, _meta, details, _extras = ollama_describe(node, ref, check_weights=False)
             raw = node.store.read_manifest_raw(ref)
         except LLMNodeError:
             continue
@@ -4785,7 +4798,7 @@ def ollama_show(node):
     body = ollama_body(node, ("model", "verbose", "system", "template", "options"), ignored)
     report_ignored(ignored)
     ref = names.parse(_model(body))
-    manifest, layer, meta, details, extras = node.describe(ref)
+    manifest, layer, meta, details, extras = ollama_describe(node, ref)
     params = params_layer(extras)
     parameters = "\n".join("%-30s %s" % (k, json.dumps(x) if isinstance(x, str) else x)
                            for k, v in params.items() for x in (v if isinstance(v, list) else [v]))
@@ -4819,7 +4832,7 @@ def ollama_ps(node):
     models = []
     for path, size, _loaded_at, expires in node.pool.running():
         for ref in by_digest.get(path, []):
-            _m, _l, _meta, details, _e = node.describe(ref, check_weights=False)
+            _m, _l, _meta, details, _e = ollama_describe(node, ref, check_weights=False)
             raw = node.store.read_manifest_raw(ref)
             models.append({"name": str(ref), "model": str(ref), "size": size, "size_vram": 0,
                            "digest": hashlib.sha256(raw).hexdigest(), "details": details,
