@@ -10,9 +10,7 @@ import pytest
 import requests
 
 import llmnode
-from repair import operations
-from tests.conftest import Served, blob_of, rot, settings_for, wait_for
-from tests.fakeregistry import FakeRegistry
+from tests.conftest import blob_of, rot, served_node, settings_for, wait_for
 
 SMOL = "smollm2:135m"
 TINY = "gpt-oss:7b"
@@ -26,20 +24,10 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2, tiny_gguf):
     """A node in this process (its slots can be looked at) over SmolLM2 and the tiny model."""
-    reg = FakeRegistry().start()
-    reg.add_model("library/smollm2", "135m", smollm2)
-    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
-    models = str(tmp_path_factory.mktemp("engine") / "models")
-    settings = settings_for(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
-                            LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="4")
-    node = llmnode.Node(settings)
-    for name in (SMOL, TINY):
-        operations.pull(node.repairs, llmnode.names.parse(name))
-    s = Served(node, threads=16)
-    s.registry, s.models_dir = reg, models
-    yield s
-    s.close()
-    reg.stop()
+    with served_node(tmp_path_factory, "engine", {SMOL: smollm2, TINY: tiny_gguf}, threads=16,
+                     LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2", LLM_MAX_LOADED_MODELS="2",
+                     LLM_PARALLEL="4") as s:
+        yield s
 
 
 @pytest.fixture
