@@ -300,31 +300,28 @@ def test_a_second_conversation_sharing_a_running_ones_system_prompt_starts_from_
                                            temperature=0)
         return r.choices[0].message.content, r.usage
 
+    def ask_beside(streaming):
+        """Ask the second conversation while `streaming` generates (its first words out)."""
+        stream = client.chat.completions.create(model=SMOL, messages=streaming, max_tokens=400,
+                                                temperature=0, stream=True)
+        try:
+            next(c for c in stream if c.choices and c.choices[0].delta.content)
+            return ask(second)
+        finally:
+            stream.close()
+
     _, cold = ask(first, max_tokens=1)
     assert cold.prompt_tokens_details.cached_tokens < 40  # at most the template's opening
     # The reference: the second conversation read on the first one's idle sequence, in place,
     # beside another stream as it will be below (a read from scratch, or in a batch of another
     # make-up, may say something else: llama.cpp's kernels for a whole prompt and for a few
     # tokens round differently).
-    other = client.chat.completions.create(
-        model=SMOL, messages=[{"role": "user", "content": "Count to a thousand."}], max_tokens=400,
-        temperature=0, stream=True)
-    try:
-        next(c for c in other if c.choices and c.choices[0].delta.content)
-        alone, alone_usage = ask(second)
-    finally:
-        other.close()
+    alone, alone_usage = ask_beside([{"role": "user", "content": "Count to a thousand."}])
     shared = alone_usage.prompt_tokens_details.cached_tokens
     assert shared > 300
     # The first conversation takes that sequence again and generates there, while the second
     # comes back: it starts from a copy of the running sequence's cells.
-    stream = client.chat.completions.create(model=SMOL, messages=first, max_tokens=400,
-                                            temperature=0, stream=True)
-    try:
-        next(c for c in stream if c.choices and c.choices[0].delta.content)
-        beside, beside_usage = ask(second)
-    finally:
-        stream.close()
+    beside, beside_usage = ask_beside(first)
     assert beside_usage.prompt_tokens_details.cached_tokens == shared
     # The same answer, as far as llama.cpp's numerics allow: beside another stream a batch's make-up
     # can round a later token differently (CI saw "a staple of..." against "a type of..."), so the
