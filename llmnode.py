@@ -360,14 +360,6 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
                  11: "<q", 12: "<d"}
 
 
-# llama.cpp's LLAMA_FTYPE values, as Ollama names quantization levels.
-FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-              17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-              23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-              29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
-
-
 def read_gguf_metadata(path, max_array=5):
     """(key -> value of a GGUF's metadata, parameter count). Arrays longer than `max_array`
     (vocabularies) come back empty, as Ollama's /api/show gives them."""
@@ -417,13 +409,31 @@ def read_gguf_metadata(path, max_array=5):
     return meta, params
 
 
-def human_number(n):
-    """Ollama's parameter_size format: 8B, 7.6B, 134.52M, 500K."""
-    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
-        if n >= size:
-            value = n / size
-            return ("%d%s" % (value, unit)) if value == int(value) else ("%.*f%s" % (digits, value, unit))
-    return str(n)
+class MetadataCache:
+    """The GGUF metadata of weights read after their check, by digest: read again only when
+    the file's stat stamp has changed."""
+
+    def __init__(self):
+        # Guards _read: weights digest -> (stat stamp, metadata, parameter count).
+        self._lock = threading.Lock()
+        self._read = {}
+
+    def read(self, digest, path):
+        """`read_gguf_metadata` of the weights at `path`; ({}, 0) if they cannot be read (removed
+        or replaced since their check: nothing is kept)."""
+        stamp = stat_stamp(path)
+        with self._lock:
+            cached = self._read.get(digest)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        try:
+            meta, params = read_gguf_metadata(path)
+        except (OSError, ValueError):
+            return {}, 0
+        if stamp is not None:
+            with self._lock:
+                self._read[digest] = (stamp, meta, params)
+        return meta, params
 
 
 # Tokens one decode step carries at most (llama.cpp's default n_batch): the running answers'
@@ -433,16 +443,6 @@ BATCH_TOKENS = 512
 
 def model_pointer(llm):
     return llm._model.model
-
-
-@dataclass
-class Sampler:
-    """One answer's llama.cpp samplers: its chain, its grammar (None without one), and whether
-    the chain is greedy alone (then the grammar is checked on the likeliest tokens first)."""
-
-    chain: object
-    grammar: object = None
-    greedy: bool = False
 
 
 # LLM_KV_CACHE_TYPE and LLM_FLASH_ATTENTION, as llama.cpp's context takes them.
@@ -487,12 +487,6 @@ class BatchedContext:
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.batch = C.llama_batch_init(BATCH_TOKENS, 0, n_seq)
         self._buf = ctypes.create_string_buffer(256)
-        # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
-        self._candidates = (C.llama_token_data * self.n_vocab)()
-        self._ids_logits = np.ctypeslib.as_array(self._candidates)
-        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
-        self._few = (C.llama_token_data * max(1, self.GREEDY_FIRST))()
-        self._greedy = C.llama_sampler_init_greedy()
 
     def decode(self, items):
         """One llama_decode of [(token, position, [sequence ids], wants logits)]."""
@@ -505,65 +499,6 @@ class BatchedContext:
         rc = self.C.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError("llama_decode returned %d" % rc)
-
-    def sample(self, sampler, i):
-        """The token `sampler` picks from the logits at batch index `i`, accepted by its chain
-        (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
-        all the logits, and only a token the grammar refuses makes it pick again from the
-        grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
-        chain, gram, greedy = sampler.chain, sampler.grammar, sampler.greedy
-        if gram is None:
-            return self.C.llama_sampler_sample(chain, self.ctx, i)  # applies and accepts
-        if greedy:
-            token = self._greedy_in_grammar(gram, i)
-        else:
-            token = self._apply(chain, i)
-            if not self._allows(gram, [token]):
-                token = self._apply(chain, i, gram)
-        self.accept(sampler, token)
-        return token
-
-    def accept(self, sampler, token):
-        """Advance a sampler (chain and grammar) past `token`."""
-        for part in (sampler.chain, sampler.grammar):
-            if part is not None:
-                self.C.llama_sampler_accept(part, token)
-
-    # Greedy under a grammar: the likeliest tokens the grammar allows are usually among the
-    # likeliest few, so these are checked before the whole vocabulary.
-    GREEDY_FIRST = 128
-
-    def _greedy_in_grammar(self, gram, i):
-        """The likeliest token `gram` allows at batch index `i`: what greedy after the grammar
-        would pick, exactly."""
-        logits = self.logits(i)
-        top = logits.argpartition(-self.GREEDY_FIRST)[-self.GREEDY_FIRST:]
-        top = top[(-logits[top]).argsort(kind="stable")]
-        allowed = self._allows(gram, top)
-        if allowed:
-            return allowed[0]
-        return self._apply(self._greedy, i, gram)
-
-    def _allows(self, gram, tokens):
-        """Those of `tokens` (in their order) that `gram` allows next."""
-        n = len(tokens)
-        for k, token in enumerate(tokens):
-            self._few[k].id, self._few[k].logit, self._few[k].p = int(token), 0.0, 0.0
-        arr = self.C.llama_token_data_array(self._few, n, -1, False)
-        self.C.llama_sampler_apply(gram, ctypes.byref(arr))
-        return [self._few[k].id for k in range(n) if self._few[k].logit != float("-inf")]
-
-    def _apply(self, chain, i, first=None):
-        """The token `chain` selects from the logits at batch index `i` (after `first`, if
-        given), accepted by neither."""
-        self._ids_logits["id"] = self._all_ids
-        self._ids_logits["logit"] = self.logits(i)
-        self._ids_logits["p"] = 0.0
-        arr = self.C.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
-        if first is not None:
-            self.C.llama_sampler_apply(first, ctypes.byref(arr))
-        self.C.llama_sampler_apply(chain, ctypes.byref(arr))
-        return arr.data[arr.selected].id
 
     def logits(self, i):
         return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
@@ -616,7 +551,42 @@ class BatchedContext:
     def is_eog(self, token):
         return self.C.llama_vocab_is_eog(self.vocab, token)
 
-    def sampler(self, s, history=()):
+    def close(self):
+        if self.ctx:
+            self.C.llama_batch_free(self.batch)
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+
+
+@dataclass
+class Sampler:
+    """One answer's llama.cpp samplers: its chain, its grammar (None without one), and whether
+    the chain is greedy alone (then the grammar is checked on the likeliest tokens first)."""
+
+    chain: object
+    grammar: object = None
+    greedy: bool = False
+
+
+class Samplers:
+    """The answers' samplers on one BatchedContext: built from a `Sampling`, run on the
+    context's logits (a grammar checked as llama.cpp's common sampler checks it), freed."""
+
+    # Greedy under a grammar: the likeliest tokens the grammar allows are usually among the
+    # likeliest few, so these are checked before the whole vocabulary.
+    GREEDY_FIRST = 128
+
+    def __init__(self, context):
+        C = self.C = context.C
+        self.context = context
+        self.vocab, self.n_vocab = context.vocab, context.n_vocab
+        # Candidates for a grammar answer's sampling (see `sample`), filled from the logits.
+        self._candidates = (C.llama_token_data * self.n_vocab)()
+        self._ids_logits = np.ctypeslib.as_array(self._candidates)
+        self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._few = (C.llama_token_data * max(1, self.GREEDY_FIRST))()
+
+    def build(self, s, history=()):
         """A Sampler for one answer: the chain is logit bias, penalties (fed the prompt's last
         tokens), then greedy at temperature 0 or top-k, top-p, min-p, temperature and a seeded
         draw, as llama.cpp's common sampler orders them; the grammar is applied as `sample`
@@ -655,17 +625,71 @@ class BatchedContext:
             add(C.llama_sampler_init_dist(s.seed))
         return Sampler(chain, gram, greedy)
 
-    def free_sampler(self, sampler):
+    def free(self, sampler):
         for part in (sampler.chain, sampler.grammar):
             if part is not None:
                 self.C.llama_sampler_free(part)
 
-    def close(self):
-        if self.ctx:
-            self.C.llama_sampler_free(self._greedy)
-            self.C.llama_batch_free(self.batch)
-            self.C.llama_free(self.ctx)
-            self.ctx = None
+    def sample(self, sampler, i):
+        """The token `sampler` picks from the logits at batch index `i`, accepted by its chain
+        (and grammar). With a grammar, as llama.cpp's common sampler does: the chain picks from
+        all the logits, and only a token the grammar refuses makes it pick again from the
+        grammar's tokens, so the grammar is checked on one token, not the whole vocabulary."""
+        chain, gram, greedy = sampler.chain, sampler.grammar, sampler.greedy
+        if gram is None:
+            return self.C.llama_sampler_sample(chain, self.context.ctx, i)  # applies and accepts
+        if greedy:
+            token = self._greedy_in_grammar(sampler, i)
+        else:
+            token = self._apply(chain, i)
+            if not self.allows(sampler, [token]):
+                token = self.pick(sampler, i)
+        self.accept(sampler, token)
+        return token
+
+    def accept(self, sampler, token):
+        """Advance a sampler (chain and grammar) past `token`."""
+        for part in (sampler.chain, sampler.grammar):
+            if part is not None:
+                self.C.llama_sampler_accept(part, token)
+
+    def pick(self, sampler, i):
+        """The token `sampler` selects from the logits at batch index `i` with its grammar (if
+        any) applied to the whole vocabulary first, accepted by neither: what `sample` picks,
+        the long way."""
+        return self._apply(sampler.chain, i, sampler.grammar)
+
+    def allows(self, sampler, tokens):
+        """Those of `tokens` (in their order) that `sampler`'s grammar allows next."""
+        n = len(tokens)
+        for k, token in enumerate(tokens):
+            self._few[k].id, self._few[k].logit, self._few[k].p = int(token), 0.0, 0.0
+        arr = self.C.llama_token_data_array(self._few, n, -1, False)
+        self.C.llama_sampler_apply(sampler.grammar, ctypes.byref(arr))
+        return [self._few[k].id for k in range(n) if self._few[k].logit != float("-inf")]
+
+    def _greedy_in_grammar(self, sampler, i):
+        """The likeliest token the grammar allows at batch index `i`: what greedy after the
+        grammar would pick, exactly."""
+        logits = self.context.logits(i)
+        top = logits.argpartition(-self.GREEDY_FIRST)[-self.GREEDY_FIRST:]
+        top = top[(-logits[top]).argsort(kind="stable")]
+        allowed = self.allows(sampler, top)
+        if allowed:
+            return allowed[0]
+        return self.pick(sampler, i)
+
+    def _apply(self, chain, i, first=None):
+        """The token `chain` selects from the logits at batch index `i` (after `first`, if
+        given), accepted by neither."""
+        self._ids_logits["id"] = self._all_ids
+        self._ids_logits["logit"] = self.context.logits(i)
+        self._ids_logits["p"] = 0.0
+        arr = self.C.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
+        if first is not None:
+            self.C.llama_sampler_apply(first, ctypes.byref(arr))
+        self.C.llama_sampler_apply(chain, ctypes.byref(arr))
+        return arr.data[arr.selected].id
 
 
 def close_model(llm):
@@ -849,7 +873,7 @@ class Run:
                 sampling = gen.sampling
                 if k:
                     sampling = replace(sampling, seed=(sampling.seed + k) % (2 ** 32))
-                group.append(Task(self, index, gen, slots.ctx.sampler(sampling, gen.prompt)))
+                group.append(Task(self, index, gen, slots.samplers.build(sampling, gen.prompt)))
                 index += 1
             self.groups.append(group)
         self._open = index  # answers not yet finished (read and written by the caller only)
@@ -927,6 +951,7 @@ class Slots:
         self.metrics = metrics or Metrics()
         self.step_hook = step_hook
         self.ctx = BatchedContext(llm, n_seq, n_ctx, threads, kv_type, flash_attn)
+        self.samplers = Samplers(self.ctx)
         self.kv, self.cache_min = kv, cache_min
         # What a saved state of this model is bound to: the weights (a blob is named by its
         # digest), the build and the KV settings.
@@ -999,7 +1024,7 @@ class Slots:
                 self._unqueue(group)
                 for task in group:
                     task.state = TaskState.DONE
-                    self.ctx.free_sampler(task.sampler)
+                    self.samplers.free(task.sampler)
                 continue
             free = [s for s, t in enumerate(self.busy) if t is None]
             if len(free) < len(group):
@@ -1192,15 +1217,15 @@ class Slots:
                 self.busy[task.seq] = None
                 self.ctx.forget(task.seq)
                 self.cache[task.seq] = []
-            self.ctx.free_sampler(task.sampler)
+            self.samplers.free(task.sampler)
             task.run.events.put(error)
 
     def _sample(self, task, i):
         if task.forced:  # the budget's closing marker, fed as if sampled
             token = task.forced.pop(0)
-            self.ctx.accept(Sampler(task.sampler.chain), token)  # the chain only: no grammar yet
+            self.samplers.accept(Sampler(task.sampler.chain), token)  # the chain only: no grammar yet
         else:
-            token = self.ctx.sample(task.sampler, i)
+            token = self.samplers.sample(task.sampler, i)
         if task.first_token_at is None:
             task.first_token_at = time.monotonic()
         if self.ctx.is_eog(token):
@@ -1270,9 +1295,9 @@ class Slots:
             return
         if reasoning.answer_grammar and not task.answer_sampler and parser.answering:
             task.answer_sampler = True
-            self.ctx.free_sampler(task.sampler)
-            task.sampler = self.ctx.sampler(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
-                                            self.cache[task.seq])
+            self.samplers.free(task.sampler)
+            task.sampler = self.samplers.build(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
+                                               self.cache[task.seq])
         if (reasoning.budget is not None and parser.thinking and not task.forced
                 and task.reasoning_tokens >= reasoning.budget):
             task.forced = list(reasoning.close_tokens)
@@ -1306,7 +1331,7 @@ class Slots:
         task.state = TaskState.DONE
         self.busy[task.seq] = None
         self.used[task.seq] = next(self._clock)
-        self.ctx.free_sampler(task.sampler)
+        self.samplers.free(task.sampler)
         self.metrics.inc("llmnode_generated_tokens_total", task.generated)
         run = task.run
         if task is run.groups[0][0] and task.first_token_at is not None:
@@ -1573,6 +1598,12 @@ class ModelPool:
             if entry is not None:
                 entry.pinned = True
                 entry.expires = None
+
+    def entry(self, path):
+        """The model for `path` while it is in memory (not leaving it), else None."""
+        with self._cond:
+            entry = self._models.get(path)
+            return entry if entry is not None and entry.llm is not None and not entry.evicted else None
 
     def loaded(self):
         with self._cond:
@@ -2705,10 +2736,7 @@ class Node:
         # says why not, while it is not.
         self.ready = threading.Event()
         self.preload_errors = {}
-        # Guards _described: weights digest -> (stat stamp, GGUF metadata, details) of weights
-        # read after their check; a file with another stamp is read again.
-        self._describe_lock = threading.Lock()
-        self._described = {}
+        self.metadata = MetadataCache()  # of weights read after their check
         if not settings.preload:
             self.ready.set()
 
@@ -2796,41 +2824,6 @@ class Node:
                 log.error("preload of model %s failed: %s", name, e)
         if not self.preload_errors:
             self.ready.set()
-
-    def describe(self, ref, check_weights=True):
-        """What Ollama's API says of a model: (manifest, weights layer, GGUF metadata, details,
-        kind -> text of its template/system/params/license layers). Every layer is checked
-        (and repaired) before it is read: the texts against their digests, the weights by the
-        guard (a full check if they changed since the last one). With `check_weights` false,
-        the metadata of weights that changed since their last check is left out, not read."""
-        manifest = self.repairs.manifest(ref)
-        layer = model_layer(manifest)
-        path = self.store.blob_path(layer["digest"])
-        extras = self.repairs.layer_texts(ref, manifest)
-        meta, params, stamp = {}, 0, None
-        if check_weights:
-            self.repairs.ensure(ref, on_change=self.pool.drop)
-        if check_weights or self.guard.unchanged(layer):
-            stamp = stat_stamp(path)
-            with self._describe_lock:
-                cached = self._described.get(layer["digest"])
-            if stamp is not None and cached is not None and cached[0] == stamp:
-                return manifest, layer, cached[1], cached[2], extras
-            try:
-                meta, params = read_gguf_metadata(path)
-            except (OSError, ValueError):
-                stamp = None  # removed or replaced since its check: not kept
-        arch = meta.get("general.architecture", "")
-        details = {"parent_model": "", "format": "gguf", "family": arch,
-                   "families": [arch] if arch else None,
-                   "parameter_size": (human_number(params) if params
-                                      else meta.get("general.size_label", "")),
-                   "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
-        meta = dict(meta, **{"general.parameter_count": params})
-        if stamp is not None:
-            with self._describe_lock:
-                self._described[layer["digest"]] = (stamp, meta, details)
-        return manifest, layer, meta, details, extras
 
     def models(self):
         data = []
@@ -4814,6 +4807,47 @@ def ollama_message(message):
     return out
 
 
+# llama.cpp's LLAMA_FTYPE values, as Ollama names quantization levels.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+              17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+              23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+              29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16"}
+
+
+def human_number(n):
+    """Ollama's parameter_size format: 8B, 7.6B, 134.52M, 500K."""
+    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= size:
+            value = n / size
+            return ("%d%s" % (value, unit)) if value == int(value) else ("%.*f%s" % (digits, value, unit))
+    return str(n)
+
+
+def ollama_describe(node, ref, check_weights=True):
+    """What Ollama's API says of a model: (manifest, weights layer, GGUF metadata, details,
+    kind -> text of its template/system/params/license layers). Every layer is checked
+    (and repaired) before it is read: the texts against their digests, the weights by the
+    guard (a full check if they changed since the last one). With `check_weights` false,
+    the metadata of weights that changed since their last check is left out, not read."""
+    manifest = node.repairs.manifest(ref)
+    layer = model_layer(manifest)
+    extras = node.repairs.layer_texts(ref, manifest)
+    meta, params = {}, 0
+    if check_weights:
+        node.repairs.ensure(ref, on_change=node.pool.drop)
+    if check_weights or node.guard.unchanged(layer):
+        meta, params = node.metadata.read(layer["digest"], node.store.blob_path(layer["digest"]))
+    arch = meta.get("general.architecture", "")
+    details = {"parent_model": "", "format": "gguf", "family": arch,
+               "families": [arch] if arch else None,
+               "parameter_size": (human_number(params) if params
+                                  else meta.get("general.size_label", "")),
+               "quantization_level": FILE_TYPES.get(meta.get("general.file_type", 0), "unknown")}
+    meta = dict(meta, **{"general.parameter_count": params})
+    return manifest, layer, meta, details, extras
+
+
 @route("GET", "/api/version", OLLAMA)
 def ollama_version(node):
     return {"version": OLLAMA_VERSION}
@@ -4825,7 +4859,7 @@ def ollama_tags(node):
     for ref in node.store.models():
         try:
             # A listing hashes nothing large: details come from weights as last checked.
-            manifest, layer, _meta, details, _extras = node.describe(ref, check_weights=False)
+            manifest, layer, _meta, details, _extras = ollama_describe(node, ref, check_weights=False)
             raw = node.store.read_manifest_raw(ref)
         except LLMNodeError:
             continue
@@ -4843,7 +4877,7 @@ def ollama_show(node):
     body = ollama_body(node, ("model", "verbose", "system", "template", "options"), ignored)
     report_ignored(ignored)
     ref = names.parse(_model(body))
-    manifest, layer, meta, details, extras = node.describe(ref)
+    manifest, layer, meta, details, extras = ollama_describe(node, ref)
     params = params_layer(extras)
     parameters = "\n".join("%-30s %s" % (k, json.dumps(x) if isinstance(x, str) else x)
                            for k, v in params.items() for x in (v if isinstance(v, list) else [v]))
@@ -4877,7 +4911,7 @@ def ollama_ps(node):
     models = []
     for path, size, _loaded_at, expires in node.pool.running():
         for ref in by_digest.get(path, []):
-            _m, _l, _meta, details, _e = node.describe(ref, check_weights=False)
+            _m, _l, _meta, details, _e = ollama_describe(node, ref, check_weights=False)
             raw = node.store.read_manifest_raw(ref)
             models.append({"name": str(ref), "model": str(ref), "size": size, "size_vram": 0,
                            "digest": hashlib.sha256(raw).hexdigest(), "details": details,

@@ -22,18 +22,25 @@ def as_bool(text):
     raise ValueError("expected true or false")
 
 
-def as_positive_int(text):
-    value = int(text.strip())
-    if value < 1:
-        raise ValueError("expected a whole number of at least 1")
-    return value
+def as_int(low, high, expected):
+    """The converter to a whole number from `low` to `high` (no bound above when None);
+    `expected` says what else is refused."""
+    def convert(text):
+        value = int(text.strip())
+        if value < low or (high is not None and value > high):
+            raise ValueError(expected)
+        return value
+    return convert
+
+
+as_positive_int = as_int(1, None, "expected a whole number of at least 1")
+as_non_negative_int = as_int(0, None, "expected 0 or a positive whole number")
+as_connections = as_int(1, 16, "expected a number of connections from 1 to 16")
+as_port = as_int(0, 65535, "expected a port number 0-65535")
 
 
 def as_cpu_threads(text):
-    value = int(text.strip())
-    if value < 0:
-        raise ValueError("expected 0 (one per core) or a positive number")
-    return value or usable_cores()
+    return as_int(0, None, "expected 0 (one per core) or a positive number")(text) or usable_cores()
 
 
 def usable_cores(affinity=None, cgroup_root="/sys/fs/cgroup"):
@@ -68,29 +75,11 @@ def _cgroup_quota(root):
     return None
 
 
-def as_connections(text):
-    value = int(text.strip())
-    if not 1 <= value <= 16:
-        raise ValueError("expected a number of connections from 1 to 16")
-    return value
-
-
-def as_non_negative_int(text):
-    value = int(text.strip())
-    if value < 0:
-        raise ValueError("expected 0 or a positive whole number")
-    return value
-
-
 def as_gpu_layers(text):
     """`auto` (every layer when llama.cpp has a GPU backend, else none), or a count."""
-    value = text.strip().lower()
-    if value == "auto":
+    if text.strip().lower() == "auto":
         return None
-    number = int(value)
-    if number < 0:
-        raise ValueError("expected auto or a number of layers (0 or more)")
-    return number
+    return as_int(0, None, "expected auto or a number of layers (0 or more)")(text)
 
 
 def as_choice(*choices):
@@ -103,21 +92,12 @@ def as_choice(*choices):
 
 
 def as_reasoning_budget(text):
-    value = int(text.strip())
-    if value < -1:
-        raise ValueError("expected -1 (unlimited), 0 (no thinking) or a number of tokens")
+    value = as_int(-1, None, "expected -1 (unlimited), 0 (no thinking) or a number of tokens")(text)
     return None if value == -1 else value
 
 
 def as_optional_secret(text):
     return text.strip() or None
-
-
-def as_port(text):
-    value = int(text.strip())
-    if not 0 <= value <= 65535:
-        raise ValueError("expected a port number 0-65535")
-    return value
 
 
 def as_path(text):

@@ -319,6 +319,31 @@ class Served:
         return requests.post(self.url + path, json=body, data=data, headers=headers, timeout=60)
 
 
+@contextlib.contextmanager
+def served_node(tmp_path_factory, name, models, threads=4, options=None, **env):
+    """A Node in this process (its slots can be looked at) with `models` (name:tag -> GGUF bytes)
+    pulled from a loopback registry, on a real waitress; `options` are the Node's parameters,
+    `env` its settings. Its registry as `.registry`, its store as `.models_dir`; both end with
+    the block."""
+    reg = FakeRegistry().start()
+    try:
+        for ref in models:
+            model, tag = ref.split(":")
+            reg.add_model("library/" + model, tag, models[ref])
+        models_dir = str(tmp_path_factory.mktemp(name) / "models")
+        node = llmnode.Node(settings_for(models_dir, reg.url, **env), **(options or {}))
+        for ref in models:
+            operations.pull(node.repairs, names.parse(ref))
+        s = Served(node, threads=threads)
+        s.registry, s.models_dir = reg, models_dir
+        try:
+            yield s
+        finally:
+            s.close()
+    finally:
+        reg.stop()
+
+
 @pytest.fixture
 def serve(registry, models_dir):
     """Serve a Node over the store with gpt-oss:7b pulled in, on a real waitress; `retry` is
@@ -335,16 +360,24 @@ def serve(registry, models_dir):
 
 # -- a dialect's scenarios: the dialect files run each on a node of their own ---------------------
 
+@contextlib.contextmanager
+def running(proc):
+    """A node process and its registry (`.registry`), both stopped when the block ends."""
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        proc.registry.stop()
+
+
 def dialect_fixtures(name, make_client):
     """The `node` and `client` fixtures of a dialect's file: one node process (start_smol_node)
     shared by the module, and a client of it, `make_client(node)`, for each test."""
 
     @pytest.fixture(scope="module")
     def node(tmp_path_factory, smollm2, tiny_gguf):
-        proc = start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name)
-        yield proc
-        proc.stop()
-        proc.registry.stop()
+        with running(start_smol_node(tmp_path_factory, smollm2, tiny_gguf, name)) as proc:
+            yield proc
 
     @pytest.fixture
     def client(node):
@@ -386,6 +419,18 @@ def start_agents_node(tmp_path_factory):
     proc = NodeProcess(env)
     proc.registry = reg
     return proc
+
+
+def agents_fixture():
+    """The `node` fixture of the coding agents' files: one node process (start_agents_node)
+    shared by the module."""
+
+    @pytest.fixture(scope="module")
+    def node(tmp_path_factory):
+        with running(start_agents_node(tmp_path_factory)) as proc:
+            yield proc
+
+    return node
 
 
 def corrupt(node):

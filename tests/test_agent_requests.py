@@ -8,7 +8,7 @@ import os
 import pytest
 import requests
 
-from tests.conftest import start_agents_node
+from tests.conftest import agents_fixture
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents")
 # Each recorded request: NAME.json its body, NAME.request.json the path (with its query) and the
@@ -26,12 +26,7 @@ def recorded(name):
     return body, request["path"], request["headers"]
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    proc = start_agents_node(tmp_path_factory)
-    yield proc
-    proc.stop()
-    proc.registry.stop()
+node = agents_fixture()
 
 
 def post(node, path, body, headers):

@@ -4,11 +4,10 @@ the node's address and the model's name (and a dummy key / the provider entry)."
 
 import re
 
-import pytest
 import requests
 
 from tests.agentrun import claude_result, run_claude, run_codex
-from tests.conftest import SMOL, start_agents_node
+from tests.conftest import SMOL, agents_fixture
 
 TASK = "Say hello"
 # What the node logs when it answers an API request with an error (api_call), and when it meets
@@ -16,12 +15,7 @@ TASK = "Say hello"
 ERROR_LINE = re.compile(r"-> [45]\d\d |unhandled error")
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    proc = start_agents_node(tmp_path_factory)
-    yield proc
-    proc.stop()
-    proc.registry.stop()
+node = agents_fixture()
 
 
 def answered(node, endpoint):

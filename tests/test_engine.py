@@ -10,9 +10,7 @@ import pytest
 import requests
 
 import llmnode
-from repair import operations
-from tests.conftest import Served, blob_of, rot, settings_for, wait_for
-from tests.fakeregistry import FakeRegistry
+from tests.conftest import blob_of, rot, served_node, settings_for, wait_for
 
 SMOL = "smollm2:135m"
 TINY = "gpt-oss:7b"
@@ -26,20 +24,10 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2, tiny_gguf):
     """A node in this process (its slots can be looked at) over SmolLM2 and the tiny model."""
-    reg = FakeRegistry().start()
-    reg.add_model("library/smollm2", "135m", smollm2)
-    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
-    models = str(tmp_path_factory.mktemp("engine") / "models")
-    settings = settings_for(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
-                            LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="4")
-    node = llmnode.Node(settings)
-    for name in (SMOL, TINY):
-        operations.pull(node.repairs, llmnode.names.parse(name))
-    s = Served(node, threads=16)
-    s.registry, s.models_dir = reg, models
-    yield s
-    s.close()
-    reg.stop()
+    with served_node(tmp_path_factory, "engine", {SMOL: smollm2, TINY: tiny_gguf}, threads=16,
+                     LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2", LLM_MAX_LOADED_MODELS="2",
+                     LLM_PARALLEL="4") as s:
+        yield s
 
 
 @pytest.fixture
@@ -95,7 +83,7 @@ def test_a_client_that_goes_away_frees_its_sequence_within_one_step(served):
     for line in stream:
         if '"content": "' in line and '"content": ""' not in line:
             break
-    slots = node.pool._models[blob_of(served.models_dir, ("smollm2", "135m"))[1]].llm.slots
+    slots = node.pool.entry(blob_of(served.models_dir, ("smollm2", "135m"))[1]).llm.slots
     task = next(t for t in slots.busy if t is not None)
     at_close = task.generated
     stream.close()  # what waitress does when the client's socket is gone
@@ -274,28 +262,29 @@ def test_greedy_under_a_grammar_picks_what_the_whole_vocabulary_pass_picks(which
     settings = settings_for(str(tmp_path / "models"), "http://127.0.0.1:9", LLM_CPU_THREADS="2")
     llm = llmnode.load_llama(str(path), settings)
     ctx = llmnode.BatchedContext(llm, 1, 512, 2)
+    samplers = llmnode.Samplers(ctx)
     gram = llmnode.grammar({"type": "object", "properties": {"city": {"type": "string"},
                                                              "rank": {"type": "integer"}}})
-    fast = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
-    whole = ctx.sampler(llmnode.Sampling(temperature=0, grammar=gram))
+    fast = samplers.build(llmnode.Sampling(temperature=0, grammar=gram))
+    whole = samplers.build(llmnode.Sampling(temperature=0, grammar=gram))
     assert fast.greedy and whole.greedy  # greedy alone in the chain: the shortcut applies
     prompt = llm.tokenize(b"Describe Paris as JSON:", add_bos=True, special=False)
     ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
     at, pos, shortcuts = len(prompt) - 1, len(prompt), 0
     for _step in range(40):
-        expected = ctx._apply(ctx._greedy, at, whole.grammar)
-        top = [int(t) for t in ctx.logits(at).argsort()[::-1][:ctx.GREEDY_FIRST]]
-        shortcuts += expected in ctx._allows(fast.grammar, top)  # found among the likeliest
-        got = ctx.sample(fast, at)
+        expected = samplers.pick(whole, at)
+        top = [int(t) for t in ctx.logits(at).argsort()[::-1][:samplers.GREEDY_FIRST]]
+        shortcuts += expected in samplers.allows(fast, top)  # found among the likeliest
+        got = samplers.sample(fast, at)
         assert got == expected
-        ctx.accept(whole, expected)
+        samplers.accept(whole, expected)
         if ctx.is_eog(got):
             break
         ctx.decode([(got, pos, [0], True)])
         at, pos = 0, pos + 1
     assert shortcuts > 0
     for sampler in (fast, whole):
-        ctx.free_sampler(sampler)
+        samplers.free(sampler)
     ctx.close()
     llm.close()
 
@@ -311,31 +300,28 @@ def test_a_second_conversation_sharing_a_running_ones_system_prompt_starts_from_
                                            temperature=0)
         return r.choices[0].message.content, r.usage
 
+    def ask_beside(streaming):
+        """Ask the second conversation while `streaming` generates (its first words out)."""
+        stream = client.chat.completions.create(model=SMOL, messages=streaming, max_tokens=400,
+                                                temperature=0, stream=True)
+        try:
+            next(c for c in stream if c.choices and c.choices[0].delta.content)
+            return ask(second)
+        finally:
+            stream.close()
+
     _, cold = ask(first, max_tokens=1)
     assert cold.prompt_tokens_details.cached_tokens < 40  # at most the template's opening
     # The reference: the second conversation read on the first one's idle sequence, in place,
     # beside another stream as it will be below (a read from scratch, or in a batch of another
     # make-up, may say something else: llama.cpp's kernels for a whole prompt and for a few
     # tokens round differently).
-    other = client.chat.completions.create(
-        model=SMOL, messages=[{"role": "user", "content": "Count to a thousand."}], max_tokens=400,
-        temperature=0, stream=True)
-    try:
-        next(c for c in other if c.choices and c.choices[0].delta.content)
-        alone, alone_usage = ask(second)
-    finally:
-        other.close()
+    alone, alone_usage = ask_beside([{"role": "user", "content": "Count to a thousand."}])
     shared = alone_usage.prompt_tokens_details.cached_tokens
     assert shared > 300
     # The first conversation takes that sequence again and generates there, while the second
     # comes back: it starts from a copy of the running sequence's cells.
-    stream = client.chat.completions.create(model=SMOL, messages=first, max_tokens=400,
-                                            temperature=0, stream=True)
-    try:
-        next(c for c in stream if c.choices and c.choices[0].delta.content)
-        beside, beside_usage = ask(second)
-    finally:
-        stream.close()
+    beside, beside_usage = ask_beside(first)
     assert beside_usage.prompt_tokens_details.cached_tokens == shared
     # The same answer, as far as llama.cpp's numerics allow: beside another stream a batch's make-up
     # can round a later token differently (CI saw "a staple of..." against "a type of..."), so the
@@ -350,7 +336,8 @@ def kv_bytes(llm, kv_type, flash_attn="auto"):
         prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 20, add_bos=True,
                               special=False)
         ctx.decode([(t, k, [0], k == len(prompt) - 1) for k, t in enumerate(prompt)])
-        token = ctx.sample(ctx.sampler(llmnode.Sampling(temperature=0)), len(prompt) - 1)
+        samplers = llmnode.Samplers(ctx)
+        token = samplers.sample(samplers.build(llmnode.Sampling(temperature=0)), len(prompt) - 1)
         assert 0 <= token < ctx.n_vocab
         return len(ctx.seq_state(0))
     finally:

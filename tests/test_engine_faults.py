@@ -13,7 +13,7 @@ import requests
 
 import llmnode
 from repair import hashing, operations
-from tests.conftest import Served, blob_of, settings_for, wait_for
+from tests.conftest import Served, blob_of, served_node, settings_for, wait_for
 from tests.fakeregistry import FakeRegistry
 from tests.test_hashing import Engine
 
@@ -53,27 +53,18 @@ class Faults:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2, tiny_gguf):
-    reg = FakeRegistry().start()
-    reg.add_model("library/smollm2", "135m", smollm2)
-    reg.add_model("library/gpt-oss", "7b", tiny_gguf)
-    models = str(tmp_path_factory.mktemp("faults") / "models")
-    settings = settings_for(models, reg.url, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
-                            LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="2")
     faults = Faults()
-    node = llmnode.Node(settings, step_hook=faults)
-    for name in (SMOL, TINY):
-        operations.pull(node.repairs, llmnode.names.parse(name))
-    s = Served(node, threads=8)
-    s.registry, s.models_dir, s.faults = reg, models, faults
-    yield s
-    s.close()
-    reg.stop()
+    with served_node(tmp_path_factory, "faults", {SMOL: smollm2, TINY: tiny_gguf}, threads=8,
+                     options={"step_hook": faults}, LLM_CTX_SIZE="2048", LLM_CPU_THREADS="2",
+                     LLM_MAX_LOADED_MODELS="2", LLM_PARALLEL="2") as s:
+        s.faults = faults
+        yield s
 
 
 def slots_of(served, model=SMOL):
     """The model's Slots (loaded by a one-token request if it is not in memory)."""
     assert chat(served, model, "Hi", max_tokens=1).status_code == 200
-    return served.node.pool._models[blob_of(served.models_dir, tuple(model.split(":")))[1]].llm.slots
+    return served.node.pool.entry(blob_of(served.models_dir, tuple(model.split(":")))[1]).llm.slots
 
 
 def chat(served, model, content, **kw):

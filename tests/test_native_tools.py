@@ -111,5 +111,5 @@ def test_a_template_without_tool_blocks_uses_the_generic_format(serve):
                                         "tool_choice": "required", "max_tokens": 200})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
-    assert not llmnode.renders_tools(s.node.pool._models[s.node.pool.loaded()[0]].formatter)
+    assert not llmnode.renders_tools(s.node.pool.entry(s.node.pool.loaded()[0]).formatter)
     assert requests.get(s.url + "/health", timeout=5).status_code == 200

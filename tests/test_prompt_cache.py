@@ -128,7 +128,7 @@ def test_a_state_saved_under_other_settings_is_never_restored(nodes, store):
     path = saved_entry(store[0], before)
     other = nodes(LLM_KV_CACHE_TYPE="q8_0")  # a KV cache of another type: states of another shape
     assert ask(other, [{"role": "user", "content": "Hi"}])[0]  # loaded (its key known), and answers
-    slots = other.pool._models[other.pool.loaded()[0]].llm.slots
+    slots = other.pool.entry(other.pool.loaded()[0]).llm.slots
     # Even put where the other key's entries are, the record's key does not match.
     planted = os.path.join(os.path.dirname(os.path.dirname(path)), key_id(slots.key))
     os.makedirs(planted, exist_ok=True)

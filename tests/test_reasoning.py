@@ -10,9 +10,7 @@ import os
 import pytest
 
 import llmnode
-from repair import operations
-from tests.conftest import Served, settings_for
-from tests.fakeregistry import FakeRegistry
+from tests.conftest import served_node
 from tests.tinymodel import CONTROL, USER_DEFINED, write_tiny_bpe_gguf
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -67,20 +65,12 @@ class Forcing:
 
 @pytest.fixture(scope="module")
 def node(models, tmp_path_factory):
-    reg = FakeRegistry().start()
-    for name, blob in models.items():
-        reg.add_model("library/" + name, "1", blob)
-    models_dir = str(tmp_path_factory.mktemp("store"))
-    settings = settings_for(models_dir, reg.url, LLM_CTX_SIZE="2048", LLM_PARALLEL="2")
     prompts, forcing = [], Forcing()
-    n = llmnode.Node(settings, on_prompt=prompts.append, on_generation=forcing)
-    for name in models:
-        operations.pull(n.repairs, llmnode.names.parse(name + ":1"))
-    served = Served(n)
-    served.prompts, served.forcing = prompts, forcing
-    yield served
-    served.close()
-    reg.stop()
+    with served_node(tmp_path_factory, "store", {name + ":1": blob for name, blob in models.items()},
+                     options={"on_prompt": prompts.append, "on_generation": forcing},
+                     LLM_CTX_SIZE="2048", LLM_PARALLEL="2") as served:
+        served.prompts, served.forcing = prompts, forcing
+        yield served
 
 
 @pytest.fixture

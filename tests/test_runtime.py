@@ -295,22 +295,15 @@ def test_the_node_loads_on_the_load_thread_and_generates_on_the_compute_thread(p
         threads.append(("load", threading.current_thread().name))
         return llmnode.load_llama(path, settings)
 
-    s = Served(llmnode.Node(settings, loader=loader))
+    def step_hook(task):  # runs in the engine's step, after its decode, before each sampling
+        threads.append(("step", threading.current_thread().name))
+
+    s = Served(llmnode.Node(settings, loader=loader, step_hook=step_hook))
     try:
         body = {"model": "gpt-oss:7b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
-        assert s.post("/v1/chat/completions", body).status_code == 200
-        [entry] = s.node.pool._models.values()
-        ctx = entry.llm.slots.ctx
-        real = ctx.decode
-
-        def decode(items):
-            threads.append(("decode", threading.current_thread().name))
-            return real(items)
-
-        ctx.decode = decode
-        for stream in (False, True, False):
+        for stream in (False, False, True, False):
             assert s.post("/v1/chat/completions", dict(body, stream=stream)).status_code == 200
     finally:
         s.close()
     assert threads[0] == ("load", "llama-load") and len(threads) >= 4
-    assert set(threads[1:]) == {("decode", "llama-compute")}
+    assert set(threads[1:]) == {("step", "llama-compute")}
