@@ -829,10 +829,7 @@ class Task:
         self.n_past = 0  # tokens of this answer's sequence in the KV cache
         self.last = None  # the sampled token not yet decoded
         self.generated = 0
-        self.pending = ""  # text held back: it may be the start of a stop string
-        self.text = []
-        self.tokens, self.logprobs = [], []  # of the piece not yet handed out
-        self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python
+        self.out = Output(index, gen, run.events)  # the text it has made, handed out as it comes
         self.siblings = []  # answers sharing this one's prefill (n > 1)
         self.arrival = 0  # its request's place in the order of arrival (set on submit)
         self.bypassed = 0  # later requests admitted while it waited (first of a group)
@@ -841,10 +838,95 @@ class Task:
         self.restore = None  # (tokens, state bytes) of a saved prefix read from disk, checked
         self.read_secs = 0.0  # how long reading and checking it took
         self.computed = 0  # prompt tokens it read (not kept, copied or restored)
-        # A reasoning model's answer: its parser, thinking so far, the tokens to feed instead of
-        # sampling (the block closed by the budget), whether the answer grammar has started.
+        # A reasoning model's answer: the tokens to feed instead of sampling (the block closed by
+        # the budget), whether the answer grammar has started.
+        self.forced, self.answer_sampler = [], False
+
+
+class Output:
+    """One answer's text as it is made: its tokens' bytes decoded as UTF-8, split into thinking
+    and answer by a reasoning model's parser, the answer held back while it may be the start of
+    a stop string; what is ready goes to `events` as `Piece`s (the thinking always, the answer
+    unless the answer is held whole for tool parsing)."""
+
+    def __init__(self, index, gen, events):
+        self.index, self.stops, self.hold, self.events = index, gen.stop, gen.hold, events
+        self.pending = ""  # answer text held back: it may be the start of a stop string
+        self.text = []
+        self.tokens, self.logprobs = [], []  # of the piece not yet handed out
+        self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python
         self.parser = gen.reasoning.parser() if gen.reasoning is not None else None
-        self.reasoning, self.reasoning_tokens, self.forced, self.answer_sampler = [], 0, [], False
+        self.reasoning, self.reasoning_tokens = [], 0
+        self.stopped = None  # the stop string met, which ends the answer
+
+    def add(self, token, data, logprobs=None):
+        """A generated token and its bytes (markers' text kept for a reasoning model's parser):
+        the stop string it completed, or None."""
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        self.tokens.append(token)
+        text = self.decoder.decode(data)
+        if self.parser is None:
+            self._answer(text)
+            return self.stopped
+        thinking = self.parser.thinking
+        segments = self.parser.feed(text)
+        if thinking or self.parser.thinking:
+            self.reasoning_tokens += 1
+        self._segments(segments)
+        return self.stopped
+
+    def _segments(self, segments):
+        for kind, text in segments:
+            if self.stopped is not None:
+                return
+            if kind == "answer":
+                self._answer(text)
+            else:
+                self.reasoning.append(text)
+                self.events.put(Piece(self.index, text, [], [], kind="reasoning"))
+
+    def _answer(self, text):
+        """Add answer text, handing out what cannot be the start of a stop string."""
+        self.pending += text
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                self.pending, self.stopped = self.pending[:at], stop
+                return
+        hold = max([k for stop in self.stops for k in range(1, len(stop))
+                    if self.pending.endswith(stop[:k])] or [0])
+        ready = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        self._hand_out(ready)
+
+    def _hand_out(self, text):
+        if text:
+            self.text.append(text)
+        if (text or self.tokens) and not self.hold:
+            self.events.put(Piece(self.index, text, self.tokens, self.logprobs))
+            self.tokens, self.logprobs = [], []
+
+    def finish(self, reason, generated):
+        """The answer has ended for `reason`: what was held is handed out (unless it was
+        cancelled), and its `Finish`."""
+        if self.stopped is None:
+            tail = self.decoder.decode(b"", final=True)
+            if self.parser is None:
+                self.pending += tail
+            else:
+                for kind, text in self.parser.feed(tail) + self.parser.finish():
+                    if kind == "answer":
+                        self.pending += text
+                    elif reason != "cancelled":
+                        self.reasoning.append(text)
+                        self.events.put(Piece(self.index, text, [], [], kind="reasoning"))
+        if reason != "cancelled":
+            self._hand_out(self.pending)
+        self.pending = ""
+        return Finish(self.index, reason, "".join(self.text), generated, self.stopped,
+                      "".join(self.reasoning), self.reasoning_tokens,
+                      self.parser.calls if self.parser is not None else None)
 
 
 # The callable saying whether the client of the request this thread serves has gone (waitress's
@@ -1234,15 +1316,16 @@ class Slots:
         task.state = TaskState.GENERATING
         task.generated += 1
         task.last = token
-        if task.gen.logprobs >= 0:
-            task.logprobs.append(self._logprobs(i, token, task.gen.logprobs))
-        task.tokens.append(token)
-        if task.parser is None:
-            self._text(task, task.decoder.decode(self.ctx.piece(token)))
-        else:  # markers are special tokens: their text is kept for the parser
-            self._reasoned(task, task.decoder.decode(self.ctx.piece(token, special=True)))
-        if task.state is TaskState.GENERATING and (task.generated >= task.gen.max_tokens
-                                                   or task.n_past + 1 >= self.n_ctx):
+        logprobs = self._logprobs(i, token, task.gen.logprobs) if task.gen.logprobs >= 0 else None
+        out = task.out
+        # A reasoning model's markers are special tokens: their text is kept for its parser.
+        stop = out.add(token, self.ctx.piece(token, special=out.parser is not None), logprobs)
+        if stop is not None:
+            self._end(task, "stop")
+            return
+        if out.parser is not None:
+            self._reasoned(task)
+        if task.generated >= task.gen.max_tokens or task.n_past + 1 >= self.n_ctx:
             self._end(task, "length")
 
     def _logprobs(self, i, token, top):
@@ -1259,75 +1342,22 @@ class Slots:
     def _token_text(self, token):
         return self.ctx.piece(token).decode("utf-8", "replace")
 
-    def _text(self, task, text):
-        """Add generated text, handing out what cannot be the start of a stop string."""
-        task.pending += text
-        for stop in task.gen.stop:
-            at = task.pending.find(stop)
-            if at >= 0:
-                task.pending = task.pending[:at]
-                self._end(task, "stop", stop_sequence=stop)
-                return
-        hold = max([k for stop in task.gen.stop for k in range(1, len(stop))
-                    if task.pending.endswith(stop[:k])] or [0])
-        ready = task.pending[:len(task.pending) - hold]
-        task.pending = task.pending[len(task.pending) - hold:]
-        self._hand_out(task, ready)
-
-    def _hand_out(self, task, text):
-        if text:
-            task.text.append(text)
-        if (text or task.tokens) and not task.gen.hold:
-            task.run.events.put(Piece(task.index, text, task.tokens, task.logprobs))
-            task.tokens, task.logprobs = [], []
-
-    def _reasoned(self, task, text):
-        """A reasoning model's text: the thinking handed out as it comes (stop strings and
-        tool parsing are for the answer), the answer through `_text`; the answer grammar starts
-        once the thinking has ended; the budget spent, the block is closed."""
-        parser, reasoning = task.parser, task.gen.reasoning
-        thinking = parser.thinking
-        segments = parser.feed(text)
-        if thinking or parser.thinking:
-            task.reasoning_tokens += 1
-        self._segments(task, segments)
-        if self.busy[task.seq] is not task:
-            return
+    def _reasoned(self, task):
+        """A reasoning model's answer after a token: the answer grammar starts once the
+        thinking has ended; the budget spent, the block is closed."""
+        parser, reasoning = task.out.parser, task.gen.reasoning
         if reasoning.answer_grammar and not task.answer_sampler and parser.answering:
             task.answer_sampler = True
             self.samplers.free(task.sampler)
             task.sampler = self.samplers.build(replace(task.gen.sampling, grammar=reasoning.answer_grammar),
                                                self.cache[task.seq])
         if (reasoning.budget is not None and parser.thinking and not task.forced
-                and task.reasoning_tokens >= reasoning.budget):
+                and task.out.reasoning_tokens >= reasoning.budget):
             task.forced = list(reasoning.close_tokens)
 
-    def _segments(self, task, segments):
-        for kind, text in segments:
-            if self.busy[task.seq] is not task:
-                return  # a stop string ended it
-            if kind == "answer":
-                self._text(task, text)
-                continue
-            task.reasoning.append(text)
-            task.run.events.put(Piece(task.index, text, [], [], kind="reasoning"))
-
-    def _end(self, task, reason, stop_sequence=None):
+    def _end(self, task, reason):
         """An answer is over: its sequence is free (keeping its tokens as a prompt cache)."""
-        if reason != "stop" or stop_sequence is None:
-            tail = task.decoder.decode(b"", final=True)
-            if task.parser is None:
-                task.pending += tail
-            else:
-                for kind, text in task.parser.feed(tail) + task.parser.finish():
-                    if kind == "answer":
-                        task.pending += text
-                    elif reason != "cancelled":
-                        task.reasoning.append(text)
-                        task.run.events.put(Piece(task.index, text, [], [], kind="reasoning"))
-        if reason != "cancelled":
-            self._hand_out(task, task.pending)
-        task.pending = ""
+        finish = task.out.finish(reason, task.generated)
         task.state = TaskState.DONE
         self.busy[task.seq] = None
         self.used[task.seq] = next(self._clock)
@@ -1339,9 +1369,7 @@ class Slots:
             run.timings["queue"] = task.admitted_at - run.started
             run.timings["prompt_eval"] = task.first_token_at - task.admitted_at
             run.timings["eval"] = time.monotonic() - task.first_token_at
-        run.events.put(Finish(task.index, reason, "".join(task.text), task.generated, stop_sequence,
-                              "".join(task.reasoning), task.reasoning_tokens,
-                              task.parser.calls if task.parser is not None else None))
+        run.events.put(finish)
 
 
 ###############################################################################
@@ -5409,7 +5437,9 @@ def cmd_pull(settings, name):
 
 
 def cmd_verify(settings, name):
-    """Full check of every blob; print each problem; exit 1 if any."""
+    """Full check of every blob; print each problem; exit 1 if any. At the lowest CPU priority, as
+    a node's own hashing: a node serving on this host keeps its cores."""
+    hashing.lower_priority()  # this thread, and every thread it starts
     node = Node(settings)
     refs = [names.parse(name)] if name else node.store.models()
     bad = 0
