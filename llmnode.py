@@ -934,8 +934,9 @@ class Output:
 CLIENT_GONE = contextvars.ContextVar("client_gone", default=None)
 
 
-class Run:
-    """The caller's side of a generation: its events (Piece, Finish) as they come, the usage and
+class EngineRun:
+    """The engine's side of a started request, as its caller holds it (a dialect holds the
+    `Answer` made of it): its events (Piece, Finish) as they come, the usage and
     timings once it has ended; close() stops it (a client that went away). `gone()`, if given,
     says whether the client has gone; it is asked every GONE_POLL_SECS while no event comes, so
     an answer nobody reads (unstreamed, held for tool calls, or queued) stops within that."""
@@ -1656,7 +1657,7 @@ class ModelPool:
 ###############################################################################
 # What every dialect's body is checked into (`ChatRequest` of `Message`s, `ToolCall`s and `Tool`s;
 # `CompletionRequest`), what the Node makes of it for the engine (`Generation`) and what comes back
-# (`Piece` and `Finish` from the engine; `Answer` and its `Ended`, as every dialect renders them;
+# (`Piece` and `Finish` from the engine; `Answer` and its `Choice`, as every dialect renders them;
 # `Usage`); the checks every dialect shares and the field rule; grammars for structured output and
 # tool calls from any JSON schema; the chat template's prompt and the parsing of tool calls, done
 # once here for every dialect.
@@ -1829,10 +1830,10 @@ class Usage:
 
 
 @dataclass
-class Ended:
-    """Answer `index` has ended, as every dialect renders it: its message (content, and tool calls
-    parsed once, in `chat_message`), why (stop, length, tool_calls), the stop string met, the
-    whole text as generated."""
+class Choice:
+    """Answer `index` has ended, as every dialect renders it (the engine's raw `Finish`, parsed):
+    its message (content, and tool calls parsed once, in `chat_message`), why (stop, length,
+    tool_calls), the stop string met, the whole text as generated."""
 
     index: int
     message: Message  # the assistant's, its tool calls parsed
@@ -1844,7 +1845,7 @@ class Ended:
 
 class Answer:
     """A started answer, as a Node hands it to a dialect: `Piece`s as text is made (none in a tool
-    mode, which holds the text until it can be parsed), then an `Ended` per choice; `usage` and
+    mode, which holds the text until it can be parsed), then a `Choice` per choice; `usage` and
     `timings` once it has been read to the end. close() stops it (a client that went away)."""
 
     def __init__(self, run, tools=None, mode=None, prompts=None):
@@ -1861,7 +1862,7 @@ class Answer:
                     yield event
                     continue
                 message, reason = chat_message(event, self._tools, self._mode)
-                yield Ended(event.index, message, reason, event.stop_sequence, event.text, event.reasoning)
+                yield Choice(event.index, message, reason, event.stop_sequence, event.text, event.reasoning)
         finally:
             self._run.close()
 
@@ -1869,7 +1870,7 @@ class Answer:
         self._run.close()
 
     def collect(self):
-        """The whole answer: ({index: Ended}, {index: logprob items})."""
+        """The whole answer: ({index: Choice}, {index: logprob items})."""
         ended, logprobs = {}, {}
         for event in self:
             if isinstance(event, Piece):
@@ -2914,7 +2915,7 @@ class Node:
         entry = self.load(req.model, req.keep_alive)
         try:
             gens = generations(entry)
-            run = Run(self.compute, entry.llm.slots, gens, entry.release, gone=CLIENT_GONE.get())
+            run = EngineRun(self.compute, entry.llm.slots, gens, entry.release, gone=CLIENT_GONE.get())
             entry.llm.slots.submit(run)
         except BaseException:
             entry.release()

@@ -247,7 +247,7 @@ def test_a_queued_client_that_leaves_is_dropped_from_the_queue(served):
 # -- arrival order -----------------------------------------------------------------------------------
 
 def start(served, content, **kw):
-    """A chat started in this process: its Answer (its Run's tasks hold the engine's view)."""
+    """A chat started in this process: its Answer (its EngineRun's tasks hold the engine's view)."""
     req = llmnode.validate_chat(dict({"model": SMOL, "temperature": 0, "max_tokens": 4,
                                       "messages": [{"role": "user", "content": content}]}, **kw),
                                 served.node.settings.n_ctx)
