@@ -2794,7 +2794,8 @@ class Node:
         from a blob that failed its check are dropped and the repaired blob is loaded (and
         verified) again."""
         for _attempt in range(3):
-            # The check hashes on every core; the load (a one-core copy) shares them.
+            # The check hashes on the cores the engine leaves (repair.hashing); the load (a
+            # one-core copy) shares them.
             started = time.monotonic()
             check = in_thread(lambda since=started: (self.repairs.check_layer(ref, layer, gguf=True),
                                                      time.monotonic() - since), "verify-on-load")
