@@ -15,8 +15,9 @@ bottom, each depending only on those above it:
 - The request type and the tool/grammar layer: `ChatRequest` (with `Message`, `ToolCall`,
   `Tool`), `CompletionRequest`, the checks every dialect shares, the field rule (known fields
   honoured or accepted, unknown ones named), grammars from any JSON schema, tool formats.
-- Node: model resolution (guard, repair, verified loading) and generation, the Modelfile's
-  `system` and `params` layers applied for every dialect.
+- Node: `ModelLoader` (model resolution: guard, repair, verified loading, preload, the Modelfile
+  layers), then `Node` (the wiring, and every dialect's request made into Generations, the
+  Modelfile's `system` and `params` layers applied for every dialect).
 - HTTP: the app, the API key, `Dialect` (error body, stream framing), routes registered with
   their dialect, one error mapping, one stream function.
 - One section per dialect, each a validator into the request type and a renderer of the one
@@ -2710,8 +2711,127 @@ def harmony_tool_grammar(tools, choice):
 # Node: model resolution and generation #######################################
 ###############################################################################
 
+class ModelLoader:
+    """Model names to weights in memory, verified: the manifest resolved (and repaired), the blob
+    checked beside the load (in full first when its file changed), the pool that keeps models
+    loaded; LLM_PRELOAD and readiness; each model's Modelfile layers. `read_weights(path)` makes
+    the Llama (with its Slots)."""
+
+    def __init__(self, settings, store, repairs, guard, pool, metrics, read_weights):
+        self.settings, self.store, self.repairs, self.guard = settings, store, repairs, guard
+        self.pool, self.metrics, self.read_weights = pool, metrics, read_weights
+        # Set once every LLM_PRELOAD model is verified and loaded (/ready); `errors` says why
+        # not, while it is not.
+        self.ready = threading.Event()
+        self.errors = {}
+        if not settings.preload:
+            self.ready.set()
+
+    def load(self, name, keep_alive=KEEP_DEFAULT):
+        """The loaded model for a name, its lock held: guard, repair if needed, load. The
+        caller must `release()` it."""
+        ref = names.parse(name)
+        manifest = self.repairs.manifest(ref)
+        layer = model_layer(manifest)
+        path = self.store.blob_path(layer["digest"])
+        if self.settings.verify_on_load:
+            # In memory, a model is used while its file is unchanged. A changed file is checked
+            # (and repaired) in full first, every request for it waiting on that one check; the
+            # load right after reads bytes just hashed, so they are not hashed a second time.
+            # Any other load is verified alongside.
+            if not self.guard.unchanged(layer):
+                self.repairs.ensure(ref, on_change=self.pool.drop)
+                return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
+            return self.pool.acquire(path, lambda: self._load_verified(ref, layer, path), keep_alive)
+        self.repairs.ensure(ref, on_change=self.pool.drop)
+        return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
+
+    def _load_verified(self, ref, layer, path):
+        """Load the weights while the blob is verified (and repaired, if corrupted) on another
+        thread: the request waits for the longer of the two, not their sum. Weights loaded
+        from a blob that failed its check are dropped and the repaired blob is loaded (and
+        verified) again."""
+        for _attempt in range(3):
+            # The check hashes on the cores the engine leaves (repair.hashing); the load (a
+            # one-core copy) shares them.
+            started = time.monotonic()
+            check = in_thread(lambda since=started: (self.repairs.check_layer(ref, layer, gguf=True),
+                                                     time.monotonic() - since), "verify-on-load")
+            llm, load_error = None, None
+            try:
+                llm = self.read_weights(path)
+            except (ValueError, OSError, RuntimeError) as e:
+                load_error = e
+            loaded = time.monotonic() - started
+            try:
+                repaired, checked = outcome(check, self.settings.repair_timeout_secs + 60)
+            except BaseException:
+                if llm is not None:
+                    close_model(llm)
+                raise
+            self.metrics.inc("llmnode_verified_loads_total")
+            log.info("model %s: loaded in %.2fs, blob verified in %.2fs%s", ref, loaded,
+                     checked, " (repaired)" if repaired else "")
+            if repaired:
+                if llm is not None:
+                    close_model(llm)
+                continue
+            if load_error is not None:
+                raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
+                                      "digest, so the model itself cannot be loaded by this "
+                                      "llama.cpp" % (os.path.basename(path), load_error)) from load_error
+            return llm
+        raise ModelLoadFailed("model %s was repaired and found corrupted again while loading" % ref)
+
+    def _load_checked(self, ref, path):
+        """Load without a full verification (LLM_VERIFY_ON_LOAD=false): only a llama.cpp load
+        failure leads to a full check."""
+        try:
+            return self.read_weights(path)
+        except (ValueError, OSError, RuntimeError) as e:
+            log.warning("model %s failed to load; checking its blob in full", ref)
+            if not self.repairs.ensure(ref, full=True).repaired:
+                raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
+                                      "digest, so the model itself cannot be loaded by this "
+                                      "llama.cpp" % (os.path.basename(path), e)) from e
+            return self.read_weights(path)
+
+    def preload(self, models):
+        """Verify and load each LLM_PRELOAD model, keep it loaded, then set `ready`."""
+        for name in models:
+            self.errors[name] = "loading"
+        for name in models:
+            try:
+                entry = self.load(name)
+                self.pool.pin(entry.path)
+                entry.release()
+                del self.errors[name]
+                log.info("preloaded model %s", name)
+            except LLMNodeError as e:
+                self.errors[name] = str(e)
+                log.error("preload of model %s failed: %s", name, e)
+        if not self.errors:
+            self.ready.set()
+
+    def models(self):
+        """Every model in the store, as OpenAI's /v1/models lists it."""
+        data = []
+        for ref in self.store.models():
+            st = os.stat(self.store.manifest_path(ref))
+            data.append({"id": str(ref), "object": "model", "created": int(st.st_mtime),
+                         "owned_by": ref.namespace})
+        return data
+
+    def modelfile(self, model):
+        """(system prompt or None, params: option -> value) of a model's Modelfile layers, each
+        checked against its digest (and repaired) before it is read; they apply on every dialect."""
+        extras = self.repairs.layer_texts(names.parse(model))
+        return extras.get("system") or None, params_layer(extras)
+
+
 class Node:
-    """Resolves model names to verified blobs (repairing them) and runs chat completions."""
+    """The node: wires the store, the repair coordinator, the engine and the model loader
+    together, and turns every dialect's checked request into Generations on a model's Slots."""
 
     def __init__(self, settings, session=None, loader=None, on_prompt=None, retry=None, step_hook=None,
                  on_generation=None, progress=LoggingProgress, auto_repair=None):
@@ -2757,119 +2877,18 @@ class Node:
         # meanwhile; one thread, as for compute, so that llama.cpp's OpenMP team (its weight
         # repacking computes) is made once, not on every request thread that loads.
         self.loads = ComputeThread(name="llama-load")
-        self.loader = lambda path: self.loads.run(load_with_slots, path)
         # A model is freed on the compute thread, between decode steps.
         self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive,
                               close=lambda llm: self.compute.post(lambda: close_model(llm)))
-        # Set once every LLM_PRELOAD model is verified and loaded (/ready); `preload_errors`
-        # says why not, while it is not.
-        self.ready = threading.Event()
-        self.preload_errors = {}
+        self.loader = ModelLoader(settings, self.store, self.repairs, self.guard, self.pool, self.metrics,
+                                  read_weights=lambda path: self.loads.run(load_with_slots, path))
+        # The loading side, as the routes reach it through the node.
+        loader = self.loader
+        self.load, self.preload, self.modelfile = loader.load, loader.preload, loader.modelfile
+        self.models, self.ready, self.preload_errors = loader.models, loader.ready, loader.errors
         self.metadata = MetadataCache()  # of weights read after their check
-        if not settings.preload:
-            self.ready.set()
-
-    def load(self, name, keep_alive=KEEP_DEFAULT):
-        """The loaded model for a name, its lock held: guard, repair if needed, load. The
-        caller must `release()` it."""
-        ref = names.parse(name)
-        manifest = self.repairs.manifest(ref)
-        layer = model_layer(manifest)
-        path = self.store.blob_path(layer["digest"])
-        if self.settings.verify_on_load:
-            # In memory, a model is used while its file is unchanged. A changed file is checked
-            # (and repaired) in full first, every request for it waiting on that one check; the
-            # load right after reads bytes just hashed, so they are not hashed a second time.
-            # Any other load is verified alongside.
-            if not self.guard.unchanged(layer):
-                self.repairs.ensure(ref, on_change=self.pool.drop)
-                return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
-            return self.pool.acquire(path, lambda: self._load_verified(ref, layer, path), keep_alive)
-        self.repairs.ensure(ref, on_change=self.pool.drop)
-        return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
-
-    def _load_verified(self, ref, layer, path):
-        """Load the weights while the blob is verified (and repaired, if corrupted) on another
-        thread: the request waits for the longer of the two, not their sum. Weights loaded
-        from a blob that failed its check are dropped and the repaired blob is loaded (and
-        verified) again."""
-        for _attempt in range(3):
-            # The check hashes on the cores the engine leaves (repair.hashing); the load (a
-            # one-core copy) shares them.
-            started = time.monotonic()
-            check = in_thread(lambda since=started: (self.repairs.check_layer(ref, layer, gguf=True),
-                                                     time.monotonic() - since), "verify-on-load")
-            llm, load_error = None, None
-            try:
-                llm = self.loader(path)
-            except (ValueError, OSError, RuntimeError) as e:
-                load_error = e
-            loaded = time.monotonic() - started
-            try:
-                repaired, checked = outcome(check, self.settings.repair_timeout_secs + 60)
-            except BaseException:
-                if llm is not None:
-                    close_model(llm)
-                raise
-            self.metrics.inc("llmnode_verified_loads_total")
-            log.info("model %s: loaded in %.2fs, blob verified in %.2fs%s", ref, loaded,
-                     checked, " (repaired)" if repaired else "")
-            if repaired:
-                if llm is not None:
-                    close_model(llm)
-                continue
-            if load_error is not None:
-                raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
-                                      "digest, so the model itself cannot be loaded by this "
-                                      "llama.cpp" % (os.path.basename(path), load_error)) from load_error
-            return llm
-        raise ModelLoadFailed("model %s was repaired and found corrupted again while loading" % ref)
-
-    def _load_checked(self, ref, path):
-        """Load without a full verification (LLM_VERIFY_ON_LOAD=false): only a llama.cpp load
-        failure leads to a full check."""
-        try:
-            return self.loader(path)
-        except (ValueError, OSError, RuntimeError) as e:
-            log.warning("model %s failed to load; checking its blob in full", ref)
-            if not self.repairs.ensure(ref, full=True).repaired:
-                raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
-                                      "digest, so the model itself cannot be loaded by this "
-                                      "llama.cpp" % (os.path.basename(path), e)) from e
-            return self.loader(path)
-
-    def preload(self, models):
-        """Verify and load each LLM_PRELOAD model, keep it loaded, then set `ready`."""
-        for name in models:
-            self.preload_errors[name] = "loading"
-        for name in models:
-            try:
-                entry = self.load(name)
-                self.pool.pin(entry.path)
-                entry.release()
-                del self.preload_errors[name]
-                log.info("preloaded model %s", name)
-            except LLMNodeError as e:
-                self.preload_errors[name] = str(e)
-                log.error("preload of model %s failed: %s", name, e)
-        if not self.preload_errors:
-            self.ready.set()
-
-    def models(self):
-        data = []
-        for ref in self.store.models():
-            st = os.stat(self.store.manifest_path(ref))
-            data.append({"id": str(ref), "object": "model", "created": int(st.st_mtime),
-                         "owned_by": ref.namespace})
-        return data
 
     # -- generation: every dialect's request ends here, as Generations on the model's Slots --
-
-    def modelfile(self, model):
-        """(system prompt or None, params: option -> value) of a model's Modelfile layers, each
-        checked against its digest (and repaired) before it is read; they apply on every dialect."""
-        extras = self.repairs.layer_texts(names.parse(model))
-        return extras.get("system") or None, params_layer(extras)
 
     def chat(self, req):
         """Start a checked `ChatRequest` (any dialect's): its `Answer`."""

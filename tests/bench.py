@@ -541,7 +541,7 @@ def compare_loads(what, node, ref, layer, path, settings, rounds):
         node.compute.run(llmnode.load_llama, path, settings).close()
 
     def verified():
-        node._load_verified(ref, layer, path).close()
+        node.loader._load_verified(ref, layer, path).close()
 
     alone()
     for cache in ("warm", "cold"):

@@ -2,6 +2,7 @@
 dialect, on the tiny model and on SmolLM2 through a real waitress server."""
 
 import json
+import queue
 import threading
 
 import ollama
@@ -374,3 +375,19 @@ def test_gpu_layers_reach_the_model_and_the_load_says_how_many_were_offloaded(
         assert "tiny.gguf: 0 of " in caplog.text and "has no GPU backend" in caplog.text
     finally:
         llm.close()
+
+
+def test_an_output_holds_what_may_start_a_stop_string_and_joins_a_split_character():
+    events = queue.Queue()
+    gen = llmnode.Generation(prompt=[1], sampling=llmnode.Sampling(), max_tokens=10, stop=["END"])
+    out = llmnode.Output(0, gen, events)
+    e = "é".encode()
+    assert out.add(1, e[:1]) is None  # half a character: no text yet
+    assert out.add(2, e[1:] + b" E") is None  # "é " ready; "E" may start the stop string
+    assert "".join(p.text for p in list(events.queue)) == "é "
+    assert out.add(3, b"ND and more") == "END"
+    finish = out.finish("stop", 3)
+    pieces = [events.get_nowait() for _ in range(events.qsize())]
+    assert "".join(p.text for p in pieces) == "é " == finish.text
+    assert [t for p in pieces for t in p.tokens] == [1, 2, 3]
+    assert (finish.reason, finish.stop_sequence, finish.tokens) == ("stop", "END", 3)
