@@ -1247,8 +1247,7 @@ class Slots:
         for task in marked:
             self._save(task, task.n_past)
         for task, i in sampled:
-            if task.state is TaskState.PROMPT:
-                self._save(task, len(task.gen.prompt))
+            read = task.state is TaskState.PROMPT  # its prompt's last chunk was in this step
             for sib in task.siblings:  # the prompt is read once, then copied to each sibling
                 self.ctx.copy(task.seq, sib.seq)
                 self.cache[sib.seq] = list(self.cache[task.seq])
@@ -1256,6 +1255,11 @@ class Slots:
                 self._sample_or_fail(sib, i)
             task.siblings = []
             self._sample_or_fail(task, i)
+            if read and len(self.cache[task.seq]) == len(task.gen.prompt):
+                # Saved once its first token is out, so the state's copy (~120 MB for 5k tokens
+                # of SmolLM2) never delays it; the cells are still the prompt's alone (a failed
+                # sampling drops them: nothing is saved then).
+                self._save(task, len(task.gen.prompt))
         return True
 
     def _save(self, task, length):

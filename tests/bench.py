@@ -915,6 +915,55 @@ def restore_times(log_path):
     return [(float(read), float(set_)) for read, set_ in found]
 
 
+def ours_round(work, env, system, i):
+    """The node: cold, a second session beside the first, then a restart (keep-alive 0: unloaded
+    after each request), its first request, then one after the unload. ("ours", figures)."""
+    shutil.rmtree(Path(env["LLM_MODELS_DIR"]) / ".llmnode" / "kv", ignore_errors=True)  # a cold cache
+    log_path = work / ("node-%d.log" % i)
+    server = Served(env, log=log_path)
+    try:
+        if not wait_until_up(server.url, server.proc):
+            print("the node did not start: prompt cache bench not run")
+            return None
+        _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))  # loaded
+        cold, (second, prompt_tokens, cached2) = beside_a_running_one(server.url, ENGINE_MODEL, system)
+    finally:
+        server.close()
+    server = Served(dict(env, LLM_KEEP_ALIVE="0"), log=log_path)
+    try:
+        if not wait_until_up(server.url, server.proc):
+            print("the node did not start again: prompt cache bench not run")
+            return None
+        restart, _, cached_restart = first_token(server.url, ENGINE_MODEL, system, "Task C: fix it.")
+        unload, _, cached_unload = first_token(server.url, ENGINE_MODEL, system, "Task D: test it.")
+    finally:
+        server.close()
+    restores = restore_times(log_path)
+    return "ours", dict(cold=cold, second=second, restart=restart, unload=unload, prompt=prompt_tokens,
+                        cached_second=cached2, cached_restart=cached_restart, cached_unload=cached_unload,
+                        restore=(statistics.median(read + set_ for read, set_ in restores) if restores
+                                 else float("nan")))
+
+
+def ref_round(binary, gguf, n_ctx, threads, system):
+    """llama-server (-np 2): cold, a second session beside the first, a restart. ("ref", figures)."""
+    figures = {}
+    for phase in ("run", "restart"):
+        ref = LlamaServer(binary, gguf, 2, n_ctx, threads)
+        try:
+            if not wait_until_up(ref.url, ref.proc, path=ref.ready_path):
+                print("llama-server did not start: prompt cache bench not run")
+                return None
+            if phase == "run":
+                _stream((ref.url, chat_body(gguf, "Hello")))
+                figures["cold"], (figures["second"], _, _) = beside_a_running_one(ref.url, gguf, system)
+            else:
+                figures["restart"] = first_token(ref.url, gguf, system, "Task C: fix it.")[0]
+        finally:
+            ref.close()
+    return "ref", figures
+
+
 def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
     """Agent-sized prompts on SmolLM2 (2 sequences of 8k) against llama-server (-np 2): the cold
     first token; a second session with the same system prompt sent while the first generates; the
@@ -932,7 +981,7 @@ def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
     reg = FakeRegistry().start()
     got = {"ours": {}, "ref": {}}
 
-    def note(side, **figures):
+    def note(side, figures):
         print("   %s: %s" % (side, ", ".join("%s %.3g" % item for item in sorted(figures.items()))),
               flush=True)
         for key, value in figures.items():
@@ -946,49 +995,13 @@ def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
         subprocess.run([sys.executable, str(ROOT / "llmnode.py"), "pull", ENGINE_MODEL],
                        env=dict(os.environ, **env), check=True, capture_output=True)
         for i in range(rounds):
-            shutil.rmtree(models / ".llmnode" / "kv", ignore_errors=True)  # a cold cache each round
-            # The node: cold, a second session beside the first, then a restart (keep-alive 0:
-            # unloaded after each request), its first request, then one after the unload.
-            log_path = work / ("node-%d.log" % i)
-            server = Served(env, log=log_path)
-            try:
-                if not wait_until_up(server.url, server.proc):
-                    print("the node did not start: prompt cache bench not run")
+            sides = [lambda i=i: ours_round(work, env, system, i),
+                     lambda: ref_round(binary, gguf, n_ctx, threads, system)]
+            for side in sides[::-1] if i % 2 else sides:  # alternating which goes first
+                figures = side()
+                if figures is None:
                     return
-                _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))  # loaded
-                cold, (second, prompt_tokens, cached2) = beside_a_running_one(server.url, ENGINE_MODEL,
-                                                                              system)
-            finally:
-                server.close()
-            server = Served(dict(env, LLM_KEEP_ALIVE="0"), log=log_path)
-            try:
-                if not wait_until_up(server.url, server.proc):
-                    print("the node did not start again: prompt cache bench not run")
-                    return
-                restart, _, cached_restart = first_token(server.url, ENGINE_MODEL, system, "Task C: fix it.")
-                unload, _, cached_unload = first_token(server.url, ENGINE_MODEL, system, "Task D: test it.")
-            finally:
-                server.close()
-            restores = restore_times(log_path)
-            note("ours", cold=cold, second=second, restart=restart, unload=unload, prompt=prompt_tokens,
-                 cached_second=cached2, cached_restart=cached_restart, cached_unload=cached_unload,
-                 restore=(statistics.median(read + set_ for read, set_ in restores) if restores
-                          else float("nan")))
-            # llama-server: cold, a second session beside the first, a restart.
-            for phase in ("run", "restart"):
-                ref = LlamaServer(binary, gguf, 2, n_ctx, threads)
-                try:
-                    if not wait_until_up(ref.url, ref.proc, path=ref.ready_path):
-                        print("llama-server did not start: prompt cache bench not run")
-                        return
-                    if phase == "run":
-                        _stream((ref.url, chat_body(gguf, "Hello")))
-                        ref_cold, (ref_second, _, _) = beside_a_running_one(ref.url, gguf, system)
-                    else:
-                        ref_restart = first_token(ref.url, gguf, system, "Task C: fix it.")[0]
-                finally:
-                    ref.close()
-            note("ref", cold=ref_cold, second=ref_second, restart=ref_restart)
+                note(*figures)
         # Tokens/s of one stream with a q8_0 KV cache against f16, and llama.cpp's own KV bytes.
         for kv in ("f16", "q8_0"):
             server = Served(dict(env, LLM_KV_CACHE_TYPE=kv, LLM_PROMPT_CACHE_BYTES="0"))
@@ -997,10 +1010,10 @@ def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
                     print("the node did not start with %s: KV rows not run" % kv)
                     return
                 _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))
-                note("ours", **{"tps_" + kv: one_stream(server.url, ENGINE_MODEL)})
+                note("ours", {"tps_" + kv: one_stream(server.url, ENGINE_MODEL)})
                 if kv == "f16":  # and beside an operator's verify of the store, run again and again
                     with verifying(env):
-                        note("ours", tps_verify=one_stream(server.url, ENGINE_MODEL))
+                        note("ours", {"tps_verify": one_stream(server.url, ENGINE_MODEL)})
             finally:
                 server.close()
         # And beside the node's own scrub, hashing the store every second.
@@ -1008,7 +1021,7 @@ def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
         try:
             if wait_until_up(server.url, server.proc):
                 _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))
-                note("ours", tps_scrub=one_stream(server.url, ENGINE_MODEL))
+                note("ours", {"tps_scrub": one_stream(server.url, ENGINE_MODEL)})
         finally:
             server.close()
     finally:
