@@ -4361,7 +4361,8 @@ def _breakpoint(content):
 def anthropic_messages(body, ignored):
     """`system` and `messages` as `Message`s; a system message inside `messages` stays at its place.
     A `cache_control` breakpoint marks the message it ends (or, inside a message, the one before;
-    on a tool, the system prompt, which the tools are rendered with) for the prompt cache."""
+    on a tool, the system prompt, which the tools are rendered with; at the top level, the last
+    message) for the prompt cache."""
     out = []
     if body.get("system") is not None:
         system = _anthropic_text("system", body["system"], ignored)
@@ -4401,6 +4402,8 @@ def anthropic_messages(body, ignored):
                 out.append(Message("user", text))
         if where == "end" and len(out) > start:
             out[-1].cache_mark = True
+    if body.get("cache_control") and out:  # automatic caching: the breakpoint on the last block
+        out[-1].cache_mark = True
     return out
 
 

@@ -247,3 +247,6 @@ def test_where_anthropic_cache_breakpoints_mark_the_conversation():
         ("system", True), ("user", False)]
     assert marks({"system": [dict({"type": "text", "text": "s"}, **mark)], "messages": turns[:1]})[0] == (
         "system", True)
+    # at the top level (automatic caching): the last message
+    assert marks(dict({"system": "s", "messages": turns[:2]}, **mark)) == [
+        ("system", False), ("user", False), ("assistant", True)]
