@@ -1002,28 +1002,22 @@ def bench_prompt_cache(work, rounds, threads=2, n_ctx=8192):
                 if figures is None:
                     return
                 note(*figures)
-        # Tokens/s of one stream with a q8_0 KV cache against f16, and llama.cpp's own KV bytes.
-        for kv in ("f16", "q8_0"):
-            server = Served(dict(env, LLM_KV_CACHE_TYPE=kv, LLM_PROMPT_CACHE_BYTES="0"))
-            try:
-                if not wait_until_up(server.url, server.proc):
-                    print("the node did not start with %s: KV rows not run" % kv)
-                    return
-                _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))
-                note("ours", {"tps_" + kv: one_stream(server.url, ENGINE_MODEL)})
-                if kv == "f16":  # and beside an operator's verify of the store, run again and again
-                    with verifying(env):
-                        note("ours", {"tps_verify": one_stream(server.url, ENGINE_MODEL)})
-            finally:
-                server.close()
-        # And beside the node's own scrub, hashing the store every second.
-        server = Served(dict(env, LLM_PROMPT_CACHE_BYTES="0", LLM_SCRUB_INTERVAL_SECS="1"))
-        try:
-            if wait_until_up(server.url, server.proc):
-                _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))
-                note("ours", {"tps_scrub": one_stream(server.url, ENGINE_MODEL)})
-        finally:
-            server.close()
+        # Tokens/s of one stream: f16 KV, q8_0 KV, beside an operator's `verify` run again and
+        # again, beside the node's own scrub every second; each on a fresh node, alternating.
+        conditions = [("f16", {}, None), ("q8_0", {"LLM_KV_CACHE_TYPE": "q8_0"}, None),
+                      ("verify", {}, verifying), ("scrub", {"LLM_SCRUB_INTERVAL_SECS": "1"}, None)]
+        for i in range(rounds):
+            for name, extra, beside in conditions[::-1] if i % 2 else conditions:
+                server = Served(dict(env, LLM_PROMPT_CACHE_BYTES="0", **extra))
+                try:
+                    if not wait_until_up(server.url, server.proc):
+                        print("the node did not start (%s): the stream rows not run" % name)
+                        return
+                    _stream((server.url, chat_body(ENGINE_MODEL, "Hello")))
+                    with beside(env) if beside else contextlib.nullcontext():
+                        note("ours", {"tps_" + name: one_stream(server.url, ENGINE_MODEL)})
+                finally:
+                    server.close()
     finally:
         reg.stop()
     llm = llmnode.load_llama(gguf, conf.load(environ={"LLM_CPU_THREADS": str(threads)}))
