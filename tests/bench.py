@@ -1214,18 +1214,11 @@ def main(argv=None):
             bench_verify(blob, args.rounds)
         if "repair" in only:
             bench_repair(blob, digest, size, work, args.rounds)
-        if "serving" in only:
-            bench_serving(work, args.rounds)
-        if "load" in only:
-            bench_load(work, args.rounds)
-        if "api" in only:
-            bench_api(work, args.rounds)
-        if "engine" in only:
-            bench_engine(work, args.rounds)
-        if "cache" in only:
-            bench_prompt_cache(work, args.rounds)
-        if "retrieval" in only:
-            bench_retrieval(work, args.rounds)
+        served = {"serving": bench_serving, "load": bench_load, "api": bench_api, "engine": bench_engine,
+                  "cache": bench_prompt_cache, "retrieval": bench_retrieval}
+        for part, bench in served.items():  # each against a served node, in this order
+            if part in only:
+                bench(work, args.rounds)
         if "agents" in only:
             bench_agents(work, tiny=args.agents_tiny)
     finally:
