@@ -2176,10 +2176,14 @@ def cache_marks(messages, prompt, render):
     """The prompt's lengths at the messages a client marked (`Message.cache_mark`): the tokens
     the conversation up to each marked message renders to (by `render`, the prompt's own
     renderer) shares with the whole prompt. A part the template will not render alone (some
-    want a user message last) marks nothing."""
+    want a user message last) marks nothing. A mark on the last message is the whole prompt
+    (Claude Code's and automatic caching's usual place): no second render."""
     marks = set()
     for i, m in enumerate(messages):
         if not m.cache_mark:
+            continue
+        if i == len(messages) - 1:
+            marks.add(len(prompt))
             continue
         try:
             part = render(messages[:i + 1])[0]
@@ -2187,7 +2191,7 @@ def cache_marks(messages, prompt, render):
             log.debug("a cache breakpoint at message %d marks nothing: %s", i, e)
             continue
         marks.add(common_prefix(part, prompt))
-    return sorted(n for n in marks if 0 < n < len(prompt))
+    return sorted(n for n in marks if 0 < n <= len(prompt))
 
 
 def _thought(m):

@@ -250,3 +250,18 @@ def test_where_anthropic_cache_breakpoints_mark_the_conversation():
     # at the top level (automatic caching): the last message
     assert marks(dict({"system": "s", "messages": turns[:2]}, **mark)) == [
         ("system", False), ("user", False), ("assistant", True)]
+
+
+def test_cache_marks_render_each_marked_prefix_and_take_the_last_message_as_the_whole_prompt():
+    rendered = []
+
+    def render(conversation):  # one token per character of each message's text
+        rendered.append(len(conversation))
+        return [ord(c) for m in conversation for c in m.content + "|"], [], ""
+
+    messages = [llmnode.Message("system", "rules", cache_mark=True), llmnode.Message("user", "hi"),
+                llmnode.Message("assistant", "yo"), llmnode.Message("user", "more", cache_mark=True)]
+    prompt = render(messages)[0]
+    rendered.clear()
+    assert llmnode.cache_marks(messages, prompt, render) == [len("rules|"), len(prompt)]
+    assert rendered == [1]  # the system prompt alone; the last message's mark is the whole prompt
