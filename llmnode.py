@@ -157,9 +157,10 @@ def without_extra_buffers():
              "crash on some quantizations)")
 
 
-def load_llama(path, settings):
+def load_llama(path, settings, gpu_layers=None):
     """Load a GGUF with llama.cpp; its chat template comes from the file. The layers offloaded to
-    a GPU (LLM_GPU_LAYERS) are logged."""
+    a GPU (`gpu_layers`: a request's options.num_gpu, -1 for all; else LLM_GPU_LAYERS) are logged,
+    and what was asked is kept as `llm.gpu_layers`."""
     import llama_cpp
     from llama_cpp import Llama
 
@@ -167,7 +168,7 @@ def load_llama(path, settings):
         without_extra_buffers()
 
     gpu = llama_cpp.llama_supports_gpu_offload()
-    layers = settings.gpu_layers
+    layers = settings.gpu_layers if gpu_layers is None else gpu_layers
     if layers is None:  # auto: every layer (llama-cpp-python's -1) when there is a GPU
         layers = -1 if gpu else 0
     # Nothing is decoded in the Llama's own context: answers are decoded in the model's
@@ -177,8 +178,10 @@ def load_llama(path, settings):
     # llama.cpp offloads the repeating layers and then the output layer: n_layer + 1 in all.
     total = llama_cpp.llama_model_n_layer(model_pointer(llm)) + 1
     offloaded = (total if layers < 0 else min(layers, total)) if gpu else 0
-    log.info("model %s: %d of %d layers offloaded to the GPU%s", os.path.basename(path), offloaded,
-             total, "" if gpu else " (this llama.cpp has no GPU backend)")
+    log.info("model %s: %d of %d layers offloaded to the GPU%s%s", os.path.basename(path), offloaded,
+             total, "" if gpu_layers is None else " (options.num_gpu=%d)" % gpu_layers,
+             "" if gpu else " (this llama.cpp has no GPU backend)")
+    llm.gpu_layers = gpu_layers  # None: the node's LLM_GPU_LAYERS
     return llm
 
 
@@ -671,8 +674,12 @@ class Samplers:
 
     def _greedy_in_grammar(self, sampler, i):
         """The likeliest token the grammar allows at batch index `i`: what greedy after the
-        grammar would pick, exactly."""
+        grammar would pick, exactly. The likeliest token is checked alone first (the grammar's
+        cost is per token checked), then the likeliest few, then the whole vocabulary."""
         logits = self.context.logits(i)
+        best = int(logits.argmax())  # the lowest id among equals, as llama.cpp's greedy picks
+        if self.allows(sampler, [best]):
+            return best
         top = logits.argpartition(-self.GREEDY_FIRST)[-self.GREEDY_FIRST:]
         top = top[(-logits[top]).argsort(kind="stable")]
         allowed = self.allows(sampler, top)
@@ -1471,9 +1478,11 @@ class ModelPool:
         self._loading = deque()  # loads waiting for a place in memory, oldest first
         self._reaper = None
 
-    def acquire(self, path, load, keep_alive=KEEP_DEFAULT, wait=GENERATION_WAIT_SECS):
+    def acquire(self, path, load, keep_alive=KEEP_DEFAULT, wait=GENERATION_WAIT_SECS, gpu_layers=None):
         """The loaded model for `path` (`load()` makes the Llama if it is not in memory), shared
-        with every other request on it; the caller must `release` it. Waits at most `wait`."""
+        with every other request on it; the caller must `release` it. Waits at most `wait`.
+        `gpu_layers` (Ollama's options.num_gpu) other than the loaded model's (`llm.gpu_layers`)
+        loads it again, as Ollama does: the loaded one leaves once its answers end."""
         deadline = self.clock() + wait
         while True:
             with self._cond:
@@ -1499,6 +1508,15 @@ class ModelPool:
                     entry.lock.release()
             if entry.evicted or entry.llm is None:
                 self._unuse(entry)  # it left memory (or its load failed) while we queued
+                continue
+            if gpu_layers is not None and getattr(entry.llm, "gpu_layers", gpu_layers) != gpu_layers:
+                with self._cond:
+                    if not entry.evicted:
+                        log.info("model %s: loading it again with %d GPU layers (options.num_gpu); "
+                                 "the loaded one leaves once its answers end",
+                                 os.path.basename(path), gpu_layers)
+                        self._evict(entry, "(options.num_gpu)")
+                self._unuse(entry)
                 continue
             return entry
 
@@ -1726,6 +1744,7 @@ class Options:
     include_usage: bool = False
     keep_alive: object = KEEP_DEFAULT
     ctx_limit: int = None  # Ollama's options.num_ctx
+    gpu_layers: int = None  # Ollama's options.num_gpu: layers offloaded (-1: all); None: as loaded
     format: str = None  # None, "json" or "schema"
     format_schema: dict = None
     cache_key: str = None  # prompt_cache_key: keep the conversation on the sequence with its prefix
@@ -2158,6 +2177,8 @@ def params_layer(extras):
                 clean[key] = _number(params, key, *checks[key])
             elif key in ("top_k", "seed", "num_predict"):
                 clean[key] = _integer(params, key, -(2 ** 63), 2 ** 64 - 1)
+            elif key == "num_gpu":
+                clean[key] = _integer(params, key, -1, 1 << 16)
             elif key == "stop":
                 clean[key] = _stop(params, most=64)
         except InvalidRequest as e:
@@ -2722,8 +2743,8 @@ def harmony_tool_grammar(tools, choice):
 class ModelLoader:
     """Model names to weights in memory, verified: the manifest resolved (and repaired), the blob
     checked beside the load (in full first when its file changed), the pool that keeps models
-    loaded; LLM_PRELOAD and readiness; each model's Modelfile layers. `read_weights(path)` makes
-    the Llama (with its Slots)."""
+    loaded; LLM_PRELOAD and readiness; each model's Modelfile layers. `read_weights(path,
+    gpu_layers)` makes the Llama (with its Slots)."""
 
     def __init__(self, settings, store, repairs, guard, pool, metrics, read_weights):
         self.settings, self.store, self.repairs, self.guard = settings, store, repairs, guard
@@ -2735,9 +2756,10 @@ class ModelLoader:
         if not settings.preload:
             self.ready.set()
 
-    def load(self, name, keep_alive=KEEP_DEFAULT):
-        """The loaded model for a name, its lock held: guard, repair if needed, load. The
-        caller must `release()` it."""
+    def load(self, name, keep_alive=KEEP_DEFAULT, gpu_layers=None):
+        """The loaded model for a name, its lock held: guard, repair if needed, load (with
+        `gpu_layers` offloaded, when asked: Ollama's options.num_gpu). The caller must
+        `release()` it."""
         ref = names.parse(name)
         manifest = self.repairs.manifest(ref)
         layer = model_layer(manifest)
@@ -2749,12 +2771,15 @@ class ModelLoader:
             # Any other load is verified alongside.
             if not self.guard.unchanged(layer):
                 self.repairs.ensure(ref, on_change=self.pool.drop)
-                return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
-            return self.pool.acquire(path, lambda: self._load_verified(ref, layer, path), keep_alive)
+                return self.pool.acquire(path, lambda: self._load_checked(ref, path, gpu_layers),
+                                         keep_alive, gpu_layers=gpu_layers)
+            return self.pool.acquire(path, lambda: self._load_verified(ref, layer, path, gpu_layers),
+                                     keep_alive, gpu_layers=gpu_layers)
         self.repairs.ensure(ref, on_change=self.pool.drop)
-        return self.pool.acquire(path, lambda: self._load_checked(ref, path), keep_alive)
+        return self.pool.acquire(path, lambda: self._load_checked(ref, path, gpu_layers), keep_alive,
+                                 gpu_layers=gpu_layers)
 
-    def _load_verified(self, ref, layer, path):
+    def _load_verified(self, ref, layer, path, gpu_layers):
         """Load the weights while the blob is verified (and repaired, if corrupted) on another
         thread: the request waits for the longer of the two, not their sum. Weights loaded
         from a blob that failed its check are dropped and the repaired blob is loaded (and
@@ -2767,7 +2792,7 @@ class ModelLoader:
                                                      time.monotonic() - since), "verify-on-load")
             llm, load_error = None, None
             try:
-                llm = self.read_weights(path)
+                llm = self.read_weights(path, gpu_layers)
             except (ValueError, OSError, RuntimeError) as e:
                 load_error = e
             loaded = time.monotonic() - started
@@ -2791,18 +2816,18 @@ class ModelLoader:
             return llm
         raise ModelLoadFailed("model %s was repaired and found corrupted again while loading" % ref)
 
-    def _load_checked(self, ref, path):
+    def _load_checked(self, ref, path, gpu_layers):
         """Load without a full verification (LLM_VERIFY_ON_LOAD=false): only a llama.cpp load
         failure leads to a full check."""
         try:
-            return self.read_weights(path)
+            return self.read_weights(path, gpu_layers)
         except (ValueError, OSError, RuntimeError) as e:
             log.warning("model %s failed to load; checking its blob in full", ref)
             if not self.repairs.ensure(ref, full=True).repaired:
                 raise ModelLoadFailed("Failed to load model file %s: %s; the blob matches its "
                                       "digest, so the model itself cannot be loaded by this "
                                       "llama.cpp" % (os.path.basename(path), e)) from e
-            return self.read_weights(path)
+            return self.read_weights(path, gpu_layers)
 
     def preload(self, models):
         """Verify and load each LLM_PRELOAD model, keep it loaded, then set `ready`."""
@@ -2866,10 +2891,10 @@ class Node:
         # Long prompts' KV states, saved under the store and restored verified (off at 0 bytes).
         self.prompt_cache = (Saver(PromptCache(self.store.root, settings.prompt_cache_bytes))
                              if settings.prompt_cache_bytes else None)
-        raw_loader = loader or (lambda path: load_llama(path, settings))
+        raw_loader = loader or (lambda path, gpu_layers: load_llama(path, settings, gpu_layers))
 
-        def load_with_slots(path):
-            llm = raw_loader(path)
+        def load_with_slots(path, gpu_layers):
+            llm = raw_loader(path, gpu_layers)
             try:
                 llm.slots = Slots(llm, self.compute, settings.parallel, settings.n_ctx,
                                   settings.n_threads, self.metrics, step_hook=step_hook,
@@ -2889,7 +2914,8 @@ class Node:
         self.pool = ModelPool(settings.max_loaded_models, keep_alive=settings.keep_alive,
                               close=lambda llm: self.compute.post(lambda: close_model(llm)))
         self.loader = ModelLoader(settings, self.store, self.repairs, self.guard, self.pool, self.metrics,
-                                  read_weights=lambda path: self.loads.run(load_with_slots, path))
+                                  read_weights=lambda path, layers: self.loads.run(load_with_slots, path,
+                                                                                   layers))
         # The loading side, as the routes reach it through the node.
         loader = self.loader
         self.load, self.preload, self.modelfile = loader.load, loader.preload, loader.modelfile
@@ -2914,7 +2940,7 @@ class Node:
                 self.on_generation(gen)
             return [gen]
 
-        return self._run(req, generations, lambda run: Answer(run, req.tools, modes[0]))
+        return self._run(req, params, generations, lambda run: Answer(run, req.tools, modes[0]))
 
     def complete(self, req):
         """Start a checked `CompletionRequest`: its `Answer` (its prompts' text in `prompts`)."""
@@ -2934,13 +2960,15 @@ class Node:
                 gens.append(self._generation(entry, req, params, tokens, gram, [], logprobs))
             return gens
 
-        return self._run(req, generations, lambda run: Answer(run, prompts=texts))
+        return self._run(req, params, generations, lambda run: Answer(run, prompts=texts))
 
-    def _run(self, req, generations, answer):
-        """Load the model (guard, repair), start the request's generations on its Slots, and hand
-        back `answer(run)`; the model is released when the answer ends, or here on an error."""
+    def _run(self, req, params, generations, answer):
+        """Load the model (guard, repair; options.num_gpu, else the params layer's), start the
+        request's generations on its Slots, and hand back `answer(run)`; the model is released
+        when the answer ends, or here on an error."""
         started = time.monotonic()
-        entry = self.load(req.model, req.keep_alive)
+        layers = req.gpu_layers if req.gpu_layers is not None else params.get("num_gpu")
+        entry = self.load(req.model, req.keep_alive, layers)
         try:
             gens = generations(entry)
             run = EngineRun(self.compute, entry.llm.slots, gens, entry.release, gone=CLIENT_GONE.get())
@@ -3057,7 +3085,7 @@ class Node:
         """Embeddings of each input, on the same loaded model (and guard) as generation:
         (vectors, tokens read). An input longer than the model reads is cut with `truncate`,
         else refused; `dimensions` keeps that many leading values, renormalised."""
-        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT))
+        entry = self.load(req["model"], req.get("keep_alive", KEEP_DEFAULT), req.get("gpu_layers"))
         try:
             llm, field = entry.llm, req.get("field", "input")
             if rank_pooled(llm):
@@ -4646,14 +4674,15 @@ OLLAMA_VERSION = "0.12.0"  # the Ollama API level these routes follow
 
 # Ollama's documented options that change nothing in the answer here (speed, memory, or samplers
 # llama.cpp's server no longer runs): accepted and left alone (README's tables).
-OLLAMA_ACCEPTED_OPTIONS = ("numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread", "use_mmap",
+OLLAMA_ACCEPTED_OPTIONS = ("numa", "num_batch", "main_gpu", "low_vram", "num_thread", "use_mmap",
                            "use_mlock", "vocab_only", "f16_kv", "logits_all", "embedding_only", "num_keep",
                            "typical_p", "repeat_last_n", "penalize_newline", "tfs_z", "mirostat",
                            "mirostat_tau", "mirostat_eta", "rope_frequency_base", "rope_frequency_scale")
 
 
 OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
-                  "presence_penalty", "frequency_penalty", "num_predict", "num_ctx") + OLLAMA_ACCEPTED_OPTIONS
+                  "presence_penalty", "frequency_penalty", "num_predict", "num_ctx",
+                  "num_gpu") + OLLAMA_ACCEPTED_OPTIONS
 
 
 OLLAMA_CHAT_FIELDS = ("model", "messages", "tools", "format", "options", "stream", "keep_alive", "think")
@@ -4707,6 +4736,7 @@ def ollama_options(body, n_ctx, ignored):
         raise UnsupportedParameter("'options.num_ctx' above the node's context (%d, LLM_CTX_SIZE) "
                                    "is not supported" % n_ctx)
     fields["ctx_limit"] = ctx
+    fields["gpu_layers"] = _integer(options, "num_gpu", -1, 1 << 16, at.get("num_gpu"))
     return fields
 
 
@@ -5037,11 +5067,12 @@ def ollama_embed_request(node, body, field, ignored):
         options = dict(options)
         ctx = _integer(options, "num_ctx", 1, 1 << 31, "options.num_ctx")
         del options["num_ctx"]
-    ollama_options(dict(body, options=options), node.settings.n_ctx, ignored)
+    checked = ollama_options(dict(body, options=options), node.settings.n_ctx, ignored)
     report_ignored(ignored)
     return {"model": model, "inputs": inputs, "field": field, "keep_alive": ollama_keep_alive(body),
             "truncate": _bool(body, "truncate", True) if field == "input" else False,
-            "dimensions": _integer(body, "dimensions", 1, 1 << 16), "ctx_limit": ctx}
+            "dimensions": _integer(body, "dimensions", 1, 1 << 16), "ctx_limit": ctx,
+            "gpu_layers": checked["gpu_layers"]}
 
 
 @route("POST", "/api/embed", OLLAMA)
@@ -5400,6 +5431,14 @@ def create_server(node, host, port, threads):
     return server
 
 
+def close_server(server):
+    """Stop a server from create_server from another thread: its worker threads first (a task
+    still finishing its answer pulls waitress's trigger, and a trigger already closed would write
+    into whatever file now has its number), then the listening socket and the trigger."""
+    server.task_dispatcher.shutdown()
+    server.close()
+
+
 def cmd_serve(settings):
     node = Node(settings)
     node.store.ensure_dirs()
@@ -5448,10 +5487,7 @@ def start_demo_node(settings):
     def stop():
         if not stopped.is_set():
             stopped.set()
-            # The worker threads first: a task still finishing its response would otherwise pull
-            # the trigger that close() has just closed.
-            server.task_dispatcher.shutdown()
-            server.close()
+            close_server(server)
 
     threading.Thread(target=run, daemon=True).start()
     return node, "http://127.0.0.1:%s" % server.effective_port, stop

@@ -313,7 +313,7 @@ class Served:
 
     def close(self):
         self.closing = True
-        self.server.close()
+        llmnode.close_server(self.server)
 
     def post(self, path, body=None, data=None, headers=None):
         return requests.post(self.url + path, json=body, data=data, headers=headers, timeout=60)

@@ -41,9 +41,9 @@ def counting_loads(node):
     loads = []
     real = node.loader.read_weights
 
-    def read_weights(path):
+    def read_weights(path, gpu_layers):
         loads.append(path)
-        return real(path)
+        return real(path, gpu_layers)
 
     node.loader.read_weights = read_weights
     return loads

@@ -347,15 +347,15 @@ def test_a_model_load_does_not_stop_another_models_stream(tmp_path, smollm2, tin
                             LLM_MAX_LOADED_MODELS="2", LLM_VERIFY_ON_LOAD="false")
     streaming, window, sampled = threading.Event(), [], []
 
-    def loader(path):
+    def loader(path, gpu_layers):
         if os.path.basename(path) == os.path.basename(smol_path):
             assert streaming.wait(60), "the other model's stream never started"
             window.append(time.monotonic())
             try:
-                return llmnode.load_llama(path, settings)
+                return llmnode.load_llama(path, settings, gpu_layers)
             finally:
                 window.append(time.monotonic())
-        return llmnode.load_llama(path, settings)
+        return llmnode.load_llama(path, settings, gpu_layers)
 
     def hook(task):  # the tiny model's tokens, as the engine samples them
         sampled.append(time.monotonic())

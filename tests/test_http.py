@@ -82,3 +82,15 @@ def test_health_does_not_wait_behind_a_generation(serve):
         entry.release()
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert models.status_code == 200
+
+
+def test_closing_the_server_ends_its_workers_before_the_trigger(serve):
+    """A worker still finishing an answer pulls waitress's trigger; closed first, the trigger's file
+    number can be taken by the next file opened (a subprocess's error pipe once read b'x' from it),
+    so close_server ends the workers first."""
+    s = serve()
+    assert s.post("/v1/chat/completions", CHAT).status_code == 200
+    assert s.server.task_dispatcher.threads  # the workers run
+    s.close()
+    assert not s.server.task_dispatcher.threads  # every worker has ended
+    assert s.server.trigger._closed

@@ -291,9 +291,9 @@ def test_the_node_loads_on_the_load_thread_and_generates_on_the_compute_thread(p
     settings = settings_for(pulled, registry.url)
     threads = []
 
-    def loader(path):
+    def loader(path, gpu_layers):
         threads.append(("load", threading.current_thread().name))
-        return llmnode.load_llama(path, settings)
+        return llmnode.load_llama(path, settings, gpu_layers)
 
     def step_hook(task):  # runs in the engine's step, after its decode, before each sampling
         threads.append(("step", threading.current_thread().name))
