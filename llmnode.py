@@ -719,6 +719,18 @@ def close_model(llm):
 PREFIX_SHARE = 0.5
 
 
+def by_sequence(items, sampled):
+    """A step's batch items in order of sequence id (each sequence's own in position order), and
+    the sampled answers' batch indices moved with them. Over separate KV streams llama.cpp cuts a
+    batch into ubatches of consecutive, increasing sequence ids (`split_equal`, sequential): in
+    arrival order, one decode of 8 answers' tokens became several (67 ms a step against 44)."""
+    order = sorted(range(len(items)), key=lambda k: items[k][2][0])  # stable
+    if all(k == i for i, k in enumerate(order)):
+        return items, sampled
+    moved = {k: i for i, k in enumerate(order)}
+    return [items[k] for k in order], [(task, moved[i]) for task, i in sampled]
+
+
 class ComputeThread:
     """The one thread that runs llama.cpp's compute for the whole process: loads, embeddings,
     and a decode step of every loaded model with running answers, in turns. llama.cpp here is
@@ -1245,6 +1257,7 @@ class Slots:
                 marked.append(task)
         if not items:
             return self.has_work()
+        items, sampled = by_sequence(items, sampled)
         try:
             self.ctx.decode(items)
         except Exception as e:

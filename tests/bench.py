@@ -777,8 +777,16 @@ def follow_up(url, model, conversations, shared_opening):
 
 
 def json_streams(url, model):
-    bodies = [dict(chat_body(model, "Describe %s as JSON." % city), response_format={
-        "type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}) for city in CITIES]
+    """Four answers held to one JSON schema. The node gets the schema; llama-server gets the
+    grammar the node makes of it (its `grammar` field), so both write the same answers: its own
+    converter allows newlines and indentation where the node's allows a space, and its answers
+    to these four were ~45 tokens against the node's ~33, so tokens/s compared different texts."""
+    if model == ENGINE_MODEL:
+        constraint = {"response_format": {"type": "json_schema",
+                                          "json_schema": {"name": "city", "schema": CITY_SCHEMA}}}
+    else:
+        constraint = {"grammar": llmnode.grammar(CITY_SCHEMA)}
+    bodies = [dict(chat_body(model, "Describe %s as JSON." % city), **constraint) for city in CITIES]
     return streams(url, bodies)[0]
 
 
@@ -856,7 +864,8 @@ def bench_engine(work, rounds, threads=2, n_ctx=2048):
                ref["follow" + suffix], "x", "ours <= 0.1", ratio=ours["follow" + suffix])
         print("%-58s ours %.0f%%, ref %.0f%% of the follow-ups' prompt tokens" % (
             "   cached prompt tokens reported", 100 * ours["cached" + suffix], 100 * ref["cached" + suffix]))
-    report("g. 4 json_schema streams aggregate tokens/s", ours["json"], ref["json"], "tok/s", ">= 1.0")
+    report("g. 4 json_schema streams aggregate tokens/s (one grammar)", ours["json"], ref["json"], "tok/s",
+           ">= 1.0")
     report("g. peak RSS (VmHWM), LLM_PARALLEL=4 vs -np 4", ours["rss4"], ref["rss4"], "MiB", "<= 1.1")
 
 

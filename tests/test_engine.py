@@ -393,3 +393,18 @@ def test_an_output_holds_what_may_start_a_stop_string_and_joins_a_split_characte
     assert "".join(p.text for p in pieces) == "é " == finish.text
     assert [t for p in pieces for t in p.tokens] == [1, 2, 3]
     assert (finish.reason, finish.stop_sequence, finish.tokens) == ("stop", "END", 3)
+
+
+def test_a_steps_batch_reaches_llama_cpp_in_sequence_order():
+    """Over separate KV streams llama.cpp makes one ubatch only of consecutive, increasing sequence
+    ids; a step's items are put in that order, each sequence's tokens kept in position order, and
+    each sampled answer's batch index follows its token."""
+    a, b, c = object(), object(), object()
+    items = [(11, 7, [3], True), (12, 9, [0], True),  # two answers generating
+             (20, 0, [1], False), (21, 1, [1], False), (22, 2, [1], True)]  # a prompt's last chunk
+    sampled = [(a, 0), (b, 1), (c, 4)]
+    ordered, moved = llmnode.by_sequence(items, sampled)
+    assert [it[2][0] for it in ordered] == [0, 1, 1, 1, 3]
+    assert [it[0] for it in ordered] == [12, 20, 21, 22, 11]
+    assert {task: ordered[i][0] for task, i in moved} == {a: 11, b: 12, c: 22}
+    assert llmnode.by_sequence(ordered, moved) == (ordered, moved)  # already in order: unchanged
