@@ -42,6 +42,7 @@ class ChunkHasher:
         self._thread = None
 
     def update(self, data):
+        """Feed the next bytes (copied: the caller may reuse its buffer)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="chunk-hasher", daemon=True)
             self._thread.start()

@@ -20,7 +20,7 @@ import requests
 
 from repair import names, operations
 from repair.gguf_writer import tensor_spans, tiny_gguf
-from repair.verify import sha256_file
+from repair.hashing import sha256_file
 
 MODEL_TYPE = "application/vnd.ollama.image.model"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"

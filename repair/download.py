@@ -38,9 +38,9 @@ from repair.errors import (
     RangesUnsupported,
     RepairTimeout,
 )
+from repair.hashing import sha256_file
 from repair.retry import call_with_retries
 from repair.store import digest_hex, fsync_dir
-from repair.verify import sha256_file
 
 log = logging.getLogger("llmnode.download")
 

@@ -40,17 +40,28 @@ def lower_priority():
         pass
 
 
+def process_cores():
+    """The cores this process may use (the main thread's: a hashing thread may have started
+    while another was held to one core, and inherited that); None where the OS has no
+    affinity (macOS)."""
+    try:
+        return os.sched_getaffinity(os.getpid())
+    except (AttributeError, OSError):
+        return None
+
+
 class Cores:
     """A hashing thread's cores: one while an engine is busy, every allowed one otherwise.
-    `check()` before each block; `release()` gives the thread its cores back."""
+    `check()` before each block (the first sets them, whatever the thread inherited);
+    `release()` gives the thread its cores back."""
 
     def __init__(self):
-        self.allowed = os.sched_getaffinity(0)
-        self.held = False
+        self.allowed = process_cores()
+        self.held = None  # not set yet
 
     def check(self):
         busy = engine_busy()
-        if busy != self.held:
+        if busy is not self.held and self.allowed is not None:
             self._set({max(self.allowed)} if busy else self.allowed)
             self.held = busy
 
@@ -79,16 +90,18 @@ def run(fn, *args):
 
 
 def read_blocks(path, block=BLOCK):
-    """The file's bytes in blocks, the engine asked before each: for hashing threads."""
+    """The file's bytes in blocks, the engine asked before each: for hashing threads. Each block
+    is a view of one buffer, read into again for the next (copy what must outlive it)."""
     cores = Cores()
+    buf = bytearray(block)
     try:
         with open(path, "rb", buffering=0) as f:
             while True:
                 cores.check()
-                data = f.read(block)
-                if not data:
+                n = f.readinto(buf)
+                if not n:
                     return
-                yield data
+                yield memoryview(buf)[:n]
     finally:
         cores.release()
 

@@ -4,7 +4,6 @@ import hashlib
 import os
 
 from repair.errors import ModelCorrupted
-from repair.hashing import sha256_file  # noqa: F401 (verify's: the blob hasher)
 
 GGUF_MAGIC = b"GGUF"
 

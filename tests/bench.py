@@ -43,9 +43,9 @@ from repair.chunks import bad_chunks, hash_file  # noqa: E402
 from repair.coordinator import RepairCoordinator  # noqa: E402
 from repair.download import fetch_blob  # noqa: E402
 from repair.guard import IntegrityGuard  # noqa: E402
+from repair.hashing import sha256_file  # noqa: E402
 from repair.registry import RegistryClient  # noqa: E402
 from repair.store import Store  # noqa: E402
-from repair.verify import sha256_file  # noqa: E402
 from tests.distribution import Distribution, free_port  # noqa: E402
 from tests.fakeregistry import CONFIG_TYPE, MANIFEST_TYPE, MODEL_TYPE, digest_of  # noqa: E402
 from tests.throttle import ThrottlingProxy  # noqa: E402

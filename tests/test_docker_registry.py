@@ -9,9 +9,9 @@ import pytest
 from repair import names
 from repair.chunks import hash_file
 from repair.download import fetch_blob
+from repair.hashing import sha256_file
 from repair.registry import RegistryClient
 from repair.store import Store
-from repair.verify import sha256_file
 from tests.conftest import node_env, run_cli
 from tests.distribution import Distribution
 from tests.fakeregistry import MODEL_TYPE

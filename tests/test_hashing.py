@@ -18,7 +18,7 @@ class Engine:
         self.seen = []
 
     def busy(self):
-        cores = os.sched_getaffinity(0)
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         self.seen.append((cores, nice))
         return self.answers.pop(0) if self.answers else False
@@ -70,3 +70,40 @@ def test_the_chunk_check_and_the_whole_file_hash_yield_too_and_say_the_same(tmp_
     assert {frozenset(cores) for cores, _n in engine.seen} <= {frozenset(allowed), frozenset({max(allowed)})}
     assert frozenset({max(allowed)}) in {frozenset(cores) for cores, _n in engine.seen}
 
+
+
+def test_a_hashing_thread_started_by_a_held_one_gets_every_core_once_the_engine_is_idle(tmp_path):
+    """The whole-file hash starts its chunk hasher after it has been held to one core; the chunk
+    hasher inherits that core, and must not take it for all it may use."""
+    path, data = blob(tmp_path, 3)
+    allowed = os.sched_getaffinity(0)
+    assert len(allowed) > 1  # else one core is every core
+
+    class Seen(Engine):
+        def busy(self):
+            self.seen.append((threading.current_thread().name, os.sched_getaffinity(0)))
+            return self.answers.pop(0) if self.answers else False
+
+    engine = Seen(True)  # busy when the first block is read, idle after
+    hashing.register_engine(engine)
+    try:
+        whole, _digests = chunks.hash_file(path)
+    finally:
+        hashing._engines.discard(engine)
+    assert whole == hashlib.sha256(data).hexdigest()
+    chunk_hasher = [cores for name, cores in engine.seen if name == "chunk-hasher"]
+    assert len(chunk_hasher) == 3 and chunk_hasher[0] == {max(allowed)}  # started held: inherited
+    assert chunk_hasher[1:] == [allowed, allowed]  # and set to every core at its first check
+
+
+def test_hashing_works_where_the_os_has_no_cpu_affinity(tmp_path, monkeypatch):
+    """macOS has no sched_getaffinity: the hashing threads keep their cores and still hash."""
+    path, data = blob(tmp_path, 2)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    engine = Engine(True, True, True, True)
+    hashing.register_engine(engine)
+    try:
+        assert hashing.sha256_file(path) == hashlib.sha256(data).hexdigest()
+        assert chunks.hash_file(path)[0] == hashlib.sha256(data).hexdigest()
+    finally:
+        hashing._engines.discard(engine)
