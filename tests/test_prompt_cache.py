@@ -265,3 +265,18 @@ def test_cache_marks_render_each_marked_prefix_and_take_the_last_message_as_the_
     rendered.clear()
     assert llmnode.cache_marks(messages, prompt, render) == [len("rules|"), len(prompt)]
     assert rendered == [1]  # the system prompt alone; the last message's mark is the whole prompt
+
+
+def test_a_memo_makes_a_value_once_and_keeps_the_keys_used_last():
+    """The node keeps the tokens of marked prefixes (and grammars) in a Memo: made once a key while
+    kept, the least recently used key leaving first."""
+    memo, made = llmnode.Memo(2), []
+
+    def make(key):
+        return lambda: made.append(key) or key.upper()
+
+    assert [memo.get(k, make(k)) for k in ("a", "b", "a")] == ["A", "B", "A"]
+    assert made == ["a", "b"]  # "a" asked again: kept, not made again
+    memo.get("c", make("c"))  # "b" is the least recently used: it leaves
+    assert memo.get("a", make("a")) == "A" and memo.get("b", make("b")) == "B"
+    assert made == ["a", "b", "c", "b"]
