@@ -160,7 +160,7 @@ def without_extra_buffers():
 def load_llama(path, settings, gpu_layers=None):
     """Load a GGUF with llama.cpp; its chat template comes from the file. The layers offloaded to
     a GPU (`gpu_layers`: a request's options.num_gpu, -1 for all; else LLM_GPU_LAYERS) are logged,
-    and what was asked is kept as `llm.gpu_layers`."""
+    and kept as `llm.gpu_layers` beside the most it could take, `llm.gpu_max`."""
     import llama_cpp
     from llama_cpp import Llama
 
@@ -181,8 +181,14 @@ def load_llama(path, settings, gpu_layers=None):
     log.info("model %s: %d of %d layers offloaded to the GPU%s%s", os.path.basename(path), offloaded,
              total, "" if gpu_layers is None else " (options.num_gpu=%d)" % gpu_layers,
              "" if gpu else " (this llama.cpp has no GPU backend)")
-    llm.gpu_layers = gpu_layers  # None: the node's LLM_GPU_LAYERS
+    llm.gpu_layers, llm.gpu_max = offloaded, (total if gpu else 0)
     return llm
+
+
+def offloaded_layers(llm, asked):
+    """The layers a load asking for `asked` (options.num_gpu; -1: all) would put on the GPU, for
+    the weights `llm` holds: what a request's num_gpu is compared by (0 on a CPU build)."""
+    return llm.gpu_max if asked < 0 else min(asked, llm.gpu_max)
 
 
 # byte-fallback tokens can run a generation up to 3 tokens past max_tokens (an unfinished
@@ -1095,7 +1101,11 @@ class Slots:
         # (if already dated) view, which is all a guess at the best source needs.
         in_memory = max(common_prefix(list(cached), prompt) for cached in self.cache)
         started = time.monotonic()
-        found = self.kv.cache.find(self.key, prompt, max(self.cache_min, in_memory + COPY_MIN_TOKENS))
+        try:
+            found = self.kv.cache.find(self.key, prompt, max(self.cache_min, in_memory + COPY_MIN_TOKENS))
+        except OSError as e:  # derived data: a cache that cannot be read is a miss, not a failure
+            log.warning("prompt cache: could not be read (%s); the prompt is read instead", e)
+            return
         if found is not None:
             task.restore, task.read_secs = found, time.monotonic() - started
 
@@ -1242,7 +1252,8 @@ class Slots:
             if task.state is not TaskState.PROMPT or not task.todo or len(items) >= BATCH_TOKENS:
                 continue
             room = BATCH_TOKENS - len(items)
-            mark = next((m for m in task.gen.save_at if m > task.n_past), None)
+            # (a mark too short to be saved cuts nothing)
+            mark = next((m for m in task.gen.save_at if m > task.n_past and m >= self.cache_min), None)
             if mark is not None:  # a chunk ends at a breakpoint: its prefix alone is then saved
                 room = min(room, mark - task.n_past)
             chunk = task.todo[:room]
@@ -1494,14 +1505,18 @@ class ModelPool:
     def acquire(self, path, load, keep_alive=KEEP_DEFAULT, wait=GENERATION_WAIT_SECS, gpu_layers=None):
         """The loaded model for `path` (`load()` makes the Llama if it is not in memory), shared
         with every other request on it; the caller must `release` it. Waits at most `wait`.
-        `gpu_layers` (Ollama's options.num_gpu) other than the loaded model's (`llm.gpu_layers`)
-        loads it again, as Ollama does: the loaded one leaves once its answers end."""
+        `gpu_layers` (Ollama's options.num_gpu) that would offload other layers than the loaded
+        model has loads it again, as Ollama does: the loaded one leaves once its answers end (a
+        preloaded one's place kept)."""
         deadline = self.clock() + wait
+        pinned = False  # a preloaded model left to be loaded again: so is its successor
+        reloaded = False  # asked once for this request: what comes next is taken as it is
         while True:
             with self._cond:
                 entry = self._models.get(path)
                 if entry is None:
                     entry = self._models[path] = LoadedModel(self, path)
+                    entry.pinned = pinned
                 self._models.move_to_end(path)
                 entry.users += 1
                 entry.expires = None
@@ -1522,12 +1537,16 @@ class ModelPool:
             if entry.evicted or entry.llm is None:
                 self._unuse(entry)  # it left memory (or its load failed) while we queued
                 continue
-            if gpu_layers is not None and getattr(entry.llm, "gpu_layers", gpu_layers) != gpu_layers:
+            if (gpu_layers is not None and not reloaded and hasattr(entry.llm, "gpu_max")
+                    and offloaded_layers(entry.llm, gpu_layers) != entry.llm.gpu_layers):
+                reloaded = True
                 with self._cond:
+                    pinned = pinned or entry.pinned
                     if not entry.evicted:
-                        log.info("model %s: loading it again with %d GPU layers (options.num_gpu); "
-                                 "the loaded one leaves once its answers end",
-                                 os.path.basename(path), gpu_layers)
+                        log.info("model %s: loading it again to offload %d layers to the GPU "
+                                 "(options.num_gpu=%d); the loaded one leaves once its answers end",
+                                 os.path.basename(path), offloaded_layers(entry.llm, gpu_layers),
+                                 gpu_layers)
                         self._evict(entry, "(options.num_gpu)")
                 self._unuse(entry)
                 continue
@@ -2868,7 +2887,7 @@ class ModelLoader:
             self.errors[name] = "loading"
         for name in models:
             try:
-                entry = self.load(name)
+                entry = self.load(name, gpu_layers=self.modelfile(name)[1].get("num_gpu"))
                 self.pool.pin(entry.path)
                 entry.release()
                 del self.errors[name]
@@ -3016,10 +3035,11 @@ class Node:
         run.timings["load"] = run.started - started
         return answer(run)
 
-    def chat_prompt(self, entry, req):
+    def chat_prompt(self, entry, req, with_marks=True):
         """(prompt tokens, stop strings, grammar text or None, tool mode: None, "native",
         "harmony" or "generic", `Reasoning` or None, the prompt's lengths at the client's cache
-        breakpoints) of a chat, as the model's own template renders it."""
+        breakpoints: `with_marks`, and the prompt long enough to be saved) of a chat, as the
+        model's own template renders it."""
         tools, gram, mode = None, None, None
         fmt = reasoning_format(getattr(entry.formatter, "template", None))
         offered = bool(req.tools) and req.tool_choice != "none"
@@ -3051,11 +3071,12 @@ class Node:
             return self.marked.get((entry.path, add_bos, text), read)
 
         tokens, stop, text = render(req.messages)
-        marks = (cache_marks(req.messages, tokens, lambda part: render(part, marked))
-                 if self.prompt_cache is not None else [])
         reasoning = None
         if fmt is not None:
             tokens, gram, reasoning = self._reasoning(entry, req, fmt, tokens, text, gram, mode)
+        marks = []  # of the prompt as read, thinking markers added; none where nothing is saved
+        if with_marks and self.prompt_cache is not None and len(tokens) >= self.settings.prompt_cache_min:
+            marks = cache_marks(req.messages, tokens, lambda part: render(part, marked))
         if self.on_prompt is not None:
             self.on_prompt(entry.llm.detokenize(tokens).decode("utf-8", "replace"))
         return tokens, stop, gram, mode, reasoning, marks
@@ -3157,7 +3178,7 @@ class Node:
         req = with_system(req, self.modelfile(req.model)[0])
         entry = self.load(req.model, req.keep_alive)
         try:
-            tokens = self.chat_prompt(entry, req)[0]
+            tokens = self.chat_prompt(entry, req, with_marks=False)[0]
             return b"".join(token_piece(entry.llm, t) for t in tokens).decode("utf-8", "replace")
         finally:
             entry.release()

@@ -122,6 +122,22 @@ def test_a_damaged_entry_is_found_before_restore_deleted_and_its_prefix_read_aga
     assert PromptCache(store[0], 1 << 40).verify() == (len(entry_files(store[0])), 0)
 
 
+def test_a_cache_that_cannot_be_read_is_a_miss_not_a_failure(nodes, store, caplog):
+    messages, before = conversation(), entry_files(store[0])
+    cold, _ = ask(nodes(), messages)
+    path = saved_entry(store[0], before)
+    os.remove(path)
+    os.mkdir(path)  # its state file now cannot be read (IsADirectoryError, as EIO would be an OSError)
+    try:
+        with caplog.at_level(logging.WARNING):
+            answer, usage = ask(nodes(), messages)
+    finally:
+        os.rmdir(path)  # and the entry gone: the store is the next tests' too
+        os.remove(path[:-len(".kv")] + ".json")
+    assert usage.cached_tokens < 40 and answer == cold  # read again, answered
+    assert "prompt cache: could not be read" in caplog.text
+
+
 def test_a_state_saved_under_other_settings_is_never_restored(nodes, store):
     messages, before = conversation(), entry_files(store[0])
     ask(nodes(), messages)
@@ -220,10 +236,12 @@ def test_a_cache_control_breakpoint_saves_its_prefix_alone_and_a_new_conversatio
     # Another conversation with the same instructions, on a restarted node, starts from it.
     answer, usage = ask_anthropic(nodes(), system, "What is cheese?")
     assert usage.cached_tokens == saved
-    # Cold: nothing saved or restored (prompts below the minimum), read in the same two chunks
-    # (the breakpoint ends one): llama.cpp rounds a token differently when a prompt's batches
-    # are cut elsewhere, so that is the computation a restore must equal.
-    cold, cold_usage = ask_anthropic(nodes(LLM_PROMPT_CACHE_MIN="100000"), system, "What is cheese?")
+    # Cold: nothing restored (the entry removed), read in the same two chunks (the breakpoint
+    # ends one, as the prefix is saved again): llama.cpp rounds a token differently when a
+    # prompt's batches are cut elsewhere, so that is the computation a restore must equal.
+    for f in (path, path[:-3] + ".json"):
+        os.remove(f)
+    cold, cold_usage = ask_anthropic(nodes(), system, "What is cheese?")
     assert cold_usage.cached_tokens == 0 and answer == cold
 
 

@@ -490,3 +490,23 @@ def test_ollama_harmony_tool_call(node):
     assert [c["function"]["name"] for c in calls] == ["get_weather"], lines
     assert set(calls[0]["function"]["arguments"]) == {"city"}
     assert "".join(x["message"]["content"] for x in lines) == ""
+
+
+def test_a_breakpoint_on_the_last_message_is_the_prompt_with_its_thinking_markers(models, tmp_path_factory):
+    """A reasoning prompt can end in markers the node adds (here Qwen3's block opened, so a forced
+    tool call's grammar starts after the thinking); a cache breakpoint on the last message is that
+    whole prompt, so it is saved once its first token is out, not cut short of its end."""
+    gens, prompts = [], []
+    with served_node(tmp_path_factory, "marks", {"qwen3:1": models["qwen3"]},
+                     options={"on_generation": gens.append, "on_prompt": prompts.append},
+                     LLM_CTX_SIZE="2048", LLM_PARALLEL="1", LLM_PROMPT_CACHE_MIN="8") as served:
+        content = [{"type": "text", "text": "Weather in Oslo?", "cache_control": {"type": "ephemeral"}}]
+        tool = {"name": "get_weather", "description": "Current weather in a city", "input_schema": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+        r = served.post("/v1/messages", {"model": "qwen3:1", "max_tokens": 1, "tools": [tool],
+                                         "tool_choice": {"type": "any"},
+                                         "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        assert prompts[-1].endswith("\nassistant\n<think>\n")  # the block opened by the node
+        prompt = gens[-1].prompt
+        assert len(prompt) >= 8 and gens[-1].save_at == [len(prompt)]

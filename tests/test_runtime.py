@@ -166,6 +166,40 @@ def test_keep_alive_zero_unloads_after_the_request_and_minus_one_keeps(fakes):
     assert pool.loaded() == ["b"]
 
 
+class GpuLlm(FakeLlm):
+    """A fake model loaded with `layers` of its 10 on a GPU (as load_llama says it)."""
+
+    def __init__(self, name, log, layers):
+        super().__init__(name, log)
+        self.gpu_max = 10
+        self.gpu_layers = self.gpu_max if layers is None or layers < 0 else min(layers, self.gpu_max)
+
+
+def test_num_gpu_loads_a_model_again_only_for_other_offloaded_layers_and_keeps_a_preload(fakes):
+    pool = llmnode.ModelPool(capacity=1)
+
+    def use(layers):
+        entry = pool.acquire("a", lambda: GpuLlm("a", fakes, layers), gpu_layers=layers)
+        entry.release()
+        return entry.llm
+
+    first = use(None)  # the node's setting: all 10
+    pool.pin("a")  # preloaded
+    assert use(-1) is first and use(10) is first and use(12) is first  # all 10 each time
+    assert use(None) is first  # not asked: as loaded
+    held = pool.acquire("a", lambda: GpuLlm("a", fakes, None))  # an answer still running on it
+    got = []
+    t = threading.Thread(target=lambda: got.append(use(3)))
+    t.start()
+    wait_for(lambda: pool.entry("a") is None, "the 10-layer copy to be marked to leave")
+    assert t.is_alive() and not first.closed.is_set()  # it waits for the running answer
+    held.release()
+    t.join(30)
+    assert first.closed.is_set() and got[0].gpu_layers == 3 and use(3) is got[0]
+    assert fakes == [("load", "a"), ("close", "a"), ("load", "a")]
+    assert pool.entry("a").pinned  # still preloaded: never unloaded for being idle
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
