@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from repair.hashing import sha256_file
 from repair.locks import FileLock
-from repair.store import write_atomically
+from repair.store import stat_stamp, write_atomically
 
 log = logging.getLogger("llmnode.kvcache")
 
@@ -57,6 +57,11 @@ class PromptCache:
         self.max_bytes = max_bytes
         self.clock = clock
         self._lock_path = os.path.join(self.dir, "kv.lock")
+        # Guards _parsed: record path -> (its stat stamp, the record read from it). A request's
+        # look-up reads every record of its key (each holds its tokens): each is parsed again
+        # only when its file has changed.
+        self._parsed_lock = threading.Lock()
+        self._parsed = {}
 
     def _paths(self, key, tokens):
         base = os.path.join(self.dir, key_id(key), tokens_id(tokens))
@@ -90,6 +95,12 @@ class PromptCache:
         records = []
         for name in names:
             path = os.path.join(d, name)
+            stamp = stat_stamp(path)
+            with self._parsed_lock:
+                kept = self._parsed.get(path)
+            if stamp is not None and kept is not None and kept[0] == stamp:
+                records.append(kept[1])
+                continue
             try:
                 with open(path, "rb") as f:
                     record = json.loads(f.read())
@@ -101,6 +112,12 @@ class PromptCache:
             except (ValueError, UnicodeDecodeError) as e:
                 self._drop(path[:-len(".json")] + ".kv", "its record is unreadable (%s)" % e)
                 continue
+            with self._parsed_lock:
+                if stamp is not None:
+                    self._parsed[path] = (stamp, record)
+                for gone in [p for p in self._parsed if os.path.dirname(p) == d and
+                             os.path.basename(p) not in names]:
+                    del self._parsed[gone]
             records.append(record)
         return records
 

@@ -298,3 +298,14 @@ def test_a_memo_makes_a_value_once_and_keeps_the_keys_used_last():
     memo.get("c", make("c"))  # "b" is the least recently used: it leaves
     assert memo.get("a", make("a")) == "A" and memo.get("b", make("b")) == "B"
     assert made == ["a", "b", "c", "b"]
+
+
+def test_a_record_written_again_is_read_anew_by_the_next_look_up(tmp_path):
+    """A look-up keeps the records it parsed while their files are unchanged; one written again
+    (another node's save of the same prefix) is read anew, its new state restored, nothing lost."""
+    cache, key, tokens = PromptCache(str(tmp_path), 1 << 30), {"weights": "sha256:x"}, list(range(100))
+    cache.save(key, tokens, b"state one")
+    assert cache.find(key, tokens + [7] * 20, 50) == (tokens, b"state one")
+    PromptCache(str(tmp_path), 1 << 30).save(key, tokens, b"state two, longer")  # another node's
+    assert cache.find(key, tokens + [7] * 20, 50) == (tokens, b"state two, longer")
+    assert [size for _path, size in cache.entries()] == [len(b"state two, longer")]
